@@ -1,0 +1,153 @@
+"""The one configuration tree: read once at start-up (CLI flags, a TOML file) and passed down.
+
+No module reads environment variables on its own; ``AppConfig`` is built in one place
+(``server.cli``) and every component receives the part it needs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceOptions(_Strict):
+    """Per-source options; also accepted as query parameters on the source URI."""
+
+    rtsp_transport: Literal["tcp", "udp"] = "tcp"
+    open_timeout_s: float = Field(5.0, gt=0, le=120)
+    read_timeout_s: float = Field(5.0, gt=0, le=120)
+    target_fps: float | None = Field(None, gt=0, le=240)
+    loop: bool = False
+    low_latency: bool = True
+    realtime: bool | None = None  # pace files at their frame rate; None = decide by context
+
+
+class ReconnectConfig(_Strict):
+    initial_backoff_s: float = Field(0.5, gt=0)
+    max_backoff_s: float = Field(10.0, gt=0)
+    jitter: float = Field(0.2, ge=0, le=1)
+    stall_timeout_s: float = Field(5.0, gt=0)  # no frame for this long = stalled, decoder restarted
+    max_attempts: int | None = Field(None, ge=1)  # None: retry for ever
+
+
+class TemporalConfig(_Strict):
+    mode: Literal["off", "smooth", "keyframe"] = "off"
+    # smooth: residual below `motion_low` blends fully with the previous probabilities
+    motion_low: float = Field(0.02, ge=0, le=1)
+    motion_high: float = Field(0.08, ge=0, le=1)
+    blend: float = Field(0.7, ge=0, le=1)
+    # keyframe: run the model when accumulated residual energy exceeds this, or every K frames
+    keyframe_energy: float = Field(0.015, ge=0)
+    keyframe_max_gap: int = Field(8, ge=1)
+    scene_cut_energy: float = Field(0.25, ge=0, le=1)
+
+
+class RoiConfig(_Strict):
+    enabled: bool = False
+    full_every: int = Field(10, ge=1)  # full-frame discovery pass at least every K frames
+    max_regions: int = Field(4, ge=1)
+    margin: float = Field(0.25, ge=0)  # relative margin around a region
+    motion_margin: float = Field(0.5, ge=0)  # extra margin per frame of gap / motion
+    min_area: float = Field(0.0005, ge=0)  # components smaller than this share of the frame are ignored
+
+
+class StreamConfig(_Strict):
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    source: str = Field(..., min_length=1, max_length=2048)
+    model: str | None = None
+    temporal: TemporalConfig = TemporalConfig()
+    roi: RoiConfig = RoiConfig()
+    options: SourceOptions = SourceOptions()
+
+
+class EngineConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"] | str = "auto"
+    max_batch: int = Field(8, ge=1, le=256)
+    max_wait_ms: float = Field(4.0, ge=0, le=1000)
+    latency_budget_ms: float = Field(1000.0, gt=0)  # older frames are dropped as stale
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    cuda_graphs: bool = False
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; None = cores - 1 (>=1)
+    encode_workers: int | None = Field(None, ge=1)
+
+
+class LimitsConfig(_Strict):
+    max_streams: int = Field(16, ge=1)
+    max_clients_per_stream: int = Field(64, ge=1)
+    max_source_pixels: int = Field(3840 * 2160, ge=1)
+    max_ws_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_request_bytes: int = Field(64 * 1024, ge=1024)
+    client_queue: int = Field(1, ge=1, le=16)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    token: str | None = None
+    allowed_origins: list[str] = Field(default_factory=lambda: ["*"])
+    media_dir: str | None = None  # API-added file sources must live under this directory
+    allowed_schemes: list[str] = Field(
+        default_factory=lambda: ["rtsp", "rtsps", "rtmp", "http", "https", "file", "webcam", "demo"]
+    )
+    log_json: bool = False
+    log_level: str = "info"
+    shutdown_timeout_s: float = Field(5.0, gt=0)
+
+
+class AppConfig(_Strict):
+    default_model: str = "selfie"
+    server: ServerConfig = ServerConfig()
+    engine: EngineConfig = EngineConfig()
+    limits: LimitsConfig = LimitsConfig()
+    reconnect: ReconnectConfig = ReconnectConfig()
+    streams: list[StreamConfig] = Field(default_factory=list)
+    weights: dict[str, str] = Field(default_factory=dict)  # model name -> weights file
+
+    @field_validator("streams")
+    @classmethod
+    def _unique_ids(cls, streams: list[StreamConfig]) -> list[StreamConfig]:
+        ids = [s.id for s in streams if s.id]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate stream ids: {', '.join(dupes)}")
+        return streams
+
+
+class ConfigError(ValueError):
+    """A config file or flag is wrong; the message names the bad key."""
+
+
+def format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def load_config_file(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+
+
+def build_config(data: dict) -> AppConfig:
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid configuration: {format_validation_error(e)}") from None
