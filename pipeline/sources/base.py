@@ -22,6 +22,13 @@ class SourceError(Exception):
         self.retryable = retryable
 
 
+class SourceStalled(SourceError):
+    """The source stopped sending data (a read timed out). Always worth a reconnect."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
 @dataclass(frozen=True, slots=True)
 class SourceInfo:
     width: int
@@ -36,6 +43,7 @@ class RawFrame:
     image: np.ndarray  # RGB uint8 HxWx3, C-contiguous
     pts: float | None  # seconds in the source's timeline
     discontinuity: bool = False  # e.g. a file looped back to its start
+    decode_ms: float = 0.0  # time spent decoding and converting this picture
 
 
 class Source(abc.ABC):
@@ -44,7 +52,8 @@ class Source(abc.ABC):
     ``open`` and ``frames`` run on the stream's own thread. ``interrupt`` may be called
     from any thread and must make a blocked ``open`` or ``frames`` return or raise soon.
     ``frames`` ending without an exception means end of stream (a file's end, or a live
-    peer that went away).
+    peer that went away). ``frames`` may yield None when data arrived but no picture was
+    decoded, so the caller can check its stall deadline without waiting for a picture.
     """
 
     uri: str
@@ -53,7 +62,7 @@ class Source(abc.ABC):
     def open(self) -> SourceInfo: ...
 
     @abc.abstractmethod
-    def frames(self) -> Iterator[RawFrame]: ...
+    def frames(self) -> Iterator[RawFrame | None]: ...
 
     def interrupt(self) -> None:  # noqa: B027 - optional for sources that never block
         """Make a blocked read return soon. Default: nothing blocks."""

@@ -1,0 +1,368 @@
+"""One stream's source thread: open, decode, number, pace, deliver, reconnect.
+
+The worker owns a stream's lifecycle (``pipeline.types.StreamState``). Sources only
+decode; everything that must behave the same for every kind of source lives here:
+frame indexes that keep increasing across reconnects and loops, discontinuity marks,
+pacing of files served live, stall detection, capped exponential backoff with jitter,
+and a bounded ``stop``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.config import ReconnectConfig
+from pipeline.slot import FrameSlot
+from pipeline.sources import SourceSpec
+from pipeline.sources.base import RawFrame, Source, SourceError, SourceStalled
+from pipeline.types import Frame, StreamState, now
+
+log = logging.getLogger("segstream.source")
+
+_PUT_POLL_S = 0.25  # how often a producer blocked on a full ``block`` slot re-checks for stop
+_FPS_WINDOW_S = 2.0
+
+
+@dataclass(frozen=True)
+class StreamStatus:
+    stream_id: str
+    state: StreamState
+    error: str | None
+    state_since: float
+    started_at: float
+    last_frame_at: float | None
+    frames: int  # delivered to the slot
+    fps: float  # measured over the last couple of seconds
+    reconnects: int
+    width: int | None
+    height: int | None
+    source_fps: float | None
+    source: str  # display form (no credentials)
+
+
+def backoff_delay(attempt: int, cfg: ReconnectConfig, rng: random.Random | None = None) -> float:
+    """Seconds to wait before reconnect ``attempt`` (1-based): doubling, capped, with jitter
+    so many cameras behind one switch do not all retry in the same instant."""
+    if attempt < 1:
+        raise ValueError(f"attempt must be >= 1, got {attempt}")
+    base = min(cfg.max_backoff_s, cfg.initial_backoff_s * 2 ** min(attempt - 1, 30))
+    r = (rng or random).uniform(-cfg.jitter, cfg.jitter)
+    return max(0.0, min(cfg.max_backoff_s, base * (1.0 + r)))
+
+
+class _Stop(Exception):
+    """Raised inside the worker when ``stop`` was asked for."""
+
+
+class StreamWorker:
+    def __init__(
+        self,
+        stream_id: str,
+        spec: SourceSpec,
+        slot: FrameSlot,
+        *,
+        reconnect: ReconnectConfig,
+        realtime: bool = True,
+        max_pixels: int | None = None,
+        on_status: Callable[[StreamStatus], None] | None = None,
+    ) -> None:
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+        self.stream_id = stream_id
+        self.spec = spec
+        self.slot = slot
+        self.reconnect = reconnect
+        self.realtime = realtime
+        self.max_pixels = max_pixels
+        self._on_status = on_status
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._source: Source | None = None
+        self._rng = random.Random()
+        t = now()
+        self._state = StreamState.CONNECTING
+        self._error: str | None = None
+        self._state_since = t
+        self._started_at = t
+        self._last_frame_at: float | None = None
+        self._frames = 0
+        self._next_index = 0
+        self._reconnects = 0
+        self._size: tuple[int, int] | None = None
+        self._source_fps: float | None = None
+        self._recent: deque[float] = deque(maxlen=120)
+        self._finished = False
+
+    # ---- public -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError(f"stream {self.stream_id} already started")
+        self._started_at = now()
+        self._thread = threading.Thread(target=self._run, name=f"source-{self.stream_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Ask the thread to end, interrupt a blocked read, and join. True when the thread is gone.
+
+        A read blocked inside FFmpeg ends by its own read timeout at the latest, so the
+        thread can outlive ``timeout`` by up to ``read_timeout_s``; it is a daemon either way.
+        """
+        self._stop.set()
+        with self._cond:
+            source = self._source
+        if source is not None:
+            source.interrupt()
+        thread = self._thread
+        if thread is None:
+            self._set_state(StreamState.STOPPED, None)
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("stream %s: source thread did not stop within %.1f s", self.stream_id, timeout)
+            self._set_state(StreamState.STOPPED, None)
+            return False
+        return True
+
+    def status(self) -> StreamStatus:
+        with self._cond:
+            return self._status_locked()
+
+    def wait_state(self, states: set[StreamState], timeout: float) -> StreamState | None:
+        """Block until the state is one of ``states``; the state, or None on timeout."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self._state in states, timeout=timeout)
+            return self._state if ok else None
+
+    def wait_frames(self, count: int, timeout: float) -> bool:
+        """Block until at least ``count`` frames were delivered in total."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._frames >= count, timeout=timeout)
+
+    @property
+    def finished(self) -> bool:
+        """True when a file ended (not looping): the stream stopped on its own, without error."""
+        return self._finished
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- state --------------------------------------------------------------------------
+
+    def _status_locked(self) -> StreamStatus:
+        fps = 0.0
+        t = time.monotonic()
+        recent = [x for x in self._recent if t - x <= _FPS_WINDOW_S]
+        if len(recent) >= 2 and recent[-1] > recent[0]:
+            fps = (len(recent) - 1) / (recent[-1] - recent[0])
+        w, h = self._size if self._size else (None, None)
+        return StreamStatus(
+            stream_id=self.stream_id,
+            state=self._state,
+            error=self._error,
+            state_since=self._state_since,
+            started_at=self._started_at,
+            last_frame_at=self._last_frame_at,
+            frames=self._frames,
+            fps=round(fps, 2),
+            reconnects=self._reconnects,
+            width=w,
+            height=h,
+            source_fps=self._source_fps,
+            source=self.spec.display,
+        )
+
+    def _set_state(self, state: StreamState, error: str | None) -> None:
+        with self._cond:
+            if self._state.terminal:
+                return  # stop() may have finished the stream already; the thread is only catching up
+            if state is not self._state and not self._state.can_become(state):
+                log.error("stream %s: ignoring transition %s -> %s", self.stream_id, self._state, state)
+                return
+            changed = state is not self._state or error != self._error
+            if state is not self._state:
+                self._state_since = now()
+            self._state, self._error = state, error
+            snapshot = self._status_locked()
+            self._cond.notify_all()
+        if changed and self._on_status is not None:
+            try:
+                self._on_status(snapshot)
+            except Exception:  # a broken observer must not kill the source thread
+                log.exception("stream %s: status callback failed", self.stream_id)
+
+    # ---- the thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # a bug here must surface as FAILED, never as a silently dead thread
+            log.exception("stream %s: source thread crashed", self.stream_id)
+            self._set_state(StreamState.FAILED, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            if not self._state.terminal:
+                self._set_state(StreamState.STOPPED, None)
+
+    def _loop(self) -> None:
+        attempt = 0
+        discontinuity = True
+        while not self._stop.is_set():
+            delivered = 0
+            error: SourceError | None = None
+            source = self.spec.create()
+            with self._cond:
+                self._source = source
+            if self._stop.is_set():
+                source.interrupt()
+            try:
+                if attempt == 0 and self._state is StreamState.CONNECTING:
+                    log.info("stream %s: connecting to %s", self.stream_id, self.spec.display)
+                info = source.open()
+                self._source_fps = info.fps
+                delivered = self._pump(source, info.fps, discontinuity)
+                if self._stop.is_set():
+                    return
+                if self.spec.kind == "file":
+                    if self.spec.options.loop and delivered > 0:
+                        discontinuity, attempt = True, 0
+                        continue
+                    if delivered == 0:
+                        error = SourceError("the file holds no decodable video frames", retryable=False)
+                    else:
+                        log.info("stream %s: end of file after %d frames", self.stream_id, self._frames)
+                        self._finished = True
+                        self._set_state(StreamState.STOPPED, None)
+                        return
+                else:
+                    error = SourceError("the stream ended (the server closed the connection)")
+            except _Stop:
+                return
+            except SourceError as e:
+                error = e
+            except Exception as e:  # unknown decoder trouble: retry live sources, fail files
+                log.exception("stream %s: unexpected source error", self.stream_id)
+                error = SourceError(f"{type(e).__name__}: {e}", retryable=self.spec.kind != "file")
+            finally:
+                with self._cond:
+                    self._source = None
+                source.close()
+            if self._stop.is_set():
+                return
+            assert error is not None
+            if not error.retryable:
+                log.error("stream %s: failed: %s", self.stream_id, error)
+                self._set_state(StreamState.FAILED, str(error))
+                return
+            if isinstance(error, SourceStalled) and self._state is StreamState.STREAMING:
+                self._set_state(StreamState.STALLED, str(error))
+            attempt = 1 if delivered else attempt + 1
+            limit = self.reconnect.max_attempts
+            if limit is not None and attempt > limit:
+                msg = f"gave up after {limit} reconnect attempts: {error}"
+                log.error("stream %s: %s", self.stream_id, msg)
+                self._set_state(StreamState.FAILED, msg)
+                return
+            delay = backoff_delay(attempt, self.reconnect, self._rng)
+            # One line per attempt; the backoff grows, so a dead camera never floods the log.
+            log.warning(
+                "stream %s: %s; reconnecting in %.1f s (attempt %d)", self.stream_id, error, delay, attempt
+            )
+            self._set_state(StreamState.RECONNECTING, str(error))
+            if self._stop.wait(delay):
+                return
+            with self._cond:
+                self._reconnects += 1
+            discontinuity = True
+
+    def _pump(self, source: Source, fps: float | None, discontinuity: bool) -> int:
+        """Deliver frames until the source ends. Returns how many were delivered."""
+        opts = self.spec.options
+        pace = self.realtime and self.spec.kind == "file"
+        stall_s = self.reconnect.stall_timeout_s
+        watch_stall = self.spec.kind != "file"
+        min_gap = 1.0 / opts.target_fps if opts.target_fps else 0.0
+        anchor: tuple[float, float] | None = None  # (monotonic, pts) pacing reference
+        last_frame = time.monotonic()
+        last_kept_pts: float | None = None
+        last_kept_wall = 0.0
+        delivered = 0
+        for raw in source.frames():
+            if self._stop.is_set():
+                raise _Stop
+            t = time.monotonic()
+            if raw is None or (min_gap and self._skip(raw, t, min_gap, last_kept_pts, last_kept_wall)):
+                if watch_stall and t - last_frame > stall_s:
+                    raise SourceStalled(f"stalled: no picture for {stall_s:g} s")
+                if raw is not None:
+                    last_frame = t
+                continue
+            last_frame = t
+            last_kept_pts, last_kept_wall = raw.pts, t
+            if pace and raw.pts is not None:
+                anchor = self._pace(raw.pts, anchor, discontinuity and delivered == 0)
+            elif pace and fps:
+                anchor = self._pace(delivered / fps, anchor, delivered == 0)
+            self._deliver(raw, discontinuity=discontinuity and delivered == 0)
+            delivered += 1
+        return delivered
+
+    @staticmethod
+    def _skip(raw: RawFrame, t: float, gap: float, last_pts: float | None, last_wall: float) -> bool:
+        """Thin the stream to ``target_fps``: by pts when there is one, else by wall clock."""
+        tolerance = 0.9 * gap  # jittery timestamps must not halve the rate
+        if raw.pts is not None and last_pts is not None:
+            return 0 <= raw.pts - last_pts < tolerance
+        return last_wall > 0 and t - last_wall < tolerance
+
+    def _pace(self, pts: float, anchor: tuple[float, float] | None, restart: bool) -> tuple[float, float]:
+        t = time.monotonic()
+        if anchor is None or restart:
+            return (t, pts)
+        due = anchor[0] + (pts - anchor[1])
+        delay = due - t
+        if delay > 0:
+            if self._stop.wait(min(delay, 5.0)):
+                raise _Stop
+        elif delay < -1.0 or pts < anchor[1]:
+            return (t, pts)  # far behind, or timestamps went backwards: re-anchor rather than burst
+        return anchor
+
+    def _deliver(self, raw: RawFrame, *, discontinuity: bool) -> None:
+        image = raw.image
+        h, w = int(image.shape[0]), int(image.shape[1])
+        if self.max_pixels is not None and w * h > self.max_pixels:
+            raise SourceError(
+                f"source is {w}x{h} ({w * h} pixels), above the limit of {self.max_pixels} pixels",
+                retryable=False,
+            )
+        frame = Frame(
+            stream_id=self.stream_id,
+            index=self._next_index,
+            pts=raw.pts,
+            captured_at=now(),
+            image=image,
+            discontinuity=discontinuity or raw.discontinuity,
+            decode_ms=raw.decode_ms,
+        )
+        self._next_index += 1
+        while not self.slot.put(frame, timeout=_PUT_POLL_S):
+            if self._stop.is_set() or self.slot.closed:
+                raise _Stop
+        first = False
+        with self._cond:
+            self._frames += 1
+            self._last_frame_at = frame.captured_at
+            self._recent.append(time.monotonic())
+            self._size = (w, h)
+            first = self._state is not StreamState.STREAMING
+        if first:
+            log.info("stream %s: streaming %dx%d", self.stream_id, w, h)
+            self._set_state(StreamState.STREAMING, None)
