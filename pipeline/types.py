@@ -24,7 +24,7 @@ class DropCause(enum.StrEnum):
     """Why a frame or result was thrown away. Every drop is counted under one of these."""
 
     SOURCE_OVERRUN = "source_overrun"  # the source produced a frame before the engine took the last one
-    ENGINE_BUSY = "engine_busy"  # the engine's inbox was full
+    ENGINE_BUSY = "engine_busy"  # a stage after the source (engine inbox, encoder) was still busy
     CLIENT_SLOW = "client_slow"  # a websocket client had not sent the previous result yet
     STALE = "stale"  # older than the latency budget when the engine reached it
     ERROR = "error"  # the model raised on the batch holding this frame

@@ -1,0 +1,276 @@
+"""The engine thread: the one owner of the models and the device.
+
+It gathers frames from every stream's slot into batches (``pipeline.batcher``), runs
+preprocessing, the network and postprocessing on the device, applies per-stream
+temporal refinement and hands ``SegmentationResult`` values to a callback. No other
+thread touches a device tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.batcher import Batch, Batcher, Lane
+from pipeline.config import EngineConfig, RoiConfig, TemporalConfig
+from pipeline.slot import FrameSlot
+from pipeline.types import DropCause, Frame, SegmentationResult, now
+
+log = logging.getLogger("segstream.engine")
+
+
+class SegmenterLike(Protocol):
+    """What the engine needs of a segmenter (``models.segmenter.Segmenter`` is one)."""
+
+    spec: Any
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> Any: ...
+
+    def infer(self, x: Any) -> Any: ...
+
+    def postprocess(self, probs: Any, sizes: Sequence[tuple[int, int]]) -> list[tuple[np.ndarray, Any]]: ...
+
+
+# Builds the segmenter for a model name. Called on the engine thread only, so device
+# placement, compilation and warm-up all happen on the thread that owns the device.
+SegmenterFactory = Callable[[str], SegmenterLike]
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0
+    frames: int = 0
+    errors: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    last_error: str | None = None
+    infer_ms_ema: float = 0.0
+    started: bool = False
+    ready: bool = False
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "frames": self.frames,
+            "errors": self.errors,
+            "batch_sizes": dict(self.batch_sizes),
+            "last_error": self.last_error,
+            "infer_ms_ema": round(self.infer_ms_ema, 3),
+            "running": self.started,
+            "ready": self.ready,
+        }
+
+
+@dataclass
+class _StreamCtx:
+    stream_id: str
+    model: str
+    temporal: TemporalConfig
+    roi: RoiConfig
+    temporal_state: Any = None
+    roi_state: Any = None
+
+
+class Engine:
+    """Owns the batcher, the segmenters and the engine thread."""
+
+    def __init__(
+        self,
+        *,
+        config: EngineConfig,
+        segmenter_factory: SegmenterFactory,
+        on_result: Callable[[SegmentationResult], None],
+        on_error: Callable[[str, str], None] | None = None,
+        on_batch: Callable[[str, int, dict[str, float]], None] | None = None,
+        preload: Sequence[str] = (),
+    ) -> None:
+        self.config = config
+        self._factory = segmenter_factory
+        self._on_result = on_result
+        self._on_error = on_error
+        self._on_batch = on_batch
+        self._preload = list(preload)
+        self._batcher = Batcher(
+            max_batch=config.max_batch,
+            max_wait_s=config.max_wait_ms / 1000.0,
+            latency_budget_s=config.latency_budget_ms / 1000.0,
+        )
+        self._cond = threading.Condition()
+        self._pending = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._segmenters: dict[str, SegmenterLike] = {}
+        self._streams: dict[str, _StreamCtx] = {}
+        self._streams_lock = threading.Lock()
+        self.stats = EngineStats()
+
+    # -- registration (any thread) -------------------------------------------------
+    def notify(self) -> None:
+        """Wake the engine: a slot received a frame."""
+        with self._cond:
+            self._pending = True
+            self._cond.notify()
+
+    def add_stream(
+        self,
+        stream_id: str,
+        slot: FrameSlot,
+        *,
+        model: str,
+        temporal: TemporalConfig | None = None,
+        roi: RoiConfig | None = None,
+    ) -> None:
+        with self._streams_lock:
+            self._streams[stream_id] = _StreamCtx(
+                stream_id, model, temporal or TemporalConfig(), roi or RoiConfig()
+            )
+        self._batcher.add(Lane(stream_id=stream_id, slot=slot, group=model))
+        self.notify()
+
+    def update_stream(
+        self, stream_id: str, *, temporal: TemporalConfig | None = None, roi: RoiConfig | None = None
+    ) -> None:
+        with self._streams_lock:
+            ctx = self._streams.get(stream_id)
+            if ctx is None:
+                raise KeyError(stream_id)
+            if temporal is not None:
+                ctx.temporal = temporal
+                ctx.temporal_state = None
+            if roi is not None:
+                ctx.roi = roi
+                ctx.roi_state = None
+
+    def remove_stream(self, stream_id: str) -> None:
+        self._batcher.remove(stream_id)
+        with self._streams_lock:
+            self._streams.pop(stream_id, None)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+        self.stats.started = True
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        self._stop.set()
+        self.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            alive = self._thread.is_alive()
+            self.stats.started = alive
+            return not alive
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the engine thread -----------------------------------------------------------
+    def _wait(self, timeout: float) -> None:
+        with self._cond:
+            if not self._pending and not self._stop.is_set():
+                self._cond.wait(timeout)
+            self._pending = False
+
+    def _segmenter(self, name: str) -> SegmenterLike:
+        seg = self._segmenters.get(name)
+        if seg is None:
+            seg = self._factory(name)
+            self._segmenters[name] = seg
+        return seg
+
+    def _run(self) -> None:
+        for name in self._preload:
+            try:
+                self._segmenter(name)
+            except Exception as e:  # reported, the engine still serves other models
+                self.stats.last_error = f"loading model {name!r}: {e}"
+                log.error("engine: %s", self.stats.last_error)
+        self.stats.ready = True
+        while not self._stop.is_set():
+            batch = self._batcher.poll(self._wait)
+            if batch is None:
+                self._wait(0.05)
+                continue
+            for lane, frame in batch.stale:
+                log.debug("engine: dropped stale frame %s/%d", lane.stream_id, frame.index)
+            if batch.frames:
+                self._process(batch)
+
+    def _process(self, batch: Batch) -> None:
+        size = len(batch.frames)
+        t0 = time.perf_counter()
+        try:
+            seg = self._segmenter(batch.group)
+            images = [f.image for f in batch.frames]
+            x = seg.preprocess(images)
+            t1 = time.perf_counter()
+            probs = seg.infer(x)
+            t2 = time.perf_counter()
+            outs = seg.postprocess(probs, [(f.height, f.width) for f in batch.frames])
+            t3 = time.perf_counter()
+        except Exception as e:
+            msg = f"model {batch.group!r} failed on a batch of {size}: {type(e).__name__}: {e}"
+            log.exception("engine: %s", msg)
+            self.stats.errors += 1
+            self.stats.last_error = msg
+            for lane in batch.lanes:
+                lane.slot.drops.add(DropCause.ERROR)
+                if self._on_error is not None:
+                    self._on_error(lane.stream_id, msg)
+            return
+        timings = {
+            "preprocess": (t1 - t0) * 1000.0,
+            "infer": (t2 - t1) * 1000.0,
+            "postprocess": (t3 - t2) * 1000.0,
+        }
+        self.stats.batches += 1
+        self.stats.frames += size
+        self.stats.batch_sizes[size] = self.stats.batch_sizes.get(size, 0) + 1
+        per_frame_infer = timings["infer"] / size
+        a = 0.1 if self.stats.infer_ms_ema else 1.0
+        self.stats.infer_ms_ema = (1 - a) * self.stats.infer_ms_ema + a * per_frame_infer
+        if self._on_batch is not None:
+            self._on_batch(batch.group, size, timings)
+        done = now()
+        classes = tuple(seg.spec.classes)
+        for frame, (labels, fg) in zip(batch.frames, outs, strict=True):
+            self._emit(frame, labels, fg, classes, batch.group, timings, done, batch.first_at)
+
+    def _emit(
+        self,
+        frame: Frame,
+        labels: np.ndarray,
+        fg: Any,
+        classes: tuple[str, ...],
+        model: str,
+        timings: dict[str, float],
+        done: float,
+        taken_at: float,
+    ) -> None:
+        latency = {
+            "decode": frame.decode_ms,
+            "queue": max(0.0, (taken_at - frame.captured_at) * 1000.0),
+            **timings,
+        }
+        result = SegmentationResult(
+            frame=frame,
+            labels=labels,
+            classes=classes,
+            model=model,
+            probs=fg,
+            latency_ms=latency,
+            segmented_at=done,
+        )
+        try:
+            self._on_result(result)
+        except Exception:  # a broken consumer must not kill the engine
+            log.exception("engine: result consumer failed for stream %s", frame.stream_id)

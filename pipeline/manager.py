@@ -1,0 +1,309 @@
+"""The stream manager: adds and removes streams at run time and wires each one to the engine.
+
+A stream is: a parsed source spec, a bounded slot, a worker thread decoding into the
+slot, and a registration in the engine's batcher. The manager is the only place that
+creates or destroys those, so a stream is either fully there or fully gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from models.registry import build_model, get_spec
+from models.segmenter import Segmenter
+
+from pipeline.config import AppConfig, RoiConfig, StreamConfig, TemporalConfig
+from pipeline.engine import Engine
+from pipeline.slot import DropCounter, DropPolicy, FrameSlot
+from pipeline.sources import SourceSpec, parse_source
+from pipeline.stats import RollingWindow
+from pipeline.stream import StreamStatus, StreamWorker
+from pipeline.types import DropCause, SegmentationResult, StreamState, now
+
+log = logging.getLogger("segstream.manager")
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class StreamExistsError(ValueError):
+    pass
+
+
+class StreamNotFoundError(KeyError):
+    pass
+
+
+class LimitError(ValueError):
+    pass
+
+
+@dataclass
+class StreamHandle:
+    id: str
+    spec: SourceSpec
+    model: str
+    slot: FrameSlot
+    worker: StreamWorker
+    drops: DropCounter
+    temporal: TemporalConfig
+    roi: RoiConfig
+    created_at: float
+    results: RollingWindow = field(default_factory=lambda: RollingWindow(5.0))
+    latency: RollingWindow = field(default_factory=lambda: RollingWindow(10.0))
+    frames_out: int = 0
+    last_error: str | None = None
+    engine_error: str | None = None
+    clients: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        st: StreamStatus = self.worker.status()
+        error = st.error or self.engine_error
+        return {
+            "id": self.id,
+            "source": self.spec.display,
+            "kind": self.spec.kind,
+            "model": self.model,
+            "state": st.state.value,
+            "error": error,
+            "state_since": st.state_since,
+            "created_at": self.created_at,
+            "last_frame_at": st.last_frame_at,
+            "width": st.width,
+            "height": st.height,
+            "source_fps": st.source_fps,
+            "fps_in": round(st.fps, 2),
+            "fps": round(self.results.rate(), 2),
+            "frames_in": st.frames,
+            "frames": self.frames_out,
+            "reconnects": st.reconnects,
+            "latency_ms": self.latency.percentiles(),
+            "drops": self.drops.snapshot(),
+            "clients": self.clients,
+            "temporal": self.temporal.mode,
+            "roi": self.roi.enabled,
+        }
+
+
+def default_threads() -> int:
+    cores = os.cpu_count() or 1
+    return cores if cores <= 2 else cores - 1
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+class StreamManager:
+    """Owns the engine and every stream. Thread-safe."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        *,
+        realtime: bool = True,
+        slot_policy: DropPolicy = DropPolicy.LATEST,
+        restrict_files: bool = False,
+    ) -> None:
+        self.config = config
+        self.realtime = realtime
+        self.slot_policy = slot_policy
+        self.restrict_files = restrict_files
+        self.device = resolve_device(config.engine.device)
+        torch.set_num_threads(config.engine.threads or default_threads())
+        self._lock = threading.RLock()
+        self._streams: dict[str, StreamHandle] = {}
+        self._modules: dict[str, tuple[torch.nn.Module, Any]] = {}
+        self._counter = 0
+        self.result_listeners: list[Callable[[SegmentationResult], None]] = []
+        self.status_listeners: list[Callable[[str, StreamStatus], None]] = []
+        self.engine = Engine(
+            config=config.engine,
+            segmenter_factory=self._make_segmenter,
+            on_result=self._on_result,
+            on_error=self._on_engine_error,
+            preload=[config.default_model],
+        )
+        self._started = False
+
+    # -- models ----------------------------------------------------------------------
+    def load_model(self, name: str) -> Any:
+        """Build a model on the CPU (validating name and weights); the engine moves it to the device."""
+        with self._lock:
+            if name not in self._modules:
+                spec = get_spec(name)
+                module, spec = build_model(name, weights=self.config.weights.get(name))
+                self._modules[name] = (module, spec)
+            return self._modules[name][1]
+
+    def _make_segmenter(self, name: str) -> Segmenter:
+        # Runs on the engine thread: the device and everything on it belong to that thread.
+        self.load_model(name)
+        module, spec = self._modules[name]
+        cfg = self.config.engine
+        seg = Segmenter(
+            module,
+            spec,
+            device=self.device,
+            precision=cfg.precision,
+            channels_last=cfg.channels_last,
+            compile=cfg.compile,
+        )
+        seg.warmup((1,))
+        return seg
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        if self._started:
+            return
+        self.load_model(self.config.default_model)
+        self.engine.start()
+        self._started = True
+        for sc in self.config.streams:
+            self.add(sc)
+
+    def shutdown(self, timeout: float = 5.0) -> bool:
+        ok = True
+        for sid in list(self._streams):
+            ok &= self.remove(sid, timeout=timeout)
+        ok &= self.engine.stop(timeout)
+        self._started = False
+        return ok
+
+    # -- streams ---------------------------------------------------------------------
+    def _new_id(self) -> str:
+        while True:
+            self._counter += 1
+            sid = f"s{self._counter}"
+            if sid not in self._streams:
+                return sid
+
+    def add(self, sc: StreamConfig) -> StreamHandle:
+        media_dir = self.config.server.media_dir if self.restrict_files else None
+        spec = parse_source(
+            sc.source,
+            options=sc.options,
+            allowed_schemes=self.config.server.allowed_schemes,
+            media_dir=media_dir,
+        )
+        model = sc.model or self.config.default_model
+        self.load_model(model)  # raises UnknownModelError / WeightsError before anything starts
+        with self._lock:
+            if len(self._streams) >= self.config.limits.max_streams:
+                raise LimitError(f"stream limit reached ({self.config.limits.max_streams} streams)")
+            sid = sc.id or self._new_id()
+            if not _ID_RE.match(sid):
+                raise ValueError(f"invalid stream id {sid!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+            if sid in self._streams:
+                raise StreamExistsError(f"stream {sid!r} already exists")
+            drops = DropCounter()
+            capacity = 2 if self.slot_policy is DropPolicy.BLOCK else 1
+            slot = FrameSlot(
+                capacity=capacity, policy=self.slot_policy, drops=drops, on_put=self.engine.notify
+            )
+            worker = StreamWorker(
+                sid,
+                spec,
+                slot,
+                reconnect=self.config.reconnect,
+                realtime=self.realtime,
+                max_pixels=self.config.limits.max_source_pixels,
+                on_status=lambda st, sid=sid: self._on_status(sid, st),
+            )
+            handle = StreamHandle(
+                id=sid,
+                spec=spec,
+                model=model,
+                slot=slot,
+                worker=worker,
+                drops=drops,
+                temporal=sc.temporal,
+                roi=sc.roi,
+                created_at=now(),
+            )
+            self._streams[sid] = handle
+            self.engine.add_stream(sid, slot, model=model, temporal=sc.temporal, roi=sc.roi)
+        worker.start()
+        log.info("stream %s: added source=%s model=%s", sid, spec.display, model)
+        return handle
+
+    def remove(self, stream_id: str, timeout: float = 5.0) -> bool:
+        with self._lock:
+            handle = self._streams.pop(stream_id, None)
+        if handle is None:
+            raise StreamNotFoundError(stream_id)
+        self.engine.remove_stream(stream_id)
+        stopped = handle.worker.stop(timeout)
+        handle.slot.close()
+        if not stopped:
+            log.error("stream %s: source thread did not stop within %.1fs", stream_id, timeout)
+        log.info("stream %s: removed", stream_id)
+        return stopped
+
+    def update(
+        self, stream_id: str, *, temporal: TemporalConfig | None = None, roi: RoiConfig | None = None
+    ) -> StreamHandle:
+        handle = self.get(stream_id)
+        if temporal is not None:
+            handle.temporal = temporal
+        if roi is not None:
+            handle.roi = roi
+        self.engine.update_stream(stream_id, temporal=temporal, roi=roi)
+        return handle
+
+    def get(self, stream_id: str) -> StreamHandle:
+        with self._lock:
+            handle = self._streams.get(stream_id)
+        if handle is None:
+            raise StreamNotFoundError(stream_id)
+        return handle
+
+    def find(self, stream_id: str) -> StreamHandle | None:
+        with self._lock:
+            return self._streams.get(stream_id)
+
+    def list(self) -> list[StreamHandle]:
+        with self._lock:
+            return list(self._streams.values())
+
+    # -- callbacks from worker and engine threads ------------------------------------
+    def _on_status(self, stream_id: str, status: StreamStatus) -> None:
+        handle = self.find(stream_id)
+        if handle is not None and status.state is StreamState.STREAMING:
+            handle.engine_error = None
+        for listener in list(self.status_listeners):
+            try:
+                listener(stream_id, status)
+            except Exception:
+                log.exception("stream %s: status listener failed", stream_id)
+
+    def _on_engine_error(self, stream_id: str, message: str) -> None:
+        handle = self.find(stream_id)
+        if handle is not None:
+            handle.engine_error = message
+
+    def _on_result(self, result: SegmentationResult) -> None:
+        handle = self.find(result.frame.stream_id)
+        if handle is None:
+            return
+        handle.frames_out += 1
+        handle.results.add()
+        handle.latency.add((result.segmented_at - result.frame.captured_at) * 1000.0)
+        for listener in list(self.result_listeners):
+            listener(result)
+
+    def count_drop(self, stream_id: str, cause: DropCause) -> None:
+        handle = self.find(stream_id)
+        if handle is not None:
+            handle.drops.add(cause)

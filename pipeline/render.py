@@ -1,0 +1,200 @@
+"""Turning a segmentation result into bytes a client asked for.
+
+Formats (protocol v1):
+- ``overlay``: JPEG of the frame with each non-background class tinted in its colour.
+- ``labels``: PNG (8-bit grey) of class indices.
+- ``rle``: COCO run-length encoding per present class, in the header; no payload.
+- ``raw``: the uint8 label map, row-major, H*W bytes.
+
+All functions are pure and thread-safe: they run in the render worker pool, never on
+the event loop and never on the engine thread.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import cv2
+import numpy as np
+import simplejpeg
+
+
+class Format(enum.StrEnum):
+    OVERLAY = "overlay"
+    LABELS = "labels"
+    RLE = "rle"
+    RAW = "raw"
+
+
+# Distinct, colour-blind-friendly-ish colours; index = class label. Background is unused.
+_BASE_PALETTE = [
+    (0, 0, 0),
+    (255, 64, 129),  # person-pink: the default binary model's foreground
+    (0, 200, 255),
+    (255, 196, 0),
+    (120, 220, 80),
+    (170, 110, 255),
+    (255, 120, 40),
+    (0, 160, 140),
+    (240, 240, 90),
+    (90, 120, 255),
+    (255, 90, 90),
+]
+
+
+def palette(n_classes: int) -> np.ndarray:
+    """n_classes x 3 uint8 RGB colours, stable for a given class index."""
+    colours = list(_BASE_PALETTE)
+    rng = np.random.default_rng(12345)
+    while len(colours) < n_classes:
+        colours.append(tuple(int(v) for v in rng.integers(40, 256, size=3)))
+    return np.asarray(colours[: max(n_classes, 1)], dtype=np.uint8)
+
+
+def class_colours(classes: tuple[str, ...]) -> list[str]:
+    """CSS hex colours per class (for the viewer's legend)."""
+    pal = palette(len(classes))
+    return ["#{:02x}{:02x}{:02x}".format(*tuple(int(c) for c in pal[i])) for i in range(len(classes))]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, *, alpha: float = 0.55) -> np.ndarray:
+    """RGB uint8 image with labelled pixels blended towards their class colour."""
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"labels shape {labels.shape} does not match image {image.shape[:2]}")
+    n = int(labels.max()) + 1 if labels.size else 1
+    pal = palette(max(n, 2))
+    mask = labels > 0
+    if not mask.any():
+        return image
+    out = image.copy()
+    tint = pal[labels[mask]]
+    blended = image[mask].astype(np.uint16) * int(round((1 - alpha) * 256)) + tint.astype(np.uint16) * int(
+        round(alpha * 256)
+    )
+    out[mask] = (blended >> 8).astype(np.uint8)
+    return out
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 80) -> bytes:
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be 1..100, got {quality}")
+    return simplejpeg.encode_jpeg(
+        np.ascontiguousarray(image), quality=quality, colorspace="RGB", fastdct=True
+    )
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    return simplejpeg.decode_jpeg(data, colorspace="RGB")
+
+
+def encode_png_labels(labels: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", labels, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def decode_png_labels(data: bytes) -> np.ndarray:
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ValueError("not a PNG image")
+    return arr
+
+
+def rle_counts(binary: np.ndarray) -> list[int]:
+    """COCO uncompressed RLE counts: column-major runs, starting with a run of zeros."""
+    flat = np.asarray(binary, dtype=bool).ravel(order="F")
+    if flat.size == 0:
+        return []
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate(([0], change, [flat.size]))
+    runs = np.diff(bounds).tolist()
+    if flat[0]:
+        runs.insert(0, 0)
+    return runs
+
+
+def rle_to_string(counts: list[int]) -> str:
+    """COCO's compressed RLE string (as ``pycocotools.mask.encode`` returns in ``counts``)."""
+    out = bytearray()
+    for i, value in enumerate(counts):
+        x = value - counts[i - 2] if i > 2 else value
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (c & 0x10) else (x != 0)
+            if more:
+                c |= 0x20
+            out.append(c + 48)
+    return out.decode("ascii")
+
+
+def rle_from_string(s: str) -> list[int]:
+    counts: list[int] = []
+    p = 0
+    data = s.encode("ascii")
+    while p < len(data):
+        x = 0
+        k = 0
+        more = True
+        while more:
+            c = data[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def rle_decode(counts: list[int], height: int, width: int) -> np.ndarray:
+    flat = np.zeros(height * width, dtype=bool)
+    pos = 0
+    val = False
+    for run in counts:
+        if val:
+            flat[pos : pos + run] = True
+        pos += run
+        val = not val
+    return flat.reshape((height, width), order="F")
+
+
+def encode_rle(labels: np.ndarray, classes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One COCO RLE object per class present in ``labels`` (background excluded)."""
+    h, w = labels.shape
+    present = np.unique(labels)
+    out = []
+    for cls in present.tolist():
+        if cls == 0:
+            continue
+        counts = rle_counts(labels == cls)
+        out.append(
+            {
+                "class": int(cls),
+                "name": classes[cls] if cls < len(classes) else str(cls),
+                "size": [h, w],
+                "counts": rle_to_string(counts),
+            }
+        )
+    return out
+
+
+def render(
+    fmt: Format, image: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], *, quality: int = 80
+) -> tuple[dict[str, Any], bytes]:
+    """(extra header fields, payload) for one result in one format."""
+    if fmt is Format.OVERLAY:
+        return {}, encode_jpeg(overlay(image, labels), quality)
+    if fmt is Format.LABELS:
+        return {}, encode_png_labels(labels)
+    if fmt is Format.RLE:
+        return {"rle": encode_rle(labels, classes)}, b""
+    if fmt is Format.RAW:
+        return {"dtype": "uint8"}, np.ascontiguousarray(labels, dtype=np.uint8).tobytes()
+    raise ValueError(f"unknown format {fmt!r}")

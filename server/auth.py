@@ -1,0 +1,36 @@
+"""Optional bearer-token authentication for REST and websockets."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import HTTPException, Request, WebSocket, status
+
+
+def token_matches(expected: str | None, given: str | None) -> bool:
+    """True when no token is configured, or ``given`` equals it (constant-time comparison)."""
+    if not expected:
+        return True
+    if not given:
+        return False
+    return hmac.compare_digest(expected.encode("utf-8"), given.encode("utf-8"))
+
+
+def _bearer(header: str | None) -> str | None:
+    if header and header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None
+
+
+def presented_token(conn: Request | WebSocket) -> str | None:
+    return _bearer(conn.headers.get("authorization")) or conn.query_params.get("token")
+
+
+def require_token(request: Request) -> None:
+    expected = request.app.state.config.server.token
+    if not token_matches(expected, presented_token(request)):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or wrong token: send 'Authorization: Bearer <token>' or ?token=",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

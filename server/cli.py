@@ -1,0 +1,254 @@
+"""The ``segstream`` command: serve, segment, models, eval, watch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.config import (
+    AppConfig,
+    ConfigError,
+    RoiConfig,
+    StreamConfig,
+    TemporalConfig,
+    build_config,
+    load_config_file,
+)
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _parse_source_arg(value: str) -> tuple[str | None, str]:
+    """``[ID=]URI`` -> (id, uri). An '=' inside a URI's query string is not an id separator."""
+    if not value.strip():
+        raise CliError("empty --source")
+    head, sep, tail = value.partition("=")
+    if sep and "://" not in head and ":" not in head and "/" not in head and "?" not in head and head:
+        if not tail:
+            raise CliError(f"--source {value!r}: nothing after '='")
+        return head, tail
+    return None, value
+
+
+def _config_from_args(args: argparse.Namespace) -> AppConfig:
+    data: dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
+    server = data.setdefault("server", {})
+    engine = data.setdefault("engine", {})
+    for key in ("host", "port", "token", "media_dir"):
+        if getattr(args, key, None) is not None:
+            server[key] = getattr(args, key)
+    if getattr(args, "log_json", False):
+        server["log_json"] = True
+    if getattr(args, "device", None):
+        engine["device"] = args.device
+    for key in ("max_batch", "precision"):
+        if getattr(args, key, None) is not None:
+            engine[key] = getattr(args, key)
+    if getattr(args, "compile", False):
+        engine["compile"] = True
+    if getattr(args, "model", None):
+        data["default_model"] = args.model
+    if getattr(args, "weights", None):
+        data.setdefault("weights", {})[data.get("default_model", "selfie")] = args.weights
+    streams = data.setdefault("streams", [])
+    for value in getattr(args, "source", None) or []:
+        sid, uri = _parse_source_arg(value)
+        streams.append({"id": sid, "source": uri})
+    temporal = getattr(args, "temporal", None)
+    roi = getattr(args, "roi", False)
+    for s in streams:
+        if temporal:
+            s.setdefault("temporal", {})["mode"] = temporal
+        if roi:
+            s.setdefault("roi", {})["enabled"] = True
+    cfg = build_config(data)
+    if getattr(args, "command", None) == "serve" and not cfg.streams and not getattr(args, "no_demo", False):
+        cfg = cfg.model_copy(update={"streams": [StreamConfig(id="demo", source="demo")]})
+    return cfg
+
+
+def _check_model(name: str | None) -> None:
+    from models.registry import get_spec
+
+    if name:
+        get_spec(name)  # UnknownModelError names the choices
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.logs import setup_logging
+
+    cfg = _config_from_args(args)
+    _check_model(cfg.default_model)
+    for sc in cfg.streams:
+        _check_model(sc.model)
+        from pipeline.sources import parse_source
+
+        parse_source(sc.source, options=sc.options, allowed_schemes=cfg.server.allowed_schemes)
+    setup_logging(cfg.server.log_level, json_lines=cfg.server.log_json)
+    app = create_app(cfg)
+    uvicorn.run(
+        app,
+        host=cfg.server.host,
+        port=cfg.server.port,
+        log_config=None,
+        ws_max_size=cfg.limits.max_ws_message_bytes,
+        timeout_graceful_shutdown=int(cfg.server.shutdown_timeout_s),
+    )
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pipeline.offline import segment_file
+
+    cfg = _config_from_args(args)
+    _check_model(cfg.default_model)
+    if not args.output and not args.masks_dir:
+        raise CliError("give --output OUT.mp4 and/or --masks-dir DIR")
+    bar = tqdm(unit="frame", disable=args.quiet or not sys.stderr.isatty() and not args.progress)
+
+    def progress(done: int, total: int | None) -> None:
+        if total and bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    report = segment_file(
+        cfg,
+        args.input,
+        output=args.output,
+        masks_dir=args.masks_dir,
+        model=cfg.default_model,
+        temporal=TemporalConfig(mode=args.temporal) if args.temporal else None,
+        roi=RoiConfig(enabled=True) if args.roi else None,
+        progress=progress,
+    )
+    bar.close()
+    print(
+        f"segmented {report.frames} frames in {report.seconds:.1f}s ({report.fps:.1f} fps)"
+        + (f"; video: {report.output}" if report.output else "")
+        + (f"; masks: {report.masks_dir}" if report.masks_dir else "")
+    )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.registry import list_models, weights_status
+
+    rows = []
+    for spec in list_models():
+        rows.append(
+            {
+                "name": spec.name,
+                "classes": list(spec.classes),
+                "input_size": list(spec.input_size),
+                "binary": spec.binary,
+                "weights": weights_status(spec),
+                "description": spec.description,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<30} {'input':>9}  {'classes':<28} weights")
+    for r in rows:
+        w = r["weights"]
+        classes = ", ".join(r["classes"])
+        if len(classes) > 28:
+            classes = f"{len(r['classes'])} classes ({r['classes'][1]}, …)"
+        state = "present" if w.get("present") else "not present"
+        where = f"{w.get('source')}: {w.get('location') or '-'} ({state})"
+        size = "x".join(str(v) for v in r["input_size"])
+        print(f"{r['name']:<30} {size:>9}  {classes:<28} {where}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segstream", description="Real-time video segmentation streaming.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="serve the viewer, REST API and websockets")
+    s.add_argument("--source", action="append", metavar="[ID=]URI", help="a source to serve (repeatable)")
+    s.add_argument("--model", help="default model name (see `segstream models`)")
+    s.add_argument("--weights", help="weights file for the default model")
+    s.add_argument("--device", help="auto | cpu | cuda[:N]")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--config", metavar="FILE", help="TOML config file (streams, models, limits)")
+    s.add_argument("--token", help="require this bearer token for the API and websockets")
+    s.add_argument("--media-dir", help="directory that API-added file sources must live in")
+    s.add_argument("--max-batch", type=int)
+    s.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    s.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    s.add_argument(
+        "--temporal", choices=["off", "smooth", "keyframe"], help="temporal refinement for --source streams"
+    )
+    s.add_argument("--roi", action="store_true", help="person-region crops for --source streams")
+    s.add_argument("--log-json", action="store_true", help="JSON log lines")
+    s.add_argument("--no-demo", action="store_true", help="start with no stream when no --source is given")
+    s.set_defaults(func=cmd_serve)
+
+    g = sub.add_parser("segment", help="segment a video file offline, every frame")
+    g.add_argument("input", help="video file (or URI)")
+    g.add_argument("--output", "-o", help="write an overlaid video (mp4)")
+    g.add_argument("--masks-dir", help="write one label PNG per frame (00000.png, …)")
+    g.add_argument("--model", help="model name")
+    g.add_argument("--weights", help="weights file for the model")
+    g.add_argument("--device", help="auto | cpu | cuda[:N]")
+    g.add_argument("--temporal", choices=["off", "smooth", "keyframe"])
+    g.add_argument("--roi", action="store_true")
+    g.add_argument("--max-batch", type=int)
+    g.add_argument("--quiet", "-q", action="store_true")
+    g.add_argument(
+        "--progress", action="store_true", help="show the progress bar even when not on a terminal"
+    )
+    g.set_defaults(func=cmd_segment)
+
+    m = sub.add_parser("models", help="list the registered models")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    _add_optional_commands(sub)
+    return p
+
+
+def _add_optional_commands(sub: Any) -> None:
+    try:
+        from pipeline.evaluate import add_eval_parser
+
+        add_eval_parser(sub)
+    except ImportError:
+        pass
+    try:
+        from server.client import add_watch_parser
+
+        add_watch_parser(sub)
+    except ImportError:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (CliError, ConfigError, ValueError, RuntimeError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"segstream {args.command}: error: {msg}", file=sys.stderr)
+        logging.getLogger("segstream").debug("error", exc_info=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The one bridge from pipeline threads to asyncio, and per-client latest-wins delivery.
+
+The engine thread hands every result to :meth:`Hub.publish`. The hub encodes only the
+formats some connected client wants (in a worker pool, never on the event loop, at
+most one encode in flight per stream: newer results replace a waiting one), then
+offers the message to each client's single-slot mailbox on the event loop. A client
+whose previous message has not been sent yet loses the older one (``client_slow``), so
+a slow client never holds up the stream or the other clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+from pipeline.render import Format, render
+from pipeline.types import DropCause, SegmentationResult, now
+
+log = logging.getLogger("segstream.hub")
+
+PROTOCOL_VERSION = 1
+
+
+def pack_message(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    """Protocol v1: uint32 big-endian header length, UTF-8 JSON header, payload."""
+    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return struct.pack(">I", len(h)) + h + payload
+
+
+@dataclass
+class Outgoing:
+    header: dict[str, Any]
+    payload: bytes
+    ready_at: float  # when encoding finished (perf_counter seconds)
+
+
+@dataclass
+class Client:
+    """One websocket subscriber. Mutated only on the event loop (settings under ``lock``)."""
+
+    id: int
+    stream_id: str
+    fmt: Format
+    max_fps: float | None
+    quality: int
+    loop: asyncio.AbstractEventLoop
+    pending: Outgoing | None = None
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    dropped_slow: int = 0
+    sent: int = 0
+    last_accept: float = 0.0  # monotonic time of the last result accepted for this client
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wants(self, t: float) -> bool:
+        """Rate limit: accept a result only if max_fps allows it at monotonic time t."""
+        with self.lock:
+            if self.max_fps is None:
+                return True
+            # 5% slack so a 30 fps client on a 30 fps stream does not skip every other frame
+            return t - self.last_accept >= 0.95 / self.max_fps
+
+    def settings(self) -> tuple[Format, int]:
+        with self.lock:
+            return self.fmt, self.quality
+
+    def update(self, *, fmt: Format | None = None, max_fps: float | None = -1.0, quality: int | None = None):
+        with self.lock:
+            if fmt is not None:
+                self.fmt = fmt
+            if max_fps is None or max_fps >= 0:
+                self.max_fps = max_fps
+            if quality is not None:
+                self.quality = quality
+
+    def offer(self, msg: Outgoing) -> None:
+        """Event loop only: put a message in the slot, replacing (and counting) an unsent one."""
+        if self.closed:
+            return
+        if self.pending is not None:
+            self.dropped_slow += 1
+        self.pending = msg
+        self.event.set()
+
+    async def next(self) -> Outgoing | None:
+        """Wait for the next message (None once closed)."""
+        while not self.closed:
+            if self.pending is not None:
+                msg, self.pending = self.pending, None
+                self.event.clear()
+                return msg
+            self.event.clear()
+            await self.event.wait()
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+        self.event.set()
+
+
+class _EncodeGate:
+    """At most one encode in flight per stream; a newer result replaces a waiting one."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.busy = False
+        self.waiting: tuple[SegmentationResult, dict[str, int]] | None = None
+
+
+class Hub:
+    def __init__(
+        self,
+        *,
+        workers: int,
+        on_drop: Callable[[str, DropCause], None] | None = None,
+        stream_info: Callable[[str], dict[str, Any]] | None = None,
+    ) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="render")
+        self._clients: dict[str, dict[int, Client]] = {}
+        self._lock = threading.Lock()
+        self._ids = count(1)
+        self._gates: dict[str, _EncodeGate] = {}
+        self._on_drop = on_drop
+        self._stream_info = stream_info
+        self._closed = False
+        self.encoded = 0
+
+    # -- subscriptions (event loop) -------------------------------------------------
+    def subscribe(self, stream_id: str, *, fmt: Format, max_fps: float | None, quality: int) -> Client:
+        client = Client(
+            id=next(self._ids),
+            stream_id=stream_id,
+            fmt=fmt,
+            max_fps=max_fps,
+            quality=quality,
+            loop=asyncio.get_running_loop(),
+        )
+        with self._lock:
+            self._clients.setdefault(stream_id, {})[client.id] = client
+        return client
+
+    def unsubscribe(self, client: Client) -> None:
+        client.close()
+        with self._lock:
+            clients = self._clients.get(client.stream_id)
+            if clients is not None:
+                clients.pop(client.id, None)
+                if not clients:
+                    self._clients.pop(client.stream_id, None)
+
+    def clients(self, stream_id: str) -> list[Client]:
+        with self._lock:
+            return list(self._clients.get(stream_id, {}).values())
+
+    def client_count(self, stream_id: str) -> int:
+        with self._lock:
+            return len(self._clients.get(stream_id, {}))
+
+    def close_stream(self, stream_id: str) -> None:
+        """The stream was removed: end every subscriber's iteration."""
+        for client in self.clients(stream_id):
+            client.loop.call_soon_threadsafe(client.close)
+
+    # -- publishing (any thread) -------------------------------------------------------
+    def publish(self, result: SegmentationResult, drops: dict[str, int]) -> None:
+        if self._closed or not self.clients(result.frame.stream_id):
+            return  # nobody listens: encode nothing
+        sid = result.frame.stream_id
+        with self._lock:
+            gate = self._gates.setdefault(sid, _EncodeGate())
+        with gate.lock:
+            if gate.busy:
+                if gate.waiting is not None and self._on_drop is not None:
+                    self._on_drop(sid, DropCause.ENGINE_BUSY)
+                gate.waiting = (result, drops)
+                return
+            gate.busy = True
+        try:
+            self._pool.submit(self._encode_loop, gate, result, drops)
+        except RuntimeError:  # pool shut down during exit
+            gate.busy = False
+
+    def _encode_loop(self, gate: _EncodeGate, result: SegmentationResult, drops: dict[str, int]) -> None:
+        item: tuple[SegmentationResult, dict[str, int]] | None = (result, drops)
+        while item is not None:
+            try:
+                self._encode_one(*item)
+            except Exception:
+                log.exception("hub: encoding failed for stream %s", item[0].frame.stream_id)
+            with gate.lock:
+                item, gate.waiting = gate.waiting, None
+                if item is None:
+                    gate.busy = False
+
+    def _encode_one(self, result: SegmentationResult, drops: dict[str, int]) -> None:
+        t = time.monotonic()
+        targets = [c for c in self.clients(result.frame.stream_id) if c.wants(t)]
+        if not targets:
+            return
+        frame = result.frame
+        base = {
+            "v": PROTOCOL_VERSION,
+            "type": "result",
+            "stream": frame.stream_id,
+            "frame": frame.index,
+            "pts": frame.pts,
+            "captured_at": frame.captured_at,
+            "segmented_at": result.segmented_at,
+            "width": frame.width,
+            "height": frame.height,
+            "classes": list(result.classes),
+            "model": result.model,
+            "stale": False,
+            "discontinuity": frame.discontinuity,
+            "full_pass": result.full_pass,
+        }
+        if result.info:
+            base["info"] = result.info
+        encoded: dict[tuple[Format, int], tuple[dict[str, Any], bytes, float]] = {}
+        for client in targets:
+            fmt, quality = client.settings()
+            key = (fmt, quality if fmt is Format.OVERLAY else 0)
+            if key not in encoded:
+                t0 = time.perf_counter()
+                extra, payload = render(fmt, frame.image, result.labels, result.classes, quality=quality)
+                encoded[key] = (extra, payload, (time.perf_counter() - t0) * 1000.0)
+                self.encoded += 1
+            extra, payload, enc_ms = encoded[key]
+            header = {
+                **base,
+                **extra,
+                "format": fmt.value,
+                "latency_ms": {**result.latency_ms, "encode": round(enc_ms, 3)},
+                "dropped": dict(drops),
+            }
+            with client.lock:
+                client.last_accept = t
+            msg = Outgoing(header=header, payload=payload, ready_at=time.perf_counter())
+            client.loop.call_soon_threadsafe(client.offer, msg)
+
+    def publish_status(self, stream_id: str, status: dict[str, Any]) -> None:
+        """A stream changed state: tell its clients (``stale`` while no fresh frames come)."""
+        header = {
+            "v": PROTOCOL_VERSION,
+            "type": "status",
+            "format": "status",
+            "stream": stream_id,
+            "frame": None,
+            "captured_at": None,
+            "width": status.get("width"),
+            "height": status.get("height"),
+            "stale": status["state"] != "streaming",
+            "state": status["state"],
+            "error": status.get("error"),
+            "classes": status.get("classes", []),
+            "latency_ms": {},
+            "dropped": status.get("drops", {}),
+            "discontinuity": False,
+        }
+        msg = Outgoing(header=header, payload=b"", ready_at=time.perf_counter())
+        for client in self.clients(stream_id):
+            client.loop.call_soon_threadsafe(client.offer, msg)
+
+    @staticmethod
+    def finalize(client: Client, msg: Outgoing) -> bytes:
+        """Stamp send-time fields and pack; runs on the event loop right before sending."""
+        header = dict(msg.header)
+        header["sent_at"] = now()
+        lat = dict(header.get("latency_ms", {}))
+        if msg.header.get("type") == "result":
+            lat["send"] = round((time.perf_counter() - msg.ready_at) * 1000.0, 3)
+            if header.get("captured_at"):
+                lat["total"] = round((header["sent_at"] - header["captured_at"]) * 1000.0, 3)
+        header["latency_ms"] = {k: round(v, 3) for k, v in lat.items()}
+        dropped = dict(header.get("dropped", {}))
+        dropped[DropCause.CLIENT_SLOW.value] = client.dropped_slow
+        header["dropped"] = dropped
+        return pack_message(header, msg.payload)
+
+    def shutdown(self) -> None:
+        self._closed = True
+        with self._lock:
+            everyone = [c for cs in self._clients.values() for c in cs.values()]
+        for client in everyone:
+            try:
+                client.loop.call_soon_threadsafe(client.close)
+            except RuntimeError:
+                client.closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)

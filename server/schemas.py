@@ -1,0 +1,87 @@
+"""Request and response bodies of the REST API (pydantic, shown in the OpenAPI docs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.config import RoiConfig, SourceOptions, TemporalConfig
+
+
+class StreamCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="stream id; generated when absent"
+    )
+    source: str = Field(
+        ..., min_length=1, max_length=2048, description="source URI (rtsp://, http://, file, webcam:0, demo)"
+    )
+    model: str | None = Field(None, max_length=128, description="model name from GET /api/models")
+    temporal: TemporalConfig | Literal["off", "smooth", "keyframe"] | None = None
+    roi: RoiConfig | bool | None = None
+    options: SourceOptions | None = None
+
+
+class StreamPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    temporal: TemporalConfig | Literal["off", "smooth", "keyframe"] | None = None
+    roi: RoiConfig | bool | None = None
+
+
+class StreamInfo(BaseModel):
+    id: str
+    source: str
+    kind: str
+    model: str
+    state: str
+    error: str | None
+    state_since: float
+    created_at: float
+    last_frame_at: float | None
+    width: int | None
+    height: int | None
+    source_fps: float | None
+    fps_in: float
+    fps: float
+    frames_in: int
+    frames: int
+    reconnects: int
+    latency_ms: dict[str, float]
+    drops: dict[str, int]
+    clients: int
+    temporal: str
+    roi: bool
+
+
+class ModelInfo(BaseModel):
+    name: str
+    description: str
+    classes: list[str]
+    colours: list[str]
+    input_size: list[int]
+    binary: bool
+    weights: dict[str, Any]
+    default: bool
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+def temporal_from(
+    value: TemporalConfig | str | None, current: TemporalConfig | None = None
+) -> TemporalConfig | None:
+    if value is None or isinstance(value, TemporalConfig):
+        return value
+    base = current or TemporalConfig()
+    return base.model_copy(update={"mode": value})
+
+
+def roi_from(value: RoiConfig | bool | None, current: RoiConfig | None = None) -> RoiConfig | None:
+    if value is None or isinstance(value, RoiConfig):
+        return value
+    base = current or RoiConfig()
+    return base.model_copy(update={"enabled": bool(value)})
