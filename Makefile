@@ -1,0 +1,62 @@
+# segstream — `make run` serves the viewer on the demo source; `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test test-unit test-integration lint bench soak install install-test system-deps clean docker-config
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip >/dev/null
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/activate
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+run: $(VENV)/.installed
+	$(VENV)/bin/segstream serve --host $(HOST) --port $(PORT) $(ARGS)
+
+# Debian packages the integration tests use (Chromium, FFmpeg, GStreamer's RTSP server).
+# Installed when missing and we are root with apt-get; otherwise those tests skip with a reason.
+system-deps:
+	@bash tools/system-deps.sh
+
+# pytest exits 5 when no test was collected; that is not a failure of the code under test.
+test: $(VENV)/.installed-test system-deps
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; rc=0; fi; exit $$rc
+
+test-unit: $(VENV)/.installed-test
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: $(VENV)/.installed-test system-deps
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check server pipeline models tests bench tools
+	$(VENV)/bin/mypy
+
+bench: $(VENV)/.installed-test system-deps
+	$(PY) -m bench $(ARGS)
+
+soak: $(VENV)/.installed-test system-deps
+	$(PY) -m bench.soak $(ARGS)
+
+docker-config:
+	docker compose config -q && echo "docker-compose.yml is valid"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/results tests/artifacts
