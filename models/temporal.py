@@ -1,0 +1,319 @@
+"""Temporal residual refinement: stable masks across frames, less work on static scenes.
+
+The refiner keeps explicit per-stream state (in the spirit of recurrent video models:
+``refine(frame, probs, state) -> (probs, state)``), split in two calls because the
+``keyframe`` mode must decide *before* the model runs:
+
+    plan = refiner.plan(x, state, index=frame.index, discontinuity=frame.discontinuity)
+    probs = model(x) if plan.run_model else None        # the engine batches these
+    out, state = refiner.refine(plan, probs, state)
+
+Everything works on the model's input (normalised N x 3 x h x w) and its class
+probabilities (C x h x w), at model resolution or below, with plain torch ops, so it
+runs on whichever device holds the tensors and costs a small fraction of a forward pass.
+
+Modes:
+- ``off``: the model's probabilities pass through unchanged.
+- ``smooth``: a motion gate built from a downscaled, blurred colour residual. Where the
+  residual is below ``motion_low`` the new probabilities are blended with the previous
+  output (weight ``blend``) and a small hysteresis keeps the previous label unless the
+  model disagrees with some confidence; above ``motion_high`` the new probabilities are
+  taken as they are, so moving edges never lag.
+- ``keyframe``: the model runs only when the residual energy accumulated since the last
+  full segmentation exceeds ``keyframe_energy``, or after ``keyframe_max_gap`` frames; in
+  between the last mask is carried forward. Full passes are blended as in ``smooth``.
+
+State resets on an explicit discontinuity (reconnect, seek, loop), on a scene cut (mean
+residual above ``scene_cut_energy``) and after a gap of more than ``max_gap_reset``
+dropped frames. Shorter gaps widen the motion gate and trust the previous mask less.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("off", "smooth", "keyframe")
+# Rec. 601 luma weights.
+_LUMA = (0.299, 0.587, 0.114)
+# Low-resolution residual grid: about this many cells on the short side.
+_RESIDUAL_CELLS = 64
+# Energy is measured per cell of this grid and the worst cell counts.
+_ENERGY_GRID = 4
+
+
+@dataclass(frozen=True, slots=True)
+class TemporalParams:
+    """Per-stream refinement settings. Field names match ``pipeline.config.TemporalConfig``."""
+
+    mode: str = "off"
+    motion_low: float = 0.02  # residual below this: nothing moved here
+    motion_high: float = 0.08  # residual above this: something moved, take the new probabilities
+    blend: float = 0.7  # weight of the previous output where nothing moved
+    keyframe_energy: float = 0.015  # accumulated residual energy that forces a full pass
+    keyframe_max_gap: int = 8  # a full pass at least every this many frames
+    scene_cut_energy: float = 0.25  # mean residual above this = a new scene, state resets
+    hysteresis: float = 0.25  # bias toward the previous label where nothing moved
+    max_gap_reset: int = 30  # more dropped frames than this in a row = a discontinuity
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"temporal mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("motion_low", "motion_high", "blend", "scene_cut_energy"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        if self.motion_high <= self.motion_low:
+            raise ValueError(
+                f"motion_high must be above motion_low, got {self.motion_high!r} <= {self.motion_low!r}"
+            )
+        if self.keyframe_energy < 0:
+            raise ValueError(f"keyframe_energy must be >= 0, got {self.keyframe_energy!r}")
+        if self.keyframe_max_gap < 1:
+            raise ValueError(f"keyframe_max_gap must be >= 1, got {self.keyframe_max_gap!r}")
+        if not 0.0 <= self.hysteresis < 1.0:
+            raise ValueError(f"hysteresis must be in [0, 1), got {self.hysteresis!r}")
+        if self.max_gap_reset < 0:
+            raise ValueError(f"max_gap_reset must be >= 0, got {self.max_gap_reset!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class TemporalState:
+    """What one stream remembers between frames. Immutable: ``refine`` returns a new one.
+
+    Tensors live on the model's device. ``thumb`` is the low-resolution picture (RGB in
+    [0, 1]) of the last frame seen, ``key_thumb`` that of the last frame the model saw,
+    ``probs`` the last output (C x h x w).
+    """
+
+    thumb: torch.Tensor | None = None
+    key_thumb: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    last_index: int | None = None
+    key_index: int | None = None
+    frames: int = 0  # frames refined since the stream started
+    full_frames: int = 0  # of which the model segmented fully
+    dropped: int = 0  # frames missing from the index sequence (dropped upstream)
+    gap: int = 0  # frames missing right before the last update
+    resets: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return self.probs is None
+
+    @property
+    def full_fraction(self) -> float:
+        return self.full_frames / self.frames if self.frames else 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The decision for one frame, made before the model runs."""
+
+    index: int
+    run_model: bool
+    reason: str  # off | first | discontinuity | scene_cut | gap | energy | max_gap | motion | carry
+    thumb: torch.Tensor | None  # 1 x 3 x h' x w' low-resolution RGB (None in mode off)
+    residual: torch.Tensor | None  # blurred |thumb - reference|, same grid; None after a reset
+    energy: float  # mean residual above the noise floor, against the last frame the model saw
+    gap: int  # frames missing between the previous update and this one
+    reset: bool  # the previous state is dropped before this frame
+
+
+def rgb_from_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB in [0, 1] (N x 3 x h x w) from normalised model input (N x 3 x h x w or 3 x h x w)."""
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected N x 3 x h x w model input, got shape {tuple(x.shape)}")
+    x = x.float()
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * s + m).clamp_(0.0, 1.0)
+
+
+def luma_from_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Luma in [0, 1] (N x 1 x h x w) from normalised model input (N x 3 x h x w or 3 x h x w)."""
+    rgb = rgb_from_input(x, mean, std)
+    w = torch.tensor(_LUMA, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    return (rgb * w).sum(dim=1, keepdim=True)
+
+
+class TemporalRefiner:
+    """Stateless logic; all memory is in the :class:`TemporalState` passed in and out."""
+
+    def __init__(
+        self,
+        params: TemporalParams,
+        *,
+        mean: Sequence[float] = (0.0, 0.0, 0.0),
+        std: Sequence[float] = (1.0, 1.0, 1.0),
+    ) -> None:
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 values each, got {mean!r} and {std!r}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std values must be > 0, got {std!r}")
+        self.params = params
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+
+    @staticmethod
+    def initial_state() -> TemporalState:
+        return TemporalState()
+
+    # -- before the model --------------------------------------------------------------
+
+    def plan(
+        self, x: torch.Tensor, state: TemporalState, *, index: int, discontinuity: bool = False
+    ) -> Plan:
+        """Decide whether the model must run on frame ``index`` (x: its normalised input)."""
+        p = self.params
+        gap = 0 if state.last_index is None else max(0, index - state.last_index - 1)
+        if p.mode == "off":
+            return Plan(index, True, "off", None, None, 0.0, gap, False)
+        thumb = self._thumbnail(x)
+        reason = ""
+        if state.empty or state.thumb is None or state.thumb.shape != thumb.shape:
+            reason = "first"
+        elif discontinuity:
+            reason = "discontinuity"
+        elif index <= (state.last_index if state.last_index is not None else -1):
+            reason = "discontinuity"  # the index went backwards: a new numbering, e.g. a restart
+        elif gap > p.max_gap_reset:
+            reason = "gap"
+        if reason:
+            return Plan(index, True, reason, thumb, None, 0.0, gap, reason != "first")
+
+        step = _residual(thumb, state.thumb)
+        if float(step.mean()) > p.scene_cut_energy:
+            return Plan(index, True, "scene_cut", thumb, None, 0.0, gap, True)
+        if p.mode == "smooth":
+            return Plan(index, True, "motion", thumb, step, _energy(step, p.motion_low), gap, False)
+
+        # keyframe: compare with the frame the current mask came from, so slow drift adds up
+        # while sensor noise (removed by the floor) does not.
+        assert state.key_thumb is not None and state.key_index is not None
+        since_key = _residual(thumb, state.key_thumb)
+        energy = _energy(since_key, p.motion_low)
+        if energy > p.keyframe_energy:
+            return Plan(index, True, "energy", thumb, since_key, energy, gap, False)
+        if index - state.key_index >= p.keyframe_max_gap:
+            return Plan(index, True, "max_gap", thumb, since_key, energy, gap, False)
+        return Plan(index, False, "carry", thumb, since_key, energy, gap, False)
+
+    # -- after the model ---------------------------------------------------------------
+
+    def refine(
+        self, plan: Plan, probs: torch.Tensor | None, state: TemporalState
+    ) -> tuple[torch.Tensor, TemporalState]:
+        """Refined probabilities (same shape as ``probs``) and the stream's next state."""
+        if plan.run_model and probs is None:
+            raise ValueError(f"frame {plan.index}: the plan ran the model but no probabilities were given")
+        batched = probs is not None and probs.dim() == 4
+        if probs is not None:
+            if batched:
+                if probs.shape[0] != 1:
+                    raise ValueError(
+                        f"refine takes one frame's probabilities, got shape {tuple(probs.shape)}"
+                    )
+                probs = probs[0]
+            if probs.dim() != 3:
+                raise ValueError(f"expected C x h x w probabilities, got shape {tuple(probs.shape)}")
+        if plan.reset:
+            state = replace(
+                state, thumb=None, key_thumb=None, probs=None, key_index=None, resets=state.resets + 1
+            )
+        dropped = state.dropped + plan.gap
+        common = dict(frames=state.frames + 1, dropped=dropped, gap=plan.gap, last_index=plan.index)
+
+        if not plan.run_model:
+            assert state.probs is not None
+            out = state.probs
+            new_state = replace(state, thumb=plan.thumb, **common)
+        else:
+            assert probs is not None
+            out = probs
+            prev = state.probs
+            if plan.residual is not None and prev is not None and prev.shape == probs.shape:
+                out = self._blend(probs, prev, plan.residual, plan.gap)
+            new_state = replace(
+                state,
+                thumb=plan.thumb,
+                key_thumb=plan.thumb,
+                probs=out if self.params.mode != "off" else None,
+                key_index=plan.index,
+                full_frames=state.full_frames + 1,
+                **common,
+            )
+        return (out.unsqueeze(0) if batched else out), new_state
+
+    def step(
+        self,
+        x: torch.Tensor,
+        state: TemporalState,
+        model: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        index: int,
+        discontinuity: bool = False,
+    ) -> tuple[torch.Tensor, TemporalState, Plan]:
+        """plan → model (when needed) → refine, for one frame. For offline use and tests."""
+        plan = self.plan(x, state, index=index, discontinuity=discontinuity)
+        probs = None
+        if plan.run_model:
+            probs = model(x if x.dim() == 4 else x.unsqueeze(0))[0]
+        out, state = self.refine(plan, probs, state)
+        return out, state, plan
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _thumbnail(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.shape[0] != 1:
+            raise ValueError(f"plan takes one frame's input, got shape {tuple(x.shape)}")
+        # Colour, not just luma: an object can differ from what it covers only in hue.
+        y = rgb_from_input(x, self.mean, self.std)
+        k = max(1, min(y.shape[-2:]) // _RESIDUAL_CELLS)
+        # Averaging k x k blocks divides pixel noise by about k, well below the motion floor.
+        return F.avg_pool2d(y, k, stride=k, ceil_mode=True) if k > 1 else y
+
+    def _blend(
+        self, new: torch.Tensor, prev: torch.Tensor, residual: torch.Tensor, gap: int
+    ) -> torch.Tensor:
+        p = self.params
+        # Missing frames hide motion we did not see: lower both thresholds and trust less.
+        trust = 1.0 / (1 + gap)
+        lo, hi = p.motion_low * trust, p.motion_high * trust
+        # Dilate so the whole neighbourhood of a moving edge counts as moving (no lag there).
+        moving = F.max_pool2d(residual, 3, stride=1, padding=1)
+        still = (1.0 - ((moving - lo) / (hi - lo)).clamp(0.0, 1.0)) * trust
+        still = F.interpolate(still, size=new.shape[-2:], mode="bilinear", align_corners=False)[0]
+        out = new + (p.blend * still) * (prev - new)
+        if p.hysteresis > 0:
+            # Favour the previous label where nothing moved: a pixel near the decision
+            # boundary must be won by a margin before it flips, which is what stops flicker.
+            prev_label = F.one_hot(prev.argmax(0), new.shape[0]).permute(2, 0, 1).to(new.dtype)
+            bias = p.hysteresis * still
+            out = (out + bias * prev_label) / (1.0 + bias)
+        return out
+
+
+def _residual(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Largest per-channel difference after a small blur.
+
+    Blurring the signed difference (before taking its size) averages pixel noise away
+    while a real change, coherent over neighbouring cells, keeps its size.
+    """
+    d = F.avg_pool2d(a - b, 3, stride=1, padding=1, count_include_pad=False)
+    return d.abs().amax(dim=1, keepdim=True)
+
+
+def _energy(residual: torch.Tensor, floor: float) -> float:
+    """Residual above the noise floor, averaged over the most-changed sixteenth of the frame.
+
+    Noise contributes nothing; a small object moving fast counts as much as it would if it
+    filled the frame, so its mask is never carried forward stale.
+    """
+    moved = residual * (residual > floor)
+    return float(F.adaptive_avg_pool2d(moved, _ENERGY_GRID).amax())
