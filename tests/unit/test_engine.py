@@ -1,0 +1,188 @@
+"""The engine thread with fake segmenters: batching across streams, mixed models, failures."""
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+from pipeline.config import EngineConfig
+from pipeline.engine import Engine
+from pipeline.slot import FrameSlot
+from pipeline.types import DropCause, Frame, now
+
+
+class ThresholdSegmenter:
+    """Labels a pixel 1 when its red channel exceeds a threshold; records the batch sizes it saw."""
+
+    def __init__(self, name: str, fail_on: set[int] | None = None, delay: float = 0.0) -> None:
+        self.spec = SimpleNamespace(name=name, classes=("background", "thing"))
+        self.batches: list[int] = []
+        self.fail_on = fail_on or set()
+        self.delay = delay
+        self.calls = 0
+
+    def preprocess(self, images):
+        return list(images)
+
+    def infer(self, x):
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise RuntimeError("boom")
+        time.sleep(self.delay)
+        self.batches.append(len(x))
+        return [img[..., 0] > 127 for img in x]
+
+    def postprocess(self, probs, sizes):
+        return [(p.astype(np.uint8), p.astype(np.float32)) for p in probs]
+
+
+def image(red: int) -> np.ndarray:
+    img = np.zeros((4, 6, 3), np.uint8)
+    img[:, :3, 0] = red
+    return img
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.results = []
+        self.errors = []
+        self.cond = threading.Condition()
+
+    def on_result(self, r):
+        with self.cond:
+            self.results.append(r)
+            self.cond.notify_all()
+
+    def on_error(self, sid, msg):
+        with self.cond:
+            self.errors.append((sid, msg))
+            self.cond.notify_all()
+
+    def wait(self, pred, timeout=5.0):
+        with self.cond:
+            assert self.cond.wait_for(lambda: pred(self), timeout), "timed out"
+
+
+def start_engine(segs, **cfg):
+    col = Collector()
+    eng = Engine(
+        config=EngineConfig(**{"max_wait_ms": 20, **cfg}),
+        segmenter_factory=lambda name: segs[name],
+        on_result=col.on_result,
+        on_error=col.on_error,
+    )
+    eng.start()
+    return eng, col
+
+
+def frame(sid, i, red=255, t=None):
+    return Frame(stream_id=sid, index=i, pts=None, captured_at=t if t is not None else now(), image=image(red))
+
+
+def test_results_carry_labels_and_stage_timings():
+    seg = ThresholdSegmenter("m")
+    eng, col = start_engine({"m": seg})
+    slot = FrameSlot(on_put=eng.notify)
+    eng.add_stream("a", slot, model="m")
+    slot.put(frame("a", 7))
+    col.wait(lambda c: len(c.results) == 1)
+    r = col.results[0]
+    assert r.frame.index == 7 and r.model == "m" and r.classes == ("background", "thing")
+    assert r.labels[:, :3].all() and not r.labels[:, 3:].any()
+    assert set(r.latency_ms) >= {"decode", "queue", "preprocess", "infer", "postprocess"}
+    assert eng.stop(2)
+
+
+def test_frames_from_several_streams_share_one_batch():
+    seg = ThresholdSegmenter("m")
+    eng, col = start_engine({"m": seg}, max_wait_ms=200)
+    slots = {}
+    for sid in "abcd":
+        slots[sid] = FrameSlot(on_put=eng.notify)
+        eng.add_stream(sid, slots[sid], model="m")
+    for sid in "abcd":
+        slots[sid].put(frame(sid, 0))
+    col.wait(lambda c: len(c.results) == 4)
+    assert max(seg.batches) >= 2  # gathered across streams rather than one by one
+    assert eng.stats.snapshot()["frames"] == 4
+    assert eng.stop(2)
+
+
+def test_mixed_models_are_batched_separately():
+    a, b = ThresholdSegmenter("ma"), ThresholdSegmenter("mb")
+    eng, col = start_engine({"ma": a, "mb": b})
+    s1, s2 = FrameSlot(on_put=eng.notify), FrameSlot(on_put=eng.notify)
+    eng.add_stream("x", s1, model="ma")
+    eng.add_stream("y", s2, model="mb")
+    s1.put(frame("x", 0))
+    s2.put(frame("y", 0))
+    col.wait(lambda c: len(c.results) == 2)
+    assert {r.frame.stream_id: r.model for r in col.results} == {"x": "ma", "y": "mb"}
+    assert a.batches == [1] and b.batches == [1]
+    assert eng.stop(2)
+
+
+def test_a_failing_batch_is_reported_on_its_streams_and_the_engine_goes_on():
+    seg = ThresholdSegmenter("m", fail_on={1})
+    eng, col = start_engine({"m": seg}, max_wait_ms=0)
+    slot = FrameSlot(on_put=eng.notify)
+    eng.add_stream("a", slot, model="m")
+    slot.put(frame("a", 0))
+    col.wait(lambda c: len(c.errors) == 1)
+    assert col.errors[0][0] == "a" and "boom" in col.errors[0][1]
+    assert slot.drops.snapshot() == {DropCause.ERROR.value: 1}
+    slot.put(frame("a", 1))
+    col.wait(lambda c: len(c.results) == 1)
+    assert col.results[0].frame.index == 1
+    assert eng.stats.errors == 1 and eng.alive
+    assert eng.stop(2)
+
+
+def test_a_model_that_fails_to_load_only_hurts_its_streams():
+    good = ThresholdSegmenter("good")
+
+    def factory(name):
+        if name == "bad":
+            raise ValueError("no such weights")
+        return good
+
+    col = Collector()
+    eng = Engine(config=EngineConfig(max_wait_ms=0), segmenter_factory=factory, on_result=col.on_result,
+                 on_error=col.on_error)
+    eng.start()
+    s_bad, s_good = FrameSlot(on_put=eng.notify), FrameSlot(on_put=eng.notify)
+    eng.add_stream("bad", s_bad, model="bad")
+    eng.add_stream("good", s_good, model="good")
+    s_bad.put(frame("bad", 0))
+    s_good.put(frame("good", 0))
+    col.wait(lambda c: len(c.results) == 1 and len(c.errors) == 1)
+    assert col.results[0].frame.stream_id == "good"
+    assert col.errors[0][0] == "bad" and "no such weights" in col.errors[0][1]
+    assert eng.stop(2)
+
+
+def test_stale_frames_never_reach_the_model():
+    seg = ThresholdSegmenter("m")
+    eng, col = start_engine({"m": seg}, latency_budget_ms=100)
+    slot = FrameSlot(on_put=eng.notify)
+    eng.add_stream("a", slot, model="m")
+    slot.put(frame("a", 0, t=now() - 10))
+    slot.put(frame("a", 1))  # replaces the stale one in a latest-wins slot...
+    col.wait(lambda c: len(c.results) == 1)
+    slot2 = FrameSlot(capacity=4, on_put=eng.notify, policy="drop_oldest")
+    eng.add_stream("b", slot2, model="m")
+    slot2.put(frame("b", 0, t=now() - 10))  # ...here it is taken, judged stale and dropped
+    slot2.put(frame("b", 1))
+    col.wait(lambda c: len(c.results) == 2)
+    assert [r.frame.index for r in col.results if r.frame.stream_id == "b"] == [1]
+    assert slot2.drops.snapshot() == {DropCause.STALE.value: 1}
+    assert eng.stop(2)
+
+
+def test_stop_joins_the_thread():
+    eng, _ = start_engine({"m": ThresholdSegmenter("m")})
+    assert eng.alive
+    assert eng.stop(2)
+    assert not eng.alive
+    assert "engine" not in [t.name for t in threading.enumerate()]
