@@ -47,6 +47,8 @@ class TemporalConfig(_Strict):
     keyframe_energy: float = Field(0.015, ge=0)
     keyframe_max_gap: int = Field(8, ge=1)
     scene_cut_energy: float = Field(0.25, ge=0, le=1)
+    hysteresis: float = Field(0.25, ge=0, lt=1)  # bias toward the previous label where nothing moved
+    max_gap_reset: int = Field(30, ge=0)  # more dropped frames than this in a row resets the state
 
 
 class RoiConfig(_Strict):

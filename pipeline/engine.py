@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
+from models.temporal import Plan, TemporalParams, TemporalRefiner, TemporalState
 from pipeline.batcher import Batch, Batcher, Lane
 from pipeline.config import EngineConfig, RoiConfig, TemporalConfig
 from pipeline.slot import FrameSlot
@@ -72,7 +74,8 @@ class _StreamCtx:
     model: str
     temporal: TemporalConfig
     roi: RoiConfig
-    temporal_state: Any = None
+    temporal_state: TemporalState | None = None
+    refiner: TemporalRefiner | None = None
     roi_state: Any = None
 
 
@@ -142,6 +145,7 @@ class Engine:
             if temporal is not None:
                 ctx.temporal = temporal
                 ctx.temporal_state = None
+                ctx.refiner = None
             if roi is not None:
                 ctx.roi = roi
                 ctx.roi_state = None
@@ -210,11 +214,13 @@ class Engine:
         t0 = time.perf_counter()
         try:
             seg = self._segmenter(batch.group)
-            images = [f.image for f in batch.frames]
-            x = seg.preprocess(images)
+            x = seg.preprocess([f.image for f in batch.frames])
+            plans = self._plan(seg, x, batch)
+            run = [i for i, p in enumerate(plans) if p is None or p.run_model]
             t1 = time.perf_counter()
-            probs = seg.infer(x)
+            probs = seg.infer(x if len(run) == size else x[run]) if run else None
             t2 = time.perf_counter()
+            probs = self._refine(plans, run, probs, batch)
             outs = seg.postprocess(probs, [(f.height, f.width) for f in batch.frames])
             t3 = time.perf_counter()
         except Exception as e:
@@ -235,15 +241,67 @@ class Engine:
         self.stats.batches += 1
         self.stats.frames += size
         self.stats.batch_sizes[size] = self.stats.batch_sizes.get(size, 0) + 1
-        per_frame_infer = timings["infer"] / size
-        a = 0.1 if self.stats.infer_ms_ema else 1.0
-        self.stats.infer_ms_ema = (1 - a) * self.stats.infer_ms_ema + a * per_frame_infer
+        if run:
+            per_frame_infer = timings["infer"] / len(run)
+            a = 0.1 if self.stats.infer_ms_ema else 1.0
+            self.stats.infer_ms_ema = (1 - a) * self.stats.infer_ms_ema + a * per_frame_infer
         if self._on_batch is not None:
             self._on_batch(batch.group, size, timings)
         done = now()
         classes = tuple(seg.spec.classes)
-        for frame, (labels, fg) in zip(batch.frames, outs, strict=True):
-            self._emit(frame, labels, fg, classes, batch.group, timings, done, batch.first_at)
+        for i, (frame, (labels, fg)) in enumerate(zip(batch.frames, outs, strict=True)):
+            plan = plans[i]
+            info = {} if plan is None else {"temporal": plan.reason}
+            self._emit(
+                frame,
+                labels,
+                fg,
+                classes,
+                batch.group,
+                timings,
+                done,
+                batch.first_at,
+                full_pass=plan is None or plan.run_model,
+                info=info,
+            )
+
+    # -- temporal refinement: per-stream state, decided before the model runs ---------
+    def _ctx(self, stream_id: str) -> _StreamCtx | None:
+        with self._streams_lock:
+            return self._streams.get(stream_id)
+
+    def _plan(self, seg: SegmenterLike, x: Any, batch: Batch) -> list[Plan | None]:
+        plans: list[Plan | None] = []
+        for i, frame in enumerate(batch.frames):
+            ctx = self._ctx(frame.stream_id)
+            if ctx is None or ctx.temporal.mode == "off":
+                plans.append(None)
+                continue
+            if ctx.refiner is None:
+                params = TemporalParams(**ctx.temporal.model_dump())
+                ctx.refiner = TemporalRefiner(params, mean=seg.spec.mean, std=seg.spec.std)
+                ctx.temporal_state = TemporalRefiner.initial_state()
+            plans.append(
+                ctx.refiner.plan(
+                    x[i : i + 1], ctx.temporal_state, index=frame.index, discontinuity=frame.discontinuity
+                )
+            )
+        return plans
+
+    def _refine(self, plans: list[Plan | None], run: list[int], probs: Any, batch: Batch) -> Any:
+        if all(p is None for p in plans):
+            return probs
+        row = {i: j for j, i in enumerate(run)}
+        out = []
+        for i, (frame, plan) in enumerate(zip(batch.frames, plans, strict=True)):
+            p = probs[row[i]] if i in row else None
+            ctx = self._ctx(frame.stream_id)
+            if plan is None or ctx is None or ctx.refiner is None:
+                out.append(p)
+                continue
+            refined, ctx.temporal_state = ctx.refiner.refine(plan, p, ctx.temporal_state)
+            out.append(refined)
+        return torch.stack(out)
 
     def _emit(
         self,
@@ -255,6 +313,9 @@ class Engine:
         timings: dict[str, float],
         done: float,
         taken_at: float,
+        *,
+        full_pass: bool = True,
+        info: dict[str, Any] | None = None,
     ) -> None:
         latency = {
             "decode": frame.decode_ms,
@@ -269,6 +330,8 @@ class Engine:
             probs=fg,
             latency_ms=latency,
             segmented_at=done,
+            full_pass=full_pass,
+            info=info or {},
         )
         try:
             self._on_result(result)

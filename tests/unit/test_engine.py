@@ -186,3 +186,52 @@ def test_stop_joins_the_thread():
     assert eng.stop(2)
     assert not eng.alive
     assert "engine" not in [t.name for t in threading.enumerate()]
+
+
+class TorchSegmenter:
+    """A tiny torch segmenter: foreground where red > 0.5, at an 8x8 model resolution."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.spec = SimpleNamespace(name="t", classes=("background", "thing"), mean=(0, 0, 0), std=(1, 1, 1))
+        self.inferred = 0
+
+    def preprocess(self, images):
+        t = self.torch.stack([self.torch.from_numpy(i).permute(2, 0, 1).float() / 255 for i in images])
+        return self.torch.nn.functional.interpolate(t, size=(8, 8), mode="bilinear", align_corners=False)
+
+    def infer(self, x):
+        self.inferred += x.shape[0]
+        fg = (x[:, :1] > 0.5).float()
+        return self.torch.cat([1 - fg, fg], dim=1)
+
+    def postprocess(self, probs, sizes):
+        out = []
+        for p, (h, w) in zip(probs, sizes, strict=True):
+            up = self.torch.nn.functional.interpolate(p[None], size=(h, w), mode="nearest")[0]
+            out.append((up.argmax(0).to(self.torch.uint8).numpy(), up[1].numpy()))
+        return out
+
+
+def test_keyframe_mode_skips_the_model_on_a_static_stream_and_resets_on_discontinuity():
+    from pipeline.config import TemporalConfig
+
+    seg = TorchSegmenter()
+    eng, col = start_engine({"t": seg}, max_wait_ms=0)
+    slot = FrameSlot(capacity=64, policy="drop_oldest", on_put=eng.notify)
+    eng.add_stream("a", slot, model="t", temporal=TemporalConfig(mode="keyframe", keyframe_max_gap=5))
+    for i in range(10):
+        slot.put(frame("a", i))
+        col.wait(lambda c, n=i + 1: len(c.results) == n)
+    slot.put(Frame(stream_id="a", index=10, pts=None, captured_at=now(), image=image(255), discontinuity=True))
+    col.wait(lambda c: len(c.results) == 11)
+    full = [r.full_pass for r in col.results]
+    assert full[0] and full[10]  # first frame and the discontinuity always run the model
+    assert sum(full[:10]) <= 3  # a static scene: the model ran at most every 5th frame
+    assert seg.inferred == sum(full)
+    carried = [r for r in col.results if not r.full_pass]
+    assert all(r.labels[:, :3].all() and not r.labels[:, 3:].any() for r in carried)  # mask carried forward
+    assert col.results[10].info["temporal"] == "discontinuity"
+    assert eng.stop(2)
