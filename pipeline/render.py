@@ -5,6 +5,10 @@ Formats (protocol v1):
 - ``labels``: PNG (8-bit grey) of class indices.
 - ``rle``: COCO run-length encoding per present class, in the header; no payload.
 - ``raw``: the uint8 label map, row-major, H*W bytes.
+- ``jpeg``: JPEG of the plain frame (no mask).
+- ``layers``: JPEG of the plain frame followed by the ``labels`` PNG; the header's
+  ``layers`` gives each part's byte length, so a viewer can composite (opacity,
+  mask-only, original) itself from one message.
 
 All functions are pure and thread-safe: they run in the render worker pool, never on
 the event loop and never on the engine thread.
@@ -25,6 +29,12 @@ class Format(enum.StrEnum):
     LABELS = "labels"
     RLE = "rle"
     RAW = "raw"
+    JPEG = "jpeg"
+    LAYERS = "layers"
+
+    @property
+    def uses_quality(self) -> bool:
+        return self in (Format.OVERLAY, Format.JPEG, Format.LAYERS)
 
 
 # Distinct, colour-blind-friendly-ish colours; index = class label. Background is unused.
@@ -197,4 +207,10 @@ def render(
         return {"rle": encode_rle(labels, classes)}, b""
     if fmt is Format.RAW:
         return {"dtype": "uint8"}, np.ascontiguousarray(labels, dtype=np.uint8).tobytes()
+    if fmt is Format.JPEG:
+        return {}, encode_jpeg(image, quality)
+    if fmt is Format.LAYERS:
+        jpeg = encode_jpeg(image, quality)
+        png = encode_png_labels(labels)
+        return {"layers": {"image": len(jpeg), "labels": len(png)}}, jpeg + png
     raise ValueError(f"unknown format {fmt!r}")

@@ -228,7 +228,7 @@ class Hub:
         encoded: dict[tuple[Format, int], tuple[dict[str, Any], bytes, float]] = {}
         for client in targets:
             fmt, quality = client.settings()
-            key = (fmt, quality if fmt is Format.OVERLAY else 0)
+            key = (fmt, quality if fmt.uses_quality else 0)
             if key not in encoded:
                 t0 = time.perf_counter()
                 extra, payload = render(fmt, frame.image, result.labels, result.classes, quality=quality)
