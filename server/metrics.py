@@ -1,0 +1,294 @@
+"""Prometheus metrics for one app: a private registry, read mostly at scrape time.
+
+Counters and gauges that the pipeline already keeps (frames, fps, drops, reconnects,
+stream state, engine batches, connected clients) are *collected* from live state when
+``/metrics`` is scraped, so the hot path pays nothing for them. Only the per-stage
+latency histograms need an observation per result; :meth:`Metrics.observe` does that
+from the manager's result listener with pre-bound label children (a dict lookup and a
+few lock-protected adds per result).
+
+Every app builds its own ``CollectorRegistry`` so several apps can live in one process
+(tests) without colliding on metric names.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from pipeline.types import DropCause, SegmentationResult, StreamState
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "cuda_memory"]
+
+# Seconds. Stages run from ~0.1 ms (queue on an idle engine) to a latency budget of ~1 s.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGES = ("decode", "queue", "preprocess", "infer", "postprocess")
+
+
+class _HandleLike(Protocol):
+    id: str
+    model: str
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class _ManagerLike(Protocol):
+    device: str
+    engine: Any
+
+    def list(self) -> list[Any]: ...
+
+
+class _HubLike(Protocol):
+    encoded: int
+
+    def client_count(self, stream_id: str) -> int: ...
+
+
+def cuda_memory() -> dict[str, int]:
+    """Allocated and reserved bytes on the current CUDA device ({} without CUDA).
+
+    Reads the caching allocator's counters only; it never touches a tensor, so it is
+    safe to call from the scrape thread while the engine thread owns the device.
+    """
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {
+        "allocated": int(torch.cuda.memory_allocated()),
+        "reserved": int(torch.cuda.memory_reserved()),
+        "max_allocated": int(torch.cuda.max_memory_allocated()),
+    }
+
+
+class Metrics:
+    """The app's metrics: histograms observed per result plus a scrape-time collector."""
+
+    def __init__(
+        self,
+        manager: _ManagerLike,
+        hub: _HubLike,
+        *,
+        device_memory: Callable[[], dict[str, int]] | None = None,
+        process: bool = True,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._manager = manager
+        self._lock = threading.Lock()
+        # Registered first: its scrape prunes removed streams before the histograms are read.
+        self.registry.register(_StateCollector(manager, hub, self, device_memory))
+        self.stage_latency = Histogram(
+            "segstream_stage_latency_seconds",
+            "Per-stage latency of each segmented frame (decode, queue, preprocess, infer, postprocess).",
+            ["stream", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "segstream_latency_seconds",
+            "Capture to segmentation latency of each frame.",
+            ["stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # stream id -> (total-latency child, {stage: child}); pre-bound so observe() skips label lookups
+        self._children: dict[str, tuple[Any, dict[str, Any]]] = {}
+        if process:
+            ProcessCollector(registry=self.registry)
+
+    # -- hot path (engine thread) ----------------------------------------------------------
+    def observe(self, result: SegmentationResult) -> None:
+        sid = result.frame.stream_id
+        bound = self._children.get(sid)
+        if bound is None:
+            bound = self._bind(sid)
+        total, stages = bound
+        for stage, ms in result.latency_ms.items():
+            child = stages.get(stage)
+            if child is not None:
+                child.observe(ms / 1000.0)
+        total.observe(max(0.0, result.segmented_at - result.frame.captured_at))
+
+    def _bind(self, sid: str) -> tuple[Any, dict[str, Any]]:
+        with self._lock:
+            bound = self._children.get(sid)
+            if bound is None:
+                stages = {s: self.stage_latency.labels(sid, s) for s in STAGES}
+                bound = (self.latency.labels(sid), stages)
+                self._children[sid] = bound
+            return bound
+
+    def forget_missing(self, live: Iterable[str]) -> None:
+        """Drop label sets of removed streams, so weeks of stream churn do not grow the output."""
+        keep = set(live)
+        with self._lock:
+            gone = [sid for sid in self._children if sid not in keep]
+            for sid in gone:
+                del self._children[sid]
+                self.latency.remove(sid)
+                for stage in STAGES:
+                    self.stage_latency.remove(sid, stage)
+
+    # -- scrape ----------------------------------------------------------------------------
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector:
+    """Turns the pipeline's live state into metric families at scrape time."""
+
+    def __init__(
+        self,
+        manager: _ManagerLike,
+        hub: _HubLike,
+        metrics: Metrics,
+        device_memory: Callable[[], dict[str, int]] | None,
+    ) -> None:
+        self._manager = manager
+        self._hub = hub
+        self._metrics = metrics
+        self._device_memory = device_memory
+
+    def describe(self) -> list[Metric]:
+        return []  # families are dynamic; nothing to pre-register
+
+    def collect(self) -> Iterator[Metric]:
+        handles = self._manager.list()
+        infos = []
+        for h in handles:
+            try:
+                infos.append(h.describe())
+            except Exception:  # a stream removed mid-scrape must not fail the scrape
+                continue
+        self._metrics.forget_missing(i["id"] for i in infos)
+        yield from self._streams(infos)
+        yield from self._engine()
+        yield from self._device()
+
+    def _streams(self, infos: list[dict[str, Any]]) -> Iterator[Metric]:
+        f_in = CounterMetricFamily("segstream_stream_frames_in", "Frames decoded", labels=["stream"])
+        f_out = CounterMetricFamily("segstream_stream_frames_out", "Frames segmented", labels=["stream"])
+        fps = GaugeMetricFamily(
+            "segstream_stream_fps",
+            "Frames per second (in: decoded, out: segmented)",
+            labels=["stream", "dir"],
+        )
+        drops = CounterMetricFamily(
+            "segstream_stream_drops", "Frames dropped, by cause", labels=["stream", "cause"]
+        )
+        state = GaugeMetricFamily(
+            "segstream_stream_state", "1 for the stream's current state", labels=["stream", "state"]
+        )
+        reconnects = CounterMetricFamily(
+            "segstream_stream_reconnects", "Source reconnects", labels=["stream"]
+        )
+        clients = GaugeMetricFamily(
+            "segstream_stream_clients", "Websocket clients connected", labels=["stream"]
+        )
+        up = GaugeMetricFamily("segstream_stream_up", "1 while the stream delivers frames", labels=["stream"])
+        total_clients = 0
+        for info in infos:
+            sid = info["id"]
+            f_in.add_metric([sid], info.get("frames_in", 0))
+            f_out.add_metric([sid], info.get("frames", 0))
+            fps.add_metric([sid, "in"], info.get("fps_in", 0.0))
+            fps.add_metric([sid, "out"], info.get("fps", 0.0))
+            counts = info.get("drops", {})
+            for cause in DropCause:
+                drops.add_metric([sid, cause.value], counts.get(cause.value, 0))
+            current = info.get("state")
+            for s in StreamState:
+                state.add_metric([sid, s.value], 1.0 if s.value == current else 0.0)
+            up.add_metric([sid], 1.0 if current == StreamState.STREAMING.value else 0.0)
+            reconnects.add_metric([sid], info.get("reconnects", 0))
+            n = self._hub.client_count(sid)
+            total_clients += n
+            clients.add_metric([sid], n)
+        yield from (f_in, f_out, fps, drops, state, up, reconnects, clients)
+        yield GaugeMetricFamily("segstream_streams", "Streams configured", value=len(infos))
+        yield GaugeMetricFamily(
+            "segstream_clients", "Websocket clients connected, all streams", value=total_clients
+        )
+        yield CounterMetricFamily("segstream_encoded", "Result messages encoded", value=self._hub.encoded)
+
+    def _engine(self) -> Iterator[Metric]:
+        engine = self._manager.engine
+        stats = engine.stats.snapshot()
+        yield GaugeMetricFamily(
+            "segstream_engine_up", "1 while the engine thread runs", value=float(engine.alive)
+        )
+        yield GaugeMetricFamily(
+            "segstream_engine_ready", "1 once models are loaded", value=float(stats["ready"])
+        )
+        yield CounterMetricFamily("segstream_engine_batches", "Batches run", value=stats["batches"])
+        yield CounterMetricFamily(
+            "segstream_engine_frames", "Frames run through the model", value=stats["frames"]
+        )
+        yield CounterMetricFamily(
+            "segstream_engine_errors", "Batches the model failed on", value=stats["errors"]
+        )
+        yield GaugeMetricFamily(
+            "segstream_engine_infer_seconds_per_frame",
+            "Moving average of model time per frame",
+            value=stats["infer_ms_ema"] / 1000.0,
+        )
+        yield batch_histogram(stats["batch_sizes"])
+
+    def _device(self) -> Iterator[Metric]:
+        if self._device_memory is None:
+            return
+        try:
+            mem = self._device_memory()
+        except Exception:
+            return
+        if not mem:
+            return
+        g = GaugeMetricFamily(
+            "segstream_device_memory_bytes", "Accelerator memory", labels=["device", "kind"]
+        )
+        for kind, value in mem.items():
+            g.add_metric([self._manager.device, kind], value)
+        yield g
+
+
+def batch_histogram(sizes: dict[int, int]) -> HistogramMetricFamily:
+    """A cumulative histogram from the engine's {batch size: count} table."""
+    buckets = []
+    for bound in BATCH_BUCKETS:
+        buckets.append((str(float(bound)), sum(c for s, c in sizes.items() if s <= bound)))
+    total = sum(sizes.values())
+    buckets.append(("+Inf", total))
+    return HistogramMetricFamily(
+        "segstream_engine_batch_size",
+        "Frames per engine batch",
+        buckets=buckets,
+        sum_value=float(sum(s * c for s, c in sizes.items())),
+    )
