@@ -363,6 +363,7 @@ class StreamWorker:
             self._recent.append(time.monotonic())
             self._size = (w, h)
             first = self._state is not StreamState.STREAMING
+            self._cond.notify_all()
         if first:
             log.info("stream %s: streaming %dx%d", self.stream_id, w, h)
             self._set_state(StreamState.STREAMING, None)

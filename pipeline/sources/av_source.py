@@ -49,10 +49,12 @@ def describe_av_error(exc: BaseException, *, network: bool, read_timeout_s: floa
     if isinstance(exc, PermissionError):
         return "permission denied", network
     if isinstance(exc, av.error.InvalidDataError):
-        what = "the server sent data" if network else "the file is"
+        what = "what the server sent is" if network else "the file is"
         return f"invalid data: {what} not a video stream FFmpeg can read ({strerror})", network
     if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
         return f"host unreachable: {strerror}", True
+    if network and isinstance(exc, OSError) and exc.errno == errno.EIO:
+        return f"protocol error: the server's answer could not be read ({strerror})", True
     if isinstance(exc, av.error.EOFError):
         return "stream ended", network
     return f"{type(exc).__name__}: {strerror}", network

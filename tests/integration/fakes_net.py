@@ -1,0 +1,204 @@
+"""Misbehaving and well-behaved network peers on 127.0.0.1 for source tests.
+
+Every server runs on daemon threads, binds an ephemeral port and is closed by ``close``
+(or the context manager), so a failing test never leaves a listener behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+
+from tests.helpers_video import pattern_frame
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+RTSP_SCRIPT = Path(__file__).with_name("rtsp_server.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _TcpServer:
+    """Accepts connections and hands each to ``handle`` on its own daemon thread."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.connections = 0
+        self._closed = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, name="fake-server", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.connections += 1
+            self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.sock.close()
+        for c in self._conns:
+            with contextlib.suppress(OSError):
+                c.close()
+        self._thread.join(2)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SilentServer(_TcpServer):
+    """Accepts the connection, reads what the client says, and never answers (a frozen camera)."""
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(0.2)
+        while not self.closed:
+            try:
+                if conn.recv(4096) == b"":
+                    return
+            except TimeoutError:
+                continue
+
+
+class GarbageServer(_TcpServer):
+    """Answers every connection with random bytes, then hangs up."""
+
+    def handle(self, conn: socket.socket) -> None:
+        rng = np.random.default_rng(1)
+        with contextlib.suppress(OSError):
+            conn.settimeout(0.5)
+            conn.recv(4096)
+        conn.sendall(rng.integers(0, 256, size=64 * 1024, dtype=np.uint8).tobytes())
+        conn.close()
+
+
+class MjpegServer(_TcpServer):
+    """HTTP ``multipart/x-mixed-replace`` JPEG stream at ``fps``, like most IP cameras' MJPEG URL."""
+
+    BOUNDARY = "segstreamframe"
+
+    def __init__(self, *, fps: float = 30.0, width: int = 160, height: int = 120) -> None:
+        self.fps, self.width, self.height = fps, width, height
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(1.0)
+        conn.recv(4096)
+        conn.sendall(
+            b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace;boundary="
+            + self.BOUNDARY.encode()
+            + b"\r\nCache-Control: no-cache\r\n\r\n"
+        )
+        i = 0
+        while not self.closed:
+            img = pattern_frame(i, width=self.width, height=self.height)
+            jpg = simplejpeg.encode_jpeg(img, quality=80, colorspace="RGB")
+            head = f"--{self.BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpg)}\r\n\r\n"
+            conn.sendall(head.encode() + jpg + b"\r\n")
+            i += 1
+            time.sleep(1.0 / self.fps)
+
+
+def gi_available() -> str | None:
+    """None when the GStreamer RTSP server can run here, else why not."""
+    if not os.path.exists(SYSTEM_PYTHON):
+        return f"{SYSTEM_PYTHON} not found"
+    probe = (
+        "import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0'); "
+        "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
+        "assert Gst.ElementFactory.find('x264enc') and Gst.ElementFactory.find('rtph264pay')"
+    )
+    try:
+        r = subprocess.run([SYSTEM_PYTHON, "-c", probe], capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot run {SYSTEM_PYTHON}: {e}"
+    if r.returncode != 0:
+        return (
+            "GStreamer RTSP server not importable from /usr/bin/python3 (apt-get install "
+            "gir1.2-gst-rtsp-server-1.0 gir1.2-gstreamer-1.0 python3-gi gstreamer1.0-plugins-base "
+            "gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly)"
+        )
+    return None
+
+
+class RtspServer:
+    """The GStreamer RTSP server (``rtsp_server.py``) as a child process that can be killed and restarted."""
+
+    def __init__(self, port: int | None = None, path: str = "/test") -> None:
+        self.port = port or free_port()
+        self.path = path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"rtsp://127.0.0.1:{self.port}{self.path}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        assert shutil.which(SYSTEM_PYTHON)
+        self.proc = subprocess.Popen(
+            [SYSTEM_PYTHON, str(RTSP_SCRIPT), str(self.port), self.path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        # The script prints READY once bound; the port check covers a slow first registry scan.
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(f"RTSP server exited with {self.proc.returncode}: {err.strip()}")
+            with socket.socket() as s:
+                s.settimeout(0.2)
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"RTSP server did not listen on {self.port} within {timeout} s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def __enter__(self) -> RtspServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

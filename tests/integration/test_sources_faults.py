@@ -1,0 +1,151 @@
+"""Broken sources end in the right state with a clear message, while a healthy stream keeps flowing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ReconnectConfig
+from pipeline.slot import FrameSlot
+from pipeline.sources import parse_source
+from pipeline.stream import StreamWorker
+from pipeline.types import StreamState
+from tests.helpers_video import make_test_video
+from tests.integration.fakes_net import GarbageServer, MjpegServer, SilentServer, free_port
+
+pytestmark = pytest.mark.integration
+
+S = StreamState
+FAST = ReconnectConfig(initial_backoff_s=0.1, max_backoff_s=0.3, jitter=0.1, stall_timeout_s=2.0)
+
+
+@pytest.fixture
+def healthy(tmp_path: Path):
+    """A looping file served live; every fault test checks it never stops flowing."""
+    clip = make_test_video(tmp_path / "ok.mp4", frames=30)
+    worker = StreamWorker("healthy", parse_source(f"{clip}?loop=1"), FrameSlot(), reconnect=FAST)
+    worker.start()
+    assert worker.wait_state({S.STREAMING}, timeout=5) is S.STREAMING
+    start = worker.status().frames
+    yield worker
+    # 30 fps for the length of the test: it must have kept going the whole time.
+    assert worker.wait_frames(start + 10, timeout=3)
+    st = worker.status()
+    assert st.state is S.STREAMING and st.error is None and st.reconnects == 0
+    assert worker.stop(timeout=3)
+
+
+def _run_until(spec_uri: str, states: set[StreamState], timeout: float, **kw) -> StreamWorker:
+    worker = StreamWorker("faulty", parse_source(spec_uri), FrameSlot(), reconnect=FAST, **kw)
+    worker.start()
+    got = worker.wait_state(states, timeout=timeout)
+    assert got is not None, f"still {worker.status().state} ({worker.status().error}) after {timeout} s"
+    return worker
+
+
+@pytest.mark.parametrize("scheme", ["rtsp", "http"])
+def test_silent_peer_times_out_and_retries(healthy: StreamWorker, scheme: str) -> None:
+    with SilentServer() as server:
+        t0 = time.monotonic()
+        uri = f"{scheme}://127.0.0.1:{server.port}/cam?open_timeout=1&read_timeout=1"
+        worker = _run_until(uri, {S.RECONNECTING}, timeout=8)
+        took = time.monotonic() - t0
+        err = worker.status().error or ""
+        assert "timed out" in err or "invalid data" in err, err
+        assert took < 5, f"a silent peer must not hold the open for {took:.1f} s"
+        t0 = time.monotonic()
+        assert worker.stop(timeout=3)
+        assert time.monotonic() - t0 < 2.5
+    assert server.connections >= 1
+
+
+@pytest.mark.parametrize("scheme", ["rtsp", "http"])
+def test_garbage_bytes_are_invalid_data(healthy: StreamWorker, scheme: str) -> None:
+    with GarbageServer() as server:
+        worker = _run_until(f"{scheme}://127.0.0.1:{server.port}/cam?open_timeout=2", {S.RECONNECTING}, 8)
+        err = worker.status().error or ""
+        assert err.startswith("cannot open:"), err
+        assert "invalid data" in err or "protocol error" in err, err
+        assert worker.stop(timeout=3)
+
+
+def test_refused_http_port(healthy: StreamWorker) -> None:
+    worker = _run_until(f"http://127.0.0.1:{free_port()}/video.mjpg", {S.RECONNECTING}, 5)
+    assert "connection refused" in (worker.status().error or "")
+    assert worker.stop(timeout=3)
+
+
+def test_mjpeg_over_http_streams(healthy: StreamWorker) -> None:
+    with MjpegServer(fps=30) as server:
+        slot = FrameSlot()
+        uri = f"http://127.0.0.1:{server.port}/video.mjpg?action=stream&format=mpjpeg"
+        spec = parse_source(uri)
+        assert spec.target.endswith("/video.mjpg?action=stream"), "camera's own query survives"
+        worker = StreamWorker("mjpeg", spec, slot, reconnect=FAST)
+        worker.start()
+        try:
+            assert worker.wait_state({S.STREAMING}, timeout=8) is S.STREAMING
+            assert worker.wait_frames(10, timeout=5)
+            st = worker.status()
+            assert (st.width, st.height) == (160, 120)
+            frame = slot.take()
+            assert frame is not None and frame.image.shape == (120, 160, 3)
+        finally:
+            assert worker.stop(timeout=3)
+
+
+def test_mjpeg_server_going_away_reconnects(healthy: StreamWorker) -> None:
+    server = MjpegServer(fps=30)
+    worker = StreamWorker(
+        "mjpeg", parse_source(f"http://127.0.0.1:{server.port}/v?format=mpjpeg"), FrameSlot(), reconnect=FAST
+    )
+    worker.start()
+    try:
+        assert worker.wait_state({S.STREAMING}, timeout=8) is S.STREAMING
+        server.close()
+        assert worker.wait_state({S.RECONNECTING}, timeout=8) is S.RECONNECTING
+    finally:
+        assert worker.stop(timeout=3)
+
+
+def test_truncated_mp4_fails(healthy: StreamWorker, tmp_path: Path) -> None:
+    clip = make_test_video(tmp_path / "full.mp4", frames=30)
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])  # moov is at the end: the header is gone
+    worker = _run_until(str(cut), {S.FAILED, S.STOPPED}, 5, realtime=False)
+    st = worker.status()
+    assert st.state is S.FAILED and "invalid data" in (st.error or ""), st.error
+    assert st.reconnects == 0, "a broken local file is not retried"
+
+
+def test_garbage_file_fails(healthy: StreamWorker, tmp_path: Path) -> None:
+    bad = tmp_path / "noise.mp4"
+    bad.write_bytes(bytes(range(256)) * 64)
+    worker = _run_until(str(bad), {S.FAILED, S.STOPPED}, 5, realtime=False)
+    assert worker.status().state is S.FAILED
+    assert "invalid data" in (worker.status().error or "")
+
+
+def test_file_removed_after_validation_fails(healthy: StreamWorker, tmp_path: Path) -> None:
+    clip = make_test_video(tmp_path / "gone.mp4", frames=5)
+    spec = parse_source(str(clip))
+    clip.unlink()
+    worker = StreamWorker("gone", spec, FrameSlot(), reconnect=FAST)
+    worker.start()
+    assert worker.wait_state({S.FAILED}, timeout=5) is S.FAILED
+    assert "file not found" in (worker.status().error or "")
+
+
+def test_missing_webcam(healthy: StreamWorker) -> None:
+    worker = _run_until("/dev/video9", {S.RECONNECTING, S.FAILED}, 5)
+    assert "/dev/video9 not found" in (worker.status().error or "")
+    assert worker.stop(timeout=3)
+
+
+def test_no_source_thread_outlives_its_test(healthy: StreamWorker) -> None:
+    names = {t.name for t in threading.enumerate() if t.name.startswith("source-")}
+    assert names == {"source-healthy"}, names
