@@ -1,0 +1,186 @@
+"""The engine's one entry point to a network: batched pre-processing, inference, post-processing.
+
+Everything runs on the segmenter's device. Images of any sizes come in as RGB uint8 H×W×3 numpy
+arrays; images of the same size are stacked and converted once. Resizing follows the model's spec:
+``stretch`` to the input size, or ``letterbox`` (fit inside, pad with the mean colour, i.e. zero
+after normalisation) with the padding cropped away again on the way out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.registry import ModelSpec, build_model
+
+PRECISIONS = ("fp32", "fp16", "bf16", "auto")
+
+
+def letterbox_box(src: tuple[int, int], dst: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the image inside a letterboxed ``dst`` canvas."""
+    scale = min(dst[0] / src[0], dst[1] / src[1])
+    h, w = max(1, round(src[0] * scale)), max(1, round(src[1] * scale))
+    return (dst[0] - h) // 2, (dst[1] - w) // 2, h, w
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Segmenter:
+    def __init__(
+        self,
+        module: nn.Module,
+        spec: ModelSpec,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.spec = spec
+        self.device = _resolve_device(device)
+        if precision == "auto":
+            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        self.precision = precision
+        self.channels_last = channels_last
+        self._amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        module = module.eval().to(self.device)
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.module: nn.Module = torch.compile(module) if compile else module  # type: ignore[assignment]
+        mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = -mean / std
+
+    @classmethod
+    def from_name(
+        cls,
+        name: str,
+        *,
+        weights: str | None = None,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        channels_last: bool | None = None,
+        compile: bool = False,
+    ) -> Segmenter:
+        module, spec = build_model(name, weights=weights)
+        dev = _resolve_device(device)
+        if channels_last is None:
+            channels_last = dev.type == "cuda"
+        return cls(module, spec, device=dev, precision=precision, channels_last=channels_last, compile=compile)
+
+    # -- pre-processing ------------------------------------------------------------------
+    def _to_device(self, batch: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(batch))
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t.permute(0, 3, 1, 2)  # N×3×H×W view of NHWC memory (channels_last)
+
+    def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == size:
+            return x
+        # Antialiasing matters when shrinking camera frames 4-8×; the CPU kernel also takes uint8 directly.
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        if len(images) == 0:
+            raise ValueError("preprocess needs at least one image")
+        th, tw = self.spec.input_size
+        out = torch.empty((len(images), 3, th, tw), dtype=torch.float32, device=self.device)
+        if self.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                raise ValueError(f"image {i}: expected RGB uint8 HxWx3, got {img.dtype} {img.shape}")
+            groups.setdefault((img.shape[0], img.shape[1]), []).append(i)
+        for (h, w), idx in groups.items():
+            x = self._to_device(np.stack([images[i] for i in idx]))
+            if self.spec.resize == "letterbox":
+                top, left, bh, bw = letterbox_box((h, w), (th, tw))
+            else:
+                top, left, bh, bw = 0, 0, th, tw
+            if self.device.type == "cpu":
+                x = self._resize(x, (bh, bw)).float()
+            else:
+                x = self._resize(x.float(), (bh, bw))
+            x = x * self._scale + self._shift
+            index = torch.tensor(idx, device=self.device)
+            if (bh, bw) == (th, tw):
+                out.index_copy_(0, index, x)
+            else:
+                canvas = torch.zeros((len(idx), 3, th, tw), dtype=torch.float32, device=self.device)
+                canvas[:, :, top:top + bh, left:left + bw] = x
+                out.index_copy_(0, index, canvas)
+        return out
+
+    # -- inference -----------------------------------------------------------------------
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities N×C×h×w (float32) at the model's resolution."""
+        with torch.inference_mode():
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self._amp_dtype is not None:
+                with torch.autocast(device_type=self.device.type, dtype=self._amp_dtype):
+                    logits = self.module(x)
+            else:
+                logits = self.module(x)
+            logits = logits.float()
+            if self.spec.binary:
+                p = torch.sigmoid(logits[:, :1])
+                return torch.cat([1.0 - p, p], dim=1)
+            return torch.softmax(logits, dim=1)
+
+    # -- post-processing -----------------------------------------------------------------
+    def postprocess(
+        self, probs: torch.Tensor, sizes: Sequence[tuple[int, int]]
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        if probs.shape[0] != len(sizes):
+            raise ValueError(f"{probs.shape[0]} probability maps for {len(sizes)} sizes")
+        th, tw = self.spec.input_size
+        results: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(sizes)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(sizes):
+            groups.setdefault((int(s[0]), int(s[1])), []).append(i)
+        with torch.inference_mode():
+            for (h, w), idx in groups.items():
+                p = probs[idx] if len(idx) < probs.shape[0] else probs
+                if self.spec.resize == "letterbox":
+                    top, left, bh, bw = letterbox_box((h, w), (th, tw))
+                    p = p[:, :, top:top + bh, left:left + bw]
+                if self.spec.binary:
+                    p = p[:, 1:2]  # only the foreground channel needs resizing
+                if tuple(p.shape[-2:]) != (h, w):
+                    p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+                if self.spec.binary:
+                    fg = p[:, 0]
+                    labels = (fg > 0.5).to(torch.uint8).cpu().numpy()
+                    fg_np = fg.float().cpu().numpy()
+                    for j, i in enumerate(idx):
+                        results[i] = (labels[j], fg_np[j])
+                else:
+                    labels = p.argmax(dim=1).to(torch.uint8).cpu().numpy()
+                    for j, i in enumerate(idx):
+                        results[i] = (labels[j], None)
+        return [r for r in results if r is not None]
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        return self.postprocess(self.infer(self.preprocess(images)), [im.shape[:2] for im in images])
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        th, tw = self.spec.input_size
+        for n in batch_sizes:
+            self.infer(torch.zeros((n, 3, th, tw), device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
