@@ -101,8 +101,12 @@ class ServerConfig(_Strict):
         default_factory=lambda: ["rtsp", "rtsps", "rtmp", "http", "https", "file", "webcam", "demo"]
     )
     log_json: bool = False
-    log_level: str = "info"
-    shutdown_timeout_s: float = Field(5.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    # The same message (template, logger, stream) passes `log_burst` times per window, then is held back.
+    log_rate_limit_s: float = Field(60.0, ge=0)  # 0 = no rate limiting
+    log_burst: int = Field(5, ge=1)
+    metrics: bool = True  # serve /metrics
+    shutdown_timeout_s: float = Field(5.0, gt=0, le=300)
 
 
 class AppConfig(_Strict):

@@ -177,6 +177,11 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def loaded_models(self) -> tuple[str, ...]:
+        """Names of the models built and warmed up on the device (for readiness checks)."""
+        return tuple(self._segmenters)
+
     # -- the engine thread -----------------------------------------------------------
     def _wait(self, timeout: float) -> None:
         with self._cond:

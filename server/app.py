@@ -10,16 +10,17 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from models.registry import get_spec
 
+from models.registry import get_spec
 from pipeline.config import AppConfig
 from pipeline.manager import StreamManager, default_threads
 from pipeline.stream import StreamStatus
 from pipeline.types import SegmentationResult
 from server import api, ws
 from server.hub import Hub
+from server.metrics import CONTENT_TYPE_LATEST, Metrics, cuda_memory
 
 log = logging.getLogger("segstream.server")
 STATIC = Path(__file__).parent / "static"
@@ -44,12 +45,15 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
         # Loading models and opening sources blocks; keep it off the event loop.
         import anyio
 
+        if app.state.metrics is not None:
+            mgr.result_listeners.append(app.state.metrics.observe)
         await anyio.to_thread.run_sync(mgr.start)
+        app.state.started = True
         log.info("segstream ready on %s:%s", config.server.host, config.server.port)
         try:
             yield
         finally:
-            app.state.shutting_down = True
+            begin_shutdown()
             hub.shutdown()
             await anyio.to_thread.run_sync(lambda: mgr.shutdown(config.server.shutdown_timeout_s))
             log.info("segstream stopped")
@@ -69,6 +73,24 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
     app.state.manager = mgr
     app.state.hub = hub
     app.state.shutting_down = False
+    app.state.started = False
+    app.state.metrics = (
+        Metrics(mgr, hub, device_memory=cuda_memory if mgr.device.startswith("cuda") else None)
+        if config.server.metrics
+        else None
+    )
+
+    def begin_shutdown() -> None:
+        """Stop taking new work and end every websocket (they close with 1001, going away).
+
+        Called by the server before it closes connections itself, so clients learn the
+        reason instead of seeing the transport drop; idempotent."""
+        if app.state.shutting_down:
+            return
+        app.state.shutting_down = True
+        log.info("shutting down: closing websockets")
+        for handle in mgr.list():
+            hub.close_stream(handle.id)
 
     def on_result(result: SegmentationResult) -> None:
         handle = mgr.find(result.frame.stream_id)
@@ -100,6 +122,7 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
     app.state.on_status = on_status
     app.state.on_client_change = on_client_change
     app.state.classes_for = classes_for
+    app.state.begin_shutdown = begin_shutdown
 
     app.add_middleware(
         CORSMiddleware,
@@ -123,13 +146,51 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Model loaded and engine running")
+    @app.get("/readyz", summary="Model loaded, engine running, per-stream summary")
     def readyz() -> JSONResponse:
-        stats = mgr.engine.stats.snapshot()
-        streams = {h.id: h.worker.status().state.value for h in mgr.list()}
-        ready = bool(stats["ready"] and mgr.engine.alive and not app.state.shutting_down)
-        body = {"ready": ready, "engine": stats, "device": mgr.device, "streams": streams}
+        engine = mgr.engine
+        stats = engine.stats.snapshot()
+        model = config.default_model
+        checks = {
+            "started": bool(app.state.started),
+            "model_loaded": model in engine.loaded_models,
+            "engine_running": engine.alive,
+            "accepting": not app.state.shutting_down,
+        }
+        ready = all(checks.values())
+        if not stats["ready"]:
+            reason = "warming up: loading and compiling the model"
+        elif not checks["model_loaded"]:
+            reason = f"default model {model!r} failed to load: {stats['last_error']}"
+        elif not ready:
+            reason = ", ".join(k for k, ok in checks.items() if not ok) + " not satisfied"
+        else:
+            reason = None
+        streams = {}
+        for h in mgr.list():
+            info = h.describe()
+            streams[h.id] = {
+                k: info[k] for k in ("state", "error", "fps", "frames", "reconnects", "clients", "latency_ms")
+            }
+        body = {
+            "ready": ready,
+            "reason": reason,
+            "checks": checks,
+            "model": model,
+            "device": mgr.device,
+            "engine": stats,
+            "streams": streams,
+        }
+        # Streams that are down do not make the process unready: the operator sees them
+        # here and in /metrics, while the load balancer keeps routing to a healthy engine.
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    if app.state.metrics is not None:
+        metrics: Metrics = app.state.metrics
+
+        @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+        def get_metrics() -> Response:
+            return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

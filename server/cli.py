@@ -81,8 +81,6 @@ def _check_model(name: str | None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.app import create_app
     from server.logs import setup_logging
 
@@ -93,17 +91,79 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from pipeline.sources import parse_source
 
         parse_source(sc.source, options=sc.options, allowed_schemes=cfg.server.allowed_schemes)
-    setup_logging(cfg.server.log_level, json_lines=cfg.server.log_json)
-    app = create_app(cfg)
-    uvicorn.run(
-        app,
-        host=cfg.server.host,
-        port=cfg.server.port,
-        log_config=None,
-        ws_max_size=cfg.limits.max_ws_message_bytes,
-        timeout_graceful_shutdown=int(cfg.server.shutdown_timeout_s),
+    setup_logging(
+        cfg.server.log_level,
+        json_lines=cfg.server.log_json,
+        rate_limit_s=cfg.server.log_rate_limit_s,
+        burst=cfg.server.log_burst,
     )
+    app = create_app(cfg)
+    return serve_app(app, cfg)
+
+
+def serve_app(app: Any, cfg: AppConfig) -> int:
+    """Run the app under uvicorn until SIGTERM/SIGINT; 0 after a clean shutdown.
+
+    On a signal: stop accepting connections, close every websocket with 1001 (going
+    away) and give clients a moment to answer, then let uvicorn finish requests, run the
+    lifespan shutdown (sources stopped, threads joined within ``shutdown_timeout_s``) and
+    return. A second SIGINT forces the exit.
+    """
+    import asyncio
+    import signal
+    import threading
+
+    import uvicorn
+
+    log = logging.getLogger("segstream.server")
+    bound = cfg.server.shutdown_timeout_s
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn would re-raise the signal after shutting down, turning a clean stop
+            # into "killed by SIGTERM"; record it ourselves and exit 0 instead.
+            name = signal.Signals(sig).name
+            if self.should_exit:
+                if sig == signal.SIGINT:
+                    log.warning("%s again: forcing exit", name)
+                    self.force_exit = True
+                return
+            log.info("%s received: shutting down (bound %.1f s)", name, bound)
+            self.should_exit = True
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            for server in getattr(self, "servers", []):
+                server.close()  # stop accepting before anything else
+            app.state.begin_shutdown()
+            deadline = asyncio.get_running_loop().time() + min(2.0, bound)
+            while _websockets_open(self) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+            await super().shutdown(sockets)
+
+    server = GracefulServer(
+        uvicorn.Config(
+            app,
+            host=cfg.server.host,
+            port=cfg.server.port,
+            log_config=None,
+            ws_max_size=cfg.limits.max_ws_message_bytes,
+            timeout_graceful_shutdown=max(1, int(bound)),
+            lifespan="on",
+        )
+    )
+    server.run()
+    if not server.started:
+        return 1  # lifespan start-up failed (logged by uvicorn)
+    leftover = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if leftover:
+        log.warning("threads still running at exit: %s", ", ".join(leftover))
     return 0
+
+
+def _websockets_open(server: Any) -> bool:
+    return any(
+        type(c).__module__.startswith("uvicorn.protocols.websockets") for c in server.server_state.connections
+    )
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
