@@ -197,10 +197,8 @@ def parse_source(
         params, _, _ = _split_options(uri.partition("?")[2], strict=True)
         return SourceSpec(uri, "webcam", _merge_options(base, params), display, target=dev.group(0))
 
-    if uri == "demo" or uri.startswith("demo?"):
-        uri_for_scheme = "demo:" + uri[4:]
-    else:
-        uri_for_scheme = uri
+    bare_demo = uri == "demo" or uri.startswith("demo?")
+    uri_for_scheme = "demo:" + uri[4:] if bare_demo else uri
     scheme = ""
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", uri_for_scheme)
     if m and not re.match(r"^[A-Za-z]:[\\/]", uri):  # a Windows drive letter is not a scheme

@@ -1,0 +1,337 @@
+"""The stream worker: lifecycle, numbering, reconnects, stalls, pacing, bounded latency, stop."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import ReconnectConfig, SourceOptions
+from pipeline.slot import DropPolicy, FrameSlot
+from pipeline.sources import SourceSpec, parse_source
+from pipeline.sources.base import RawFrame, Source, SourceError, SourceInfo, SourceStalled
+from pipeline.stream import StreamStatus, StreamWorker, backoff_delay
+from pipeline.types import DropCause, Frame, StreamState, now
+from tests.helpers_video import make_test_video
+
+S = StreamState
+FAST = ReconnectConfig(initial_backoff_s=0.01, max_backoff_s=0.05, jitter=0.0, stall_timeout_s=0.3)
+
+
+@dataclass(frozen=True)
+class FakeSpec(SourceSpec):
+    """A spec whose decoders come from a factory (one call per (re)connect)."""
+
+    factory: Callable[[], Source] | None = None
+
+    def create(self) -> Source:
+        assert self.factory is not None
+        return self.factory()
+
+
+def fake_spec(factory: Callable[[], Source], *, kind: str = "network", **opts: object) -> FakeSpec:
+    return FakeSpec(
+        uri="fake://x",
+        kind=kind,  # type: ignore[arg-type]
+        options=SourceOptions(**opts),  # type: ignore[arg-type]
+        display="fake://x",
+        factory=factory,
+    )
+
+
+class Scripted(Source):
+    """One session of a scripted peer: fail to open, send ``n`` frames, stall, or hang."""
+
+    def __init__(
+        self, action: str, n: int = 0, interval: float = 0.0, ignore_interrupt: bool = False
+    ) -> None:
+        self.uri = "fake://x"
+        self.action, self.n, self.interval = action, n, interval
+        self.ignore_interrupt = ignore_interrupt
+        self.stop = threading.Event()
+        self.closed = False
+
+    def open(self) -> SourceInfo:
+        if self.action == "fail":
+            raise SourceError("cannot open: connection refused")
+        if self.action == "fatal":
+            raise SourceError("cannot open: invalid data", retryable=False)
+        return SourceInfo(width=8, height=6, fps=30.0)
+
+    def frames(self) -> Iterator[RawFrame | None]:
+        img = np.zeros((6, 8, 3), np.uint8)
+        for i in range(self.n):
+            if self.stop.is_set():
+                return
+            if self.interval:
+                time.sleep(self.interval)
+            yield RawFrame(image=img, pts=i / 30)
+        if self.action == "stall":  # connected, data trickles in, no picture ever decodes
+            while not self.stop.is_set():
+                time.sleep(0.01)
+                yield None
+        if self.action == "timeout":
+            raise SourceStalled("timed out: no data from the source for 1 s")
+        if self.action == "hang":  # a read that ignores interrupt (like a blocked FFmpeg read)
+            time.sleep(1.0)
+        if self.action == "live":
+            i = self.n
+            while not self.stop.is_set():
+                time.sleep(self.interval or 0.002)
+                yield RawFrame(image=img, pts=i / 30)
+                i += 1
+
+    def interrupt(self) -> None:
+        if not self.ignore_interrupt:
+            self.stop.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def script(*sessions: Scripted) -> tuple[Callable[[], Source], list[Scripted]]:
+    made: list[Scripted] = []
+    queue = list(sessions)
+
+    def factory() -> Source:
+        s = queue.pop(0) if len(queue) > 1 else queue[0]
+        made.append(s)
+        return s
+
+    return factory, made
+
+
+def drain(slot: FrameSlot, worker: StreamWorker, *, until: int, timeout: float = 5.0) -> list[Frame]:
+    out: list[Frame] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < until and time.monotonic() < deadline:
+        f = slot.take()
+        if f is None:
+            if worker.status().state.terminal and len(slot) == 0:
+                break
+            time.sleep(0.001)
+        else:
+            out.append(f)
+    return out
+
+
+def run(spec: SourceSpec, **kw: object) -> tuple[StreamWorker, FrameSlot, list[StreamStatus]]:
+    slot = kw.pop("slot", None)
+    if slot is None:
+        slot = FrameSlot(capacity=4, policy=DropPolicy.BLOCK)
+    seen: list[StreamStatus] = []
+    kw.setdefault("reconnect", FAST)
+    assert isinstance(slot, FrameSlot)
+    worker = StreamWorker("t", spec, slot, on_status=seen.append, **kw)  # type: ignore[arg-type]
+    worker.start()
+    return worker, slot, seen
+
+
+# ---- files ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_test_video(tmp_path_factory.mktemp("v") / "c.mp4", frames=20, fps=30)
+
+
+def test_offline_file_delivers_every_frame_then_stops(clip: Path) -> None:
+    worker, slot, seen = run(parse_source(str(clip)), realtime=False)
+    assert any(t.name == "source-t" and t.daemon for t in threading.enumerate())
+    frames = drain(slot, worker, until=100)
+    assert [f.index for f in frames] == list(range(20))
+    assert [f.discontinuity for f in frames] == [True] + [False] * 19
+    assert all(f.stream_id == "t" and f.captured_at > 0 and f.decode_ms > 0 for f in frames)
+    assert [f.pts for f in frames] == pytest.approx([i / 30 for i in range(20)])
+    assert worker.wait_state({S.STOPPED}, timeout=2) is S.STOPPED
+    st = worker.status()
+    assert worker.finished and st.error is None and st.frames == 20 and (st.width, st.height) == (160, 120)
+    assert st.source_fps == pytest.approx(30)
+    assert slot.drops.total() == 0, "block policy never drops"
+    assert [s.state for s in seen] == [S.STREAMING, S.STOPPED]
+    assert worker.stop(1)
+
+
+def test_looping_file_keeps_numbering_and_marks_each_restart(clip: Path) -> None:
+    worker, slot, _ = run(parse_source(f"{clip}?loop=1"), realtime=False)
+    frames = drain(slot, worker, until=50)
+    assert worker.stop(2)
+    assert [f.index for f in frames] == list(range(50))
+    assert [f.index for f in frames if f.discontinuity] == [0, 20, 40]
+    assert not worker.finished and worker.status().state is S.STOPPED
+
+
+def test_served_file_is_paced_at_its_frame_rate(clip: Path) -> None:
+    worker, slot, _ = run(parse_source(str(clip)), realtime=True)
+    t0 = time.monotonic()
+    frames = drain(slot, worker, until=20)
+    took = time.monotonic() - t0
+    assert len(frames) == 20
+    assert took >= 0.9 * 19 / 30, f"20 frames at 30 fps arrived in {took:.3f} s"
+    assert worker.wait_state({S.STOPPED}, 2) is S.STOPPED
+
+
+def test_target_fps_thins_a_file(clip: Path) -> None:
+    worker, slot, _ = run(parse_source(f"{clip}?fps=10"), realtime=False)
+    frames = drain(slot, worker, until=100)
+    assert [f.pts for f in frames] == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert [f.index for f in frames] == list(range(7))
+
+
+def test_max_pixels_fails_with_a_clear_message(clip: Path) -> None:
+    worker, _, _ = run(parse_source(str(clip)), realtime=False, max_pixels=160 * 119)
+    assert worker.wait_state({S.FAILED}, 3) is S.FAILED
+    assert "160x120" in (worker.status().error or "")
+
+
+# ---- live lifecycle ------------------------------------------------------------------------
+
+
+def test_reconnects_continue_numbering_and_flag_discontinuities() -> None:
+    factory, made = script(
+        Scripted("ok", 5), Scripted("fail"), Scripted("fail"), Scripted("live", 5, interval=0.005)
+    )
+    worker, slot, seen = run(fake_spec(factory))
+    frames = drain(slot, worker, until=15)
+    assert worker.stop(2)
+    assert [f.index for f in frames] == list(range(15))
+    assert [f.index for f in frames if f.discontinuity] == [0, 5]
+    states = [s.state for s in seen]
+    assert states[:3] == [S.STREAMING, S.RECONNECTING, S.RECONNECTING] and S.STREAMING in states[3:]
+    assert seen[1].error == "the stream ended (the server closed the connection)"
+    assert seen[2].error == "cannot open: connection refused"
+    st = worker.status()
+    assert st.reconnects == 3 and st.state is S.STOPPED and st.error is None
+    assert all(s.closed for s in made), "every decoder is closed"
+
+
+def test_live_source_without_pictures_is_a_stall_and_gets_restarted() -> None:
+    factory, _ = script(Scripted("stall", 3), Scripted("live", 0))
+    worker, slot, seen = run(fake_spec(factory))
+    frames = drain(slot, worker, until=8)
+    assert worker.stop(2)
+    states = [s.state for s in seen]
+    i = states.index(S.STALLED)
+    assert states[i : i + 3] == [S.STALLED, S.RECONNECTING, S.STREAMING]
+    assert "stalled: no picture for 0.3 s" in (seen[i].error or "")
+    assert [f.index for f in frames] == list(range(8))
+
+
+def test_read_timeout_while_streaming_reports_stalled() -> None:
+    factory, _ = script(Scripted("timeout", 2), Scripted("live", 0))
+    worker, _, seen = run(fake_spec(factory), slot=FrameSlot())
+    assert worker.wait_frames(5, 3)
+    assert worker.stop(2)
+    assert [s.state for s in seen][:4] == [S.STREAMING, S.STALLED, S.RECONNECTING, S.STREAMING]
+
+
+def test_permanent_error_fails_without_retry() -> None:
+    factory, made = script(Scripted("fatal"))
+    worker, _, seen = run(fake_spec(factory))
+    assert worker.wait_state({S.FAILED}, 2) is S.FAILED
+    assert worker.status().error == "cannot open: invalid data" and len(made) == 1
+    assert [s.state for s in seen] == [S.FAILED]
+    assert worker.stop(1)
+
+
+def test_max_attempts_gives_up() -> None:
+    factory, made = script(Scripted("fail"))
+    cfg = FAST.model_copy(update={"max_attempts": 4})
+    worker, _, _ = run(fake_spec(factory), reconnect=cfg)
+    assert worker.wait_state({S.FAILED}, 3) is S.FAILED
+    assert len(made) == 5 and "gave up after 4 reconnect attempts" in (worker.status().error or "")
+
+
+def test_stop_interrupts_the_backoff_wait() -> None:
+    factory, _ = script(Scripted("fail"))
+    slow = ReconnectConfig(initial_backoff_s=30, max_backoff_s=30, jitter=0)
+    worker, _, _ = run(fake_spec(factory), reconnect=slow)
+    assert worker.wait_state({S.RECONNECTING}, 2) is S.RECONNECTING
+    t0 = time.monotonic()
+    assert worker.stop(2)
+    assert time.monotonic() - t0 < 0.5
+    assert worker.status().state is S.STOPPED
+
+
+def test_stop_is_bounded_when_the_source_will_not_let_go() -> None:
+    factory, _ = script(Scripted("hang", 1, ignore_interrupt=True))
+    worker, _, _ = run(fake_spec(factory))
+    assert worker.wait_frames(1, 2)
+    t0 = time.monotonic()
+    assert worker.stop(timeout=0.1) is False
+    assert time.monotonic() - t0 < 0.5
+    assert worker.status().state is S.STOPPED  # the API shows it stopped even before the thread ends
+    assert worker.wait_state({S.STOPPED}, 0.1) is S.STOPPED
+    deadline = time.monotonic() + 3
+    while worker.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not worker.alive, "the thread ends once the blocked read returns"
+
+
+def test_a_broken_status_callback_does_not_kill_the_stream() -> None:
+    factory, _ = script(Scripted("live", 0))
+
+    def boom(_: StreamStatus) -> None:
+        raise RuntimeError("observer bug")
+
+    worker = StreamWorker("t", fake_spec(factory), FrameSlot(), reconnect=FAST, on_status=boom)
+    worker.start()
+    assert worker.wait_frames(10, 2)
+    assert worker.status().state is S.STREAMING
+    assert worker.stop(1)
+
+
+def test_status_reports_fps_and_times() -> None:
+    factory, _ = script(Scripted("live", 0, interval=0.01))
+    worker, _, _ = run(fake_spec(factory), slot=FrameSlot())
+    assert worker.wait_frames(30, 3)
+    st = worker.status()
+    assert 30 < st.fps < 110  # ~100 fps minus scheduling
+    assert st.last_frame_at is not None and st.started_at <= st.state_since <= st.last_frame_at
+    assert worker.stop(1)
+
+
+# ---- bounded latency -----------------------------------------------------------------------
+
+
+def test_frame_age_stays_bounded_with_a_slow_consumer() -> None:
+    """A ~300 fps source feeding a 40 fps consumer: the newest frame wins, age does not grow."""
+    factory, _ = script(Scripted("live", 0, interval=0.003))
+    slot = FrameSlot(capacity=1, policy=DropPolicy.LATEST)
+    worker, _, _ = run(fake_spec(factory), slot=slot)
+    ages: list[float] = []
+    deadline = time.monotonic() + 1.6
+    while time.monotonic() < deadline:
+        f = slot.take()
+        if f is not None:
+            ages.append(now() - f.captured_at)
+            time.sleep(0.025)  # the slow consumer's work
+        else:
+            time.sleep(0.001)
+    assert worker.stop(1)
+    assert len(ages) >= 30
+    early, late = statistics.median(ages[:10]), statistics.median(ages[-10:])
+    assert late < 0.05 and late < early + 0.02, f"frame age grew from {early:.4f} to {late:.4f} s"
+    assert slot.drops.snapshot().get(DropCause.SOURCE_OVERRUN.value, 0) > len(ages)
+
+
+# ---- backoff -------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_is_capped_and_jittered() -> None:
+    cfg = ReconnectConfig(initial_backoff_s=0.5, max_backoff_s=4, jitter=0)
+    assert [backoff_delay(a, cfg) for a in range(1, 7)] == [0.5, 1, 2, 4, 4, 4]
+    assert backoff_delay(10_000, cfg) == 4
+    jittery = ReconnectConfig(initial_backoff_s=1, max_backoff_s=100, jitter=0.2)
+    rng = random.Random(0)
+    samples = [backoff_delay(3, jittery, rng) for _ in range(200)]
+    assert min(samples) >= 3.2 and max(samples) <= 4.8 and len(set(samples)) > 100
+    with pytest.raises(ValueError, match="attempt must be >= 1, got 0"):
+        backoff_delay(0, cfg)
