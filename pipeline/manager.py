@@ -189,14 +189,16 @@ class StreamManager:
             if sid not in self._streams:
                 return sid
 
-    def add(self, sc: StreamConfig) -> StreamHandle:
+    def add(self, sc: StreamConfig, *, spec: SourceSpec | None = None) -> StreamHandle:
+        """Start a stream. ``spec`` bypasses URI parsing for sources built in code (pushed frames)."""
         media_dir = self.config.server.media_dir if self.restrict_files else None
-        spec = parse_source(
-            sc.source,
-            options=sc.options,
-            allowed_schemes=self.config.server.allowed_schemes,
-            media_dir=media_dir,
-        )
+        if spec is None:
+            spec = parse_source(
+                sc.source,
+                options=sc.options,
+                allowed_schemes=self.config.server.allowed_schemes,
+                media_dir=media_dir,
+            )
         model = sc.model or self.config.default_model
         self.load_model(model)  # raises UnknownModelError / WeightsError before anything starts
         with self._lock:

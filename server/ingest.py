@@ -1,0 +1,189 @@
+"""Browser camera upstream: ``/ws/ingest`` turns pushed JPEG pictures into a stream.
+
+The browser opens ``/ws/ingest?model=NAME[&id=ID][&max_fps=N][&token=T]`` and, after a
+``{"type": "ready", "stream": ID}`` text message, sends one binary message per picture:
+either a bare JPEG or protocol-v1 framing (``uint32 BE length | JSON {"t": capture
+seconds} | JPEG``), whose ``t`` comes back as the result's ``pts`` so the browser can
+measure its own round trip. The server answers each picture with ``{"type": "ack"}``
+once the engine has taken it; the browser sends the next one only then, so pictures
+never queue on either side and the rate follows what the server keeps up with.
+
+The stream (source ``push:ID``) is listed and consumable like any other while the
+browser is connected, and removed when it leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import struct
+import time
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from models.registry import UnknownModelError, WeightsError
+from pipeline.config import StreamConfig
+from pipeline.manager import LimitError, StreamExistsError
+from pipeline.render import decode_jpeg
+from pipeline.sources.push import PushFeed, push_spec
+from server.auth import presented_token, token_matches
+from server.ws import (
+    CLOSE_BAD_PARAMS,
+    CLOSE_STREAM_REMOVED,
+    CLOSE_TOO_BIG,
+    CLOSE_TOO_MANY,
+    CLOSE_UNAUTHORISED,
+    ParamError,
+)
+
+log = logging.getLogger("segstream.ingest")
+router = APIRouter()
+
+CLOSE_EXISTS = 4409
+_ACK_WAIT_S = 2.0  # the longest a picture waits for the engine before it is acknowledged anyway
+_JPEG_MAGIC = b"\xff\xd8"
+
+
+def parse_ingest_params(values: dict[str, str]) -> dict[str, Any]:
+    allowed = {"id", "model", "max_fps", "token"}
+    unknown = set(values) - allowed
+    if unknown:
+        raise ParamError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    out: dict[str, Any] = {
+        "id": values.get("id") or f"cam-{secrets.token_hex(3)}",
+        "model": values.get("model"),
+    }
+    raw = values.get("max_fps")
+    out["max_fps"] = 30.0
+    if raw:
+        try:
+            out["max_fps"] = float(raw)
+        except ValueError:
+            raise ParamError(f"max_fps must be a number, got {raw!r}") from None
+        if not 0 < out["max_fps"] <= 120:
+            raise ParamError(f"max_fps must be in (0, 120], got {raw}")
+    return out
+
+
+def split_picture(message: bytes) -> tuple[float | None, bytes]:
+    """(capture time from the browser or None, JPEG bytes) of one upstream message."""
+    if message[:2] == _JPEG_MAGIC:
+        return None, message
+    if len(message) < 4:
+        raise ParamError("picture message too short")
+    (n,) = struct.unpack(">I", message[:4])
+    if n > 4096 or 4 + n > len(message):
+        raise ParamError(f"bad header length {n}")
+    try:
+        header = json.loads(message[4 : 4 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ParamError(f"header is not UTF-8 JSON: {e}") from None
+    t = header.get("t") if isinstance(header, dict) else None
+    pts = float(t) if isinstance(t, int | float) else None
+    jpeg = message[4 + n :]
+    if jpeg[:2] != _JPEG_MAGIC:
+        raise ParamError("payload is not a JPEG picture")
+    return pts, jpeg
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    with contextlib.suppress(Exception):
+        await ws.close(code=code, reason=reason[:120])
+
+
+async def _send(ws: WebSocket, body: dict[str, Any]) -> None:
+    await ws.send_text(json.dumps(body))
+
+
+@router.websocket("/ws/ingest")
+async def ingest(ws: WebSocket) -> None:
+    app = ws.app
+    config = app.state.config
+    mgr = app.state.manager
+    await ws.accept()
+    if not token_matches(config.server.token, presented_token(ws)):
+        await _close(ws, CLOSE_UNAUTHORISED, "missing or wrong token")
+        return
+    try:
+        params = parse_ingest_params(dict(ws.query_params))
+    except ParamError as e:
+        await _close(ws, CLOSE_BAD_PARAMS, str(e))
+        return
+    feed = PushFeed(open_timeout_s=10.0)
+    sid = params["id"]
+    try:
+        sc = StreamConfig(id=sid, source=f"push:{sid}", model=params["model"])
+        handle = await anyio.to_thread.run_sync(lambda: mgr.add(sc, spec=push_spec(sid, feed)))
+    except StreamExistsError as e:
+        await _close(ws, CLOSE_EXISTS, str(e))
+        return
+    except LimitError as e:
+        await _close(ws, CLOSE_TOO_MANY, str(e))
+        return
+    except (UnknownModelError, WeightsError, ValueError) as e:
+        await _close(ws, CLOSE_BAD_PARAMS, str(e).splitlines()[0])
+        return
+    log.info("stream %s: browser camera connected", sid)
+    try:
+        await _send(ws, {"type": "ready", "stream": sid, "model": handle.model, "max_fps": params["max_fps"]})
+        await _pump(ws, app, feed, handle, params["max_fps"])
+    finally:
+        feed.close()
+        if mgr.find(sid) is handle:
+            with contextlib.suppress(Exception):
+                await anyio.to_thread.run_sync(lambda: mgr.remove(sid, timeout=2.0))
+            app.state.hub.close_stream(sid)
+        log.info("stream %s: browser camera left", sid)
+
+
+async def _pump(ws: WebSocket, app: Any, feed: PushFeed, handle: Any, max_fps: float) -> None:
+    limits = app.state.config.limits
+    min_gap = 1.0 / max_fps
+    last_ack = 0.0
+    while True:
+        try:
+            message = await ws.receive()
+        except WebSocketDisconnect:
+            return
+        if message["type"] == "websocket.disconnect":
+            return
+        if app.state.manager.find(handle.id) is not handle:
+            await _close(ws, CLOSE_STREAM_REMOVED, f"stream {handle.id!r} was removed")
+            return
+        data = message.get("bytes")
+        if data is None:
+            await _send(ws, {"type": "error", "error": "send pictures as binary messages"})
+            continue
+        if len(data) > limits.max_ws_message_bytes:
+            await _close(
+                ws, CLOSE_TOO_BIG, f"picture of {len(data)} bytes exceeds {limits.max_ws_message_bytes}"
+            )
+            return
+        try:
+            pts, jpeg = split_picture(data)
+            t0 = time.perf_counter()
+            image = await anyio.to_thread.run_sync(decode_jpeg, jpeg)  # never decode on the event loop
+            decode_ms = (time.perf_counter() - t0) * 1000.0
+        except (ParamError, ValueError, RuntimeError) as e:
+            await _send(ws, {"type": "error", "error": f"bad picture: {e}"})
+            continue
+        if image.shape[0] * image.shape[1] > limits.max_source_pixels:
+            await _close(ws, CLOSE_BAD_PARAMS, f"picture {image.shape[1]}x{image.shape[0]} is too large")
+            return
+        seq = feed.push(image, pts=pts, decode_ms=decode_ms)
+        # Back-pressure: acknowledge once the worker took the picture and the engine emptied the
+        # stream's slot, and not faster than max_fps. Bounded so a stalled engine cannot hang the browser.
+        deadline = time.monotonic() + _ACK_WAIT_S
+        await anyio.to_thread.run_sync(feed.wait_taken, seq, _ACK_WAIT_S)
+        while len(handle.slot) and time.monotonic() < deadline and not feed.closed:
+            await asyncio.sleep(0.005)
+        wait = last_ack + min_gap - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        last_ack = time.monotonic()
+        await _send(ws, {"type": "ack", "seq": seq})
