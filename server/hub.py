@@ -247,7 +247,7 @@ class Hub:
             msg = Outgoing(header=header, payload=payload, ready_at=time.perf_counter())
             client.loop.call_soon_threadsafe(client.offer, msg)
 
-    def publish_status(self, stream_id: str, status: dict[str, Any]) -> None:
+    def publish_status(self, stream_id: str, status: dict[str, Any], *, only: Client | None = None) -> None:
         """A stream changed state: tell its clients (``stale`` while no fresh frames come)."""
         header = {
             "v": PROTOCOL_VERSION,
@@ -267,7 +267,7 @@ class Hub:
             "discontinuity": False,
         }
         msg = Outgoing(header=header, payload=b"", ready_at=time.perf_counter())
-        for client in self.clients(stream_id):
+        for client in [only] if only is not None else self.clients(stream_id):
             client.loop.call_soon_threadsafe(client.offer, msg)
 
     @staticmethod

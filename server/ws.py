@@ -32,6 +32,8 @@ CLOSE_TOO_MANY = 4429
 CLOSE_GOING_AWAY = 1001
 CLOSE_TOO_BIG = 1009
 
+MAX_CONTROL_BYTES = 64 * 1024  # control messages are tiny JSON objects
+
 
 class ParamError(ValueError):
     pass
@@ -109,7 +111,7 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
     app.state.on_client_change(stream_id, +1)
     # Tell the client where the stream stands right away (it may be reconnecting).
     info = handle.describe()
-    hub.publish_status(stream_id, {**info, "classes": list(app.state.classes_for(handle.model))})
+    hub.publish_status(stream_id, {**info, "classes": list(app.state.classes_for(handle.model))}, only=client)
     sender = asyncio.create_task(_send_loop(ws, hub, client))
     receiver = asyncio.create_task(_receive_loop(ws, client))
     try:
@@ -152,6 +154,10 @@ async def _receive_loop(ws: WebSocket, client: Client) -> None:
         if message["type"] == "websocket.disconnect":
             return
         text = message.get("text")
+        size = len(text.encode("utf-8") if text is not None else message.get("bytes") or b"")
+        if size > MAX_CONTROL_BYTES:
+            await _close(ws, CLOSE_TOO_BIG, f"message of {size} bytes exceeds {MAX_CONTROL_BYTES} bytes")
+            return
         if text is None:
             await ws.send_text(json.dumps({"type": "error", "error": "control messages must be JSON text"}))
             continue
