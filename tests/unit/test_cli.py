@@ -1,0 +1,87 @@
+"""The segstream command: argument errors are one clear line and a non-zero exit."""
+
+import json
+
+import pytest
+
+from server.cli import CliError, _parse_source_arg, main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("demo", (None, "demo")),
+        ("cam=rtsp://10.0.0.5/stream?a=b", ("cam", "rtsp://10.0.0.5/stream?a=b")),
+        ("rtsp://host/x?user=a", (None, "rtsp://host/x?user=a")),
+        ("/videos/a=b.mp4", (None, "/videos/a=b.mp4")),
+        ("front=webcam:0", ("front", "webcam:0")),
+    ],
+)
+def test_source_argument_forms(value, expected):
+    assert _parse_source_arg(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "   ", "cam="])
+def test_bad_source_arguments(value):
+    with pytest.raises(CliError):
+        _parse_source_arg(value)
+
+
+def test_models_json_lists_every_model_with_classes_and_weights(capsys):
+    code, out, _ = run(capsys, "models", "--json")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["selfie"]["classes"] == ["background", "person"]
+    assert rows["selfie"]["weights"]["present"] is True
+    assert len(rows["deeplabv3_resnet50"]["classes"]) == 21
+    assert {"input_size", "binary", "description"} <= set(rows["selfie"])
+
+
+def test_models_table(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and "selfie" in out and "deeplabv3_resnet50" in out
+
+
+def test_unknown_model_is_one_line_and_exit_2(capsys, tmp_path):
+    code, _, err = run(capsys, "segment", str(tmp_path / "x.mp4"), "--model", "nope", "-o", str(tmp_path / "o.mp4"))
+    assert code == 2
+    assert err.count("\n") == 1 and "nope" in err and "selfie" in err  # names the choices
+
+
+def test_missing_input_file(capsys, tmp_path):
+    code, _, err = run(capsys, "segment", str(tmp_path / "missing.mp4"), "--masks-dir", str(tmp_path / "m"))
+    assert code == 2 and "missing.mp4" in err and err.count("\n") == 1
+
+
+def test_segment_needs_an_output(capsys, tmp_path):
+    code, _, err = run(capsys, "segment", str(tmp_path / "x.mp4"))
+    assert code == 2 and "--output" in err
+
+
+def test_serve_rejects_a_bad_source_before_starting(capsys):
+    code, _, err = run(capsys, "serve", "--source", "gopher://example/x", "--port", "0")
+    assert code == 2 and "gopher" in err and err.count("\n") == 1
+
+
+def test_serve_rejects_an_unknown_model(capsys):
+    code, _, err = run(capsys, "serve", "--model", "nope", "--port", "0")
+    assert code == 2 and "nope" in err
+
+
+def test_bad_config_file_names_the_key(capsys, tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[engine]\nmax_batchh = 4\n')
+    code, _, err = run(capsys, "serve", "--config", str(cfg), "--port", "0")
+    assert code == 2 and "max_batchh" in err
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--port", "notanumber"])
+    assert e.value.code == 2
