@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from models.registry import build_model, get_spec
 from models.segmenter import Segmenter
-
 from pipeline.config import AppConfig, RoiConfig, StreamConfig, TemporalConfig
 from pipeline.engine import Engine
 from pipeline.slot import DropCounter, DropPolicy, FrameSlot
@@ -171,7 +171,7 @@ class StreamManager:
         self.engine.start()
         self._started = True
         for sc in self.config.streams:
-            self.add(sc)
+            self.add(sc, trusted=True)
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         ok = True
@@ -189,15 +189,25 @@ class StreamManager:
             if sid not in self._streams:
                 return sid
 
-    def add(self, sc: StreamConfig, *, spec: SourceSpec | None = None) -> StreamHandle:
-        """Start a stream. ``spec`` bypasses URI parsing for sources built in code (pushed frames)."""
-        media_dir = self.config.server.media_dir if self.restrict_files else None
+    def add(self, sc: StreamConfig, *, spec: SourceSpec | None = None, trusted: bool = False) -> StreamHandle:
+        """Start a stream. ``spec`` bypasses URI parsing for sources built in code (pushed frames).
+
+        ``trusted`` streams (config file, command line) may open any file; others (the API)
+        only files under the configured media directory.
+        """
+        restrict = self.restrict_files and not trusted
+        media_dir = self.config.server.media_dir if restrict else None
         if spec is None:
             spec = parse_source(
                 sc.source,
                 options=sc.options,
                 allowed_schemes=self.config.server.allowed_schemes,
                 media_dir=media_dir,
+            )
+        if restrict and spec.kind == "file" and media_dir is None:
+            raise ValueError(
+                "file sources cannot be added through the API unless the server has a media "
+                "directory (--media-dir DIR); files must live under it"
             )
         model = sc.model or self.config.default_model
         self.load_model(model)  # raises UnknownModelError / WeightsError before anything starts
