@@ -285,7 +285,9 @@ class StreamWorker:
     def _pump(self, source: Source, fps: float | None, discontinuity: bool) -> int:
         """Deliver frames until the source ends. Returns how many were delivered."""
         opts = self.spec.options
-        pace = self.realtime and self.spec.kind == "file"
+        # A source's own ``realtime`` option wins over the worker's default for its context.
+        realtime = opts.realtime if opts.realtime is not None else self.realtime
+        pace = realtime and self.spec.kind == "file"
         stall_s = self.reconnect.stall_timeout_s
         watch_stall = self.spec.kind != "file"
         min_gap = 1.0 / opts.target_fps if opts.target_fps else 0.0

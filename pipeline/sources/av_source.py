@@ -81,10 +81,12 @@ class AvSource(Source):
             opts["rtsp_transport"] = o.rtsp_transport
         if scheme in ("http", "https"):
             opts["reconnect"] = "0"  # reconnection is the stream worker's job, with its own backoff
-        if o.low_latency:
+        # Only for real-time protocols: ``nobuffer`` makes the MP4 demuxer return no packets
+        # over HTTP, and HLS/progressive files are not low-latency material anyway.
+        if o.low_latency and scheme in ("rtsp", "rtsps", "rtmp"):
             opts["fflags"] = "nobuffer"
             opts["flags"] = "low_delay"
-            if self.spec.format is None and scheme in ("rtsp", "rtsps", "rtmp"):
+            if self.spec.format is None:
                 # Probing 5 s of a live stream before the first frame is pointless latency.
                 opts["analyzeduration"] = "0"
                 opts["probesize"] = "32768"

@@ -14,7 +14,7 @@ from pipeline.sources import parse_source
 from pipeline.stream import StreamWorker
 from pipeline.types import StreamState
 from tests.helpers_video import make_test_video
-from tests.integration.fakes_net import GarbageServer, MjpegServer, SilentServer, free_port
+from tests.integration.fakes_net import FileHttpServer, GarbageServer, MjpegServer, SilentServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -109,6 +109,27 @@ def test_mjpeg_server_going_away_reconnects(healthy: StreamWorker) -> None:
         assert worker.wait_state({S.RECONNECTING}, timeout=8) is S.RECONNECTING
     finally:
         assert worker.stop(timeout=3)
+
+
+def test_progressive_mp4_over_http_streams_then_reconnects_when_it_ends(
+    healthy: StreamWorker, tmp_path: Path
+) -> None:
+    make_test_video(tmp_path / "clip.mp4", frames=15)
+    with FileHttpServer(tmp_path) as server:
+        seen: list[StreamState] = []
+        spec = parse_source(f"http://127.0.0.1:{server.port}/clip.mp4")
+        worker = StreamWorker(
+            "http-mp4", spec, FrameSlot(), reconnect=FAST, on_status=lambda s: seen.append(s.state)
+        )
+        worker.start()
+        try:
+            assert worker.wait_frames(15, timeout=5)
+            # A network source that ends is a lost peer, not the end: it is opened again.
+            assert worker.wait_state({S.RECONNECTING}, timeout=5) is S.RECONNECTING
+            assert worker.wait_frames(30, timeout=5)
+        finally:
+            assert worker.stop(timeout=3)
+        assert seen[:2] == [S.STREAMING, S.RECONNECTING]
 
 
 def test_truncated_mp4_fails(healthy: StreamWorker, tmp_path: Path) -> None:
