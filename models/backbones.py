@@ -36,7 +36,9 @@ class ResNet(nn.Module):
         if depth not in RESNET_LAYERS:
             raise ValueError(f"depth must be one of {sorted(RESNET_LAYERS)}, got {depth!r}")
         if len(replace_stride_with_dilation) != 3:
-            raise ValueError(f"replace_stride_with_dilation needs 3 entries, got {replace_stride_with_dilation!r}")
+            raise ValueError(
+                f"replace_stride_with_dilation needs 3 entries, got {replace_stride_with_dilation!r}"
+            )
         block, counts = RESNET_LAYERS[depth]
         self.inplanes, self.dilation = 64, 1
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -44,16 +46,27 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.layer1 = self._make_layer(block, 64, counts[0])
-        self.layer2 = self._make_layer(block, 128, counts[1], stride=2, dilate=replace_stride_with_dilation[0])
-        self.layer3 = self._make_layer(block, 256, counts[2], stride=2, dilate=replace_stride_with_dilation[1])
-        self.layer4 = self._make_layer(block, 512, counts[3], stride=2, dilate=replace_stride_with_dilation[2])
+        self.layer2 = self._make_layer(
+            block, 128, counts[1], stride=2, dilate=replace_stride_with_dilation[0]
+        )
+        self.layer3 = self._make_layer(
+            block, 256, counts[2], stride=2, dilate=replace_stride_with_dilation[1]
+        )
+        self.layer4 = self._make_layer(
+            block, 512, counts[3], stride=2, dilate=replace_stride_with_dilation[2]
+        )
         self.channels = {f"layer{i + 1}": c * block.expansion for i, c in enumerate((64, 128, 256, 512))}
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def _make_layer(
-        self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, *, stride: int = 1,
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        planes: int,
+        blocks: int,
+        *,
+        stride: int = 1,
         dilate: bool = False,
     ) -> nn.Sequential:
         previous_dilation = self.dilation
@@ -66,7 +79,9 @@ class ResNet(nn.Module):
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                 nn.BatchNorm2d(planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride=stride, dilation=previous_dilation, downsample=downsample)]
+        layers = [
+            block(self.inplanes, planes, stride=stride, dilation=previous_dilation, downsample=downsample)
+        ]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
@@ -136,13 +151,24 @@ class MobileNetV3(nn.Sequential):
         layers: list[nn.Module] = [ConvNormAct(3, 16, 3, stride=2, norm=norm, activation=nn.Hardswish)]
         for cin, k, exp, cout, se, act, stride, dil in table:
             layers.append(
-                InvertedResidual(cin, k, exp, cout, use_se=se, activation=act, stride=stride,
-                                 dilation=2 if (dilated and dil) else 1, norm=norm)
+                InvertedResidual(
+                    cin,
+                    k,
+                    exp,
+                    cout,
+                    use_se=se,
+                    activation=act,
+                    stride=stride,
+                    dilation=2 if (dilated and dil) else 1,
+                    norm=norm,
+                )
             )
         layers.append(ConvNormAct(table[-1][3], last, 1, norm=norm, activation=nn.Hardswish))
         super().__init__(*layers)
         # Same rule as torchvision: stem, every strided block, and the last layer mark a stage.
-        self.stage_indices = [0] + [i for i, b in enumerate(self) if getattr(b, "_is_cn", False)] + [len(self) - 1]
+        self.stage_indices = (
+            [0] + [i for i, b in enumerate(self) if getattr(b, "_is_cn", False)] + [len(self) - 1]
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")

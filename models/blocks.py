@@ -57,8 +57,14 @@ class ConvNormAct(nn.Sequential):
         padding = (kernel_size - 1) // 2 * dilation
         layers: list[nn.Module] = [
             nn.Conv2d(
-                in_channels, out_channels, kernel_size, stride, padding,
-                dilation=dilation, groups=groups, bias=norm is None,
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride,
+                padding,
+                dilation=dilation,
+                groups=groups,
+                bias=norm is None,
             )
         ]
         if norm is not None:
@@ -102,7 +108,12 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(
-        self, inplanes: int, planes: int, *, stride: int = 1, dilation: int = 1,
+        self,
+        inplanes: int,
+        planes: int,
+        *,
+        stride: int = 1,
+        dilation: int = 1,
         downsample: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -126,7 +137,12 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(
-        self, inplanes: int, planes: int, *, stride: int = 1, dilation: int = 1,
+        self,
+        inplanes: int,
+        planes: int,
+        *,
+        stride: int = 1,
+        dilation: int = 1,
         downsample: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -174,8 +190,14 @@ class InvertedResidual(nn.Module):
             layers.append(ConvNormAct(in_channels, expanded, 1, norm=norm, activation=act))
         layers.append(
             ConvNormAct(
-                expanded, expanded, kernel, stride=1 if dilation > 1 else stride, dilation=dilation,
-                groups=expanded, norm=norm, activation=act,
+                expanded,
+                expanded,
+                kernel,
+                stride=1 if dilation > 1 else stride,
+                dilation=dilation,
+                groups=expanded,
+                norm=norm,
+                activation=act,
             )
         )
         if use_se:

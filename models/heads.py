@@ -68,7 +68,9 @@ class ASPP(nn.Module):
 
 
 class DeepLabHead(nn.Sequential):
-    def __init__(self, in_channels: int, num_classes: int, atrous_rates: Sequence[int] = (12, 24, 36)) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, atrous_rates: Sequence[int] = (12, 24, 36)
+    ) -> None:
         super().__init__(
             ASPP(in_channels, atrous_rates),
             nn.Conv2d(256, 256, 3, padding=1, bias=False),
@@ -81,7 +83,9 @@ class DeepLabHead(nn.Sequential):
 class LRASPPHead(nn.Module):
     """Lite R-ASPP: high-level features gated by their global context, plus a low-level classifier."""
 
-    def __init__(self, low_channels: int, high_channels: int, num_classes: int, inter_channels: int = 128) -> None:
+    def __init__(
+        self, low_channels: int, high_channels: int, num_classes: int, inter_channels: int = 128
+    ) -> None:
         super().__init__()
         self.cbr = nn.Sequential(
             nn.Conv2d(high_channels, inter_channels, 1, bias=False),

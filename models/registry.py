@@ -19,16 +19,43 @@ from models.selfie import SelfieSegmenter
 from models.weights import WeightsError, apply_state_dict, fetch_cached, hub_cache_path, read_state_dict
 
 __all__ = [
-    "ModelSpec", "WeightsSource", "UnknownModelError", "WeightsError", "list_models", "get_spec",
-    "weights_status", "build_model", "DEFAULT_MODEL", "WEIGHTS_DIR",
+    "ModelSpec",
+    "WeightsSource",
+    "UnknownModelError",
+    "WeightsError",
+    "list_models",
+    "get_spec",
+    "weights_status",
+    "build_model",
+    "DEFAULT_MODEL",
+    "WEIGHTS_DIR",
 ]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = "selfie"
 
 VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 PERSON_CLASSES = ("background", "person")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,9 +69,9 @@ class UnknownModelError(ValueError):
 @dataclass(frozen=True)
 class WeightsSource:
     kind: Literal["embedded", "url", "none"]
-    file: str = ""      # embedded: file name under models/weights/
-    url: str = ""       # url: official download location
-    sha256: str = ""    # url: digest or torchvision's 8-digit prefix (from the file name)
+    file: str = ""  # embedded: file name under models/weights/
+    url: str = ""  # url: official download location
+    sha256: str = ""  # url: digest or torchvision's 8-digit prefix (from the file name)
 
 
 @dataclass(frozen=True)
@@ -69,51 +96,109 @@ class ModelSpec:
 
 def _tv(name: str, builder: Callable[[], nn.Module], url_file: str, what: str) -> ModelSpec:
     return ModelSpec(
-        name=name, classes=VOC_CLASSES, input_size=(520, 520), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        binary=False, foreground_class=15,
+        name=name,
+        classes=VOC_CLASSES,
+        input_size=(520, 520),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        binary=False,
+        foreground_class=15,
         description=f"{what}, 21 Pascal VOC classes (torchvision COCO-trained weights, BSD-3-Clause)",
-        weights=WeightsSource("url", url=f"https://download.pytorch.org/models/{url_file}",
-                              sha256=url_file.rsplit("-", 1)[-1].split(".")[0]),
-        builder=builder, resize="letterbox",
+        weights=WeightsSource(
+            "url",
+            url=f"https://download.pytorch.org/models/{url_file}",
+            sha256=url_file.rsplit("-", 1)[-1].split(".")[0],
+        ),
+        builder=builder,
+        resize="letterbox",
     )
 
 
 _SPECS: tuple[ModelSpec, ...] = (
     ModelSpec(
-        name="selfie", classes=PERSON_CLASSES, input_size=(256, 256), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-        binary=True, foreground_class=1,
-        description="MediaPipe selfie segmentation (general, 256x256), converted; offline default (Apache-2.0)",
-        weights=WeightsSource("embedded", file="selfie.safetensors"), builder=SelfieSegmenter,
+        name="selfie",
+        classes=PERSON_CLASSES,
+        input_size=(256, 256),
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        binary=True,
+        foreground_class=1,
+        description="MediaPipe selfie segmentation, general 256x256, converted; offline default, Apache-2.0",
+        weights=WeightsSource("embedded", file="selfie.safetensors"),
+        builder=SelfieSegmenter,
     ),
     ModelSpec(
-        name="selfie_landscape", classes=PERSON_CLASSES, input_size=(144, 256), mean=(0.0, 0.0, 0.0),
-        std=(1.0, 1.0, 1.0), binary=True, foreground_class=1,
+        name="selfie_landscape",
+        classes=PERSON_CLASSES,
+        input_size=(144, 256),
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        binary=True,
+        foreground_class=1,
         description="MediaPipe selfie segmentation (landscape, 144x256), converted (Apache-2.0)",
-        weights=WeightsSource("embedded", file="selfie_landscape.safetensors"), builder=SelfieSegmenter,
+        weights=WeightsSource("embedded", file="selfie_landscape.safetensors"),
+        builder=SelfieSegmenter,
     ),
     ModelSpec(
-        name="resnet18_fpn", classes=PERSON_CLASSES, input_size=(256, 256), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        binary=False, foreground_class=1,
+        name="resnet18_fpn",
+        classes=PERSON_CLASSES,
+        input_size=(256, 256),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        binary=False,
+        foreground_class=1,
         description="ResNet-18 + light FPN, person/background; RANDOM INIT unless a weights file is given",
-        weights=WeightsSource("none"), builder=lambda: ResNetFPN(num_classes=2), resize="letterbox",
+        weights=WeightsSource("none"),
+        builder=lambda: ResNetFPN(num_classes=2),
+        resize="letterbox",
     ),
-    _tv("deeplabv3_resnet50", lambda: ResNetSegmenter(head="deeplabv3", depth=50),
-        "deeplabv3_resnet50_coco-cd0a2569.pth", "DeepLabV3 ResNet-50"),
-    _tv("deeplabv3_resnet101", lambda: ResNetSegmenter(head="deeplabv3", depth=101),
-        "deeplabv3_resnet101_coco-586e9e4e.pth", "DeepLabV3 ResNet-101"),
-    _tv("fcn_resnet50", lambda: ResNetSegmenter(head="fcn", depth=50),
-        "fcn_resnet50_coco-1167a1af.pth", "FCN ResNet-50"),
-    _tv("fcn_resnet101", lambda: ResNetSegmenter(head="fcn", depth=101),
-        "fcn_resnet101_coco-7ecb50ca.pth", "FCN ResNet-101"),
-    _tv("deeplabv3_mobilenet_v3_large", MobileNetDeepLab,
-        "deeplabv3_mobilenet_v3_large-fc3c493d.pth", "DeepLabV3 MobileNetV3-Large"),
-    _tv("lraspp_mobilenet_v3_large", MobileNetLRASPP,
-        "lraspp_mobilenet_v3_large-d234d4ea.pth", "LR-ASPP MobileNetV3-Large"),
+    _tv(
+        "deeplabv3_resnet50",
+        lambda: ResNetSegmenter(head="deeplabv3", depth=50),
+        "deeplabv3_resnet50_coco-cd0a2569.pth",
+        "DeepLabV3 ResNet-50",
+    ),
+    _tv(
+        "deeplabv3_resnet101",
+        lambda: ResNetSegmenter(head="deeplabv3", depth=101),
+        "deeplabv3_resnet101_coco-586e9e4e.pth",
+        "DeepLabV3 ResNet-101",
+    ),
+    _tv(
+        "fcn_resnet50",
+        lambda: ResNetSegmenter(head="fcn", depth=50),
+        "fcn_resnet50_coco-1167a1af.pth",
+        "FCN ResNet-50",
+    ),
+    _tv(
+        "fcn_resnet101",
+        lambda: ResNetSegmenter(head="fcn", depth=101),
+        "fcn_resnet101_coco-7ecb50ca.pth",
+        "FCN ResNet-101",
+    ),
+    _tv(
+        "deeplabv3_mobilenet_v3_large",
+        MobileNetDeepLab,
+        "deeplabv3_mobilenet_v3_large-fc3c493d.pth",
+        "DeepLabV3 MobileNetV3-Large",
+    ),
+    _tv(
+        "lraspp_mobilenet_v3_large",
+        MobileNetLRASPP,
+        "lraspp_mobilenet_v3_large-d234d4ea.pth",
+        "LR-ASPP MobileNetV3-Large",
+    ),
     ModelSpec(
-        name="null", classes=PERSON_CLASSES, input_size=(32, 32), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-        binary=True, foreground_class=1,
+        name="null",
+        classes=PERSON_CLASSES,
+        input_size=(32, 32),
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        binary=True,
+        foreground_class=1,
         description="No network: background everywhere at zero cost (pipeline measurements and tests)",
-        weights=WeightsSource("none"), builder=NullSegmenter,
+        weights=WeightsSource("none"),
+        builder=NullSegmenter,
     ),
 )
 _BY_NAME = {s.name: s for s in _SPECS}
@@ -140,8 +225,13 @@ def weights_status(spec: ModelSpec, weights: str | Path | None = None) -> dict:
         return {"source": "embedded", "location": str(path), "present": path.is_file()}
     if src.kind == "url":
         path = hub_cache_path(src.url)
-        return {"source": "url", "location": src.url, "cache": str(path), "present": path.is_file(),
-                "sha256": src.sha256}
+        return {
+            "source": "url",
+            "location": src.url,
+            "cache": str(path),
+            "present": path.is_file(),
+            "sha256": src.sha256,
+        }
     if spec.name == "null":
         return {"source": "none", "location": "no parameters", "present": True}
     return {"source": "none", "location": "random initialisation (untrained)", "present": False}

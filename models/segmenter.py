@@ -78,7 +78,9 @@ class Segmenter:
         dev = _resolve_device(device)
         if channels_last is None:
             channels_last = dev.type == "cuda"
-        return cls(module, spec, device=dev, precision=precision, channels_last=channels_last, compile=compile)
+        return cls(
+            module, spec, device=dev, precision=precision, channels_last=channels_last, compile=compile
+        )
 
     # -- pre-processing ------------------------------------------------------------------
     def _to_device(self, batch: np.ndarray) -> torch.Tensor:
@@ -121,7 +123,7 @@ class Segmenter:
                 out.index_copy_(0, index, x)
             else:
                 canvas = torch.zeros((len(idx), 3, th, tw), dtype=torch.float32, device=self.device)
-                canvas[:, :, top:top + bh, left:left + bw] = x
+                canvas[:, :, top : top + bh, left : left + bw] = x
                 out.index_copy_(0, index, canvas)
         return out
 
@@ -158,7 +160,7 @@ class Segmenter:
                 p = probs[idx] if len(idx) < probs.shape[0] else probs
                 if self.spec.resize == "letterbox":
                     top, left, bh, bw = letterbox_box((h, w), (th, tw))
-                    p = p[:, :, top:top + bh, left:left + bw]
+                    p = p[:, :, top : top + bh, left : left + bw]
                 if self.spec.binary:
                     p = p[:, 1:2]  # only the foreground channel needs resizing
                 if tuple(p.shape[-2:]) != (h, w):

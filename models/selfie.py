@@ -15,7 +15,6 @@ TFLite graph, which is what the converter relies on.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,9 +100,9 @@ class GatedSkipDecoder(nn.Module):
 
 # (in, kernel, expanded, out, se squeeze channels (0 = none), activation, stride)
 ENCODER: tuple[tuple[int, int, int, int, int, str, int], ...] = (
-    (16, 3, 16, 16, 8, "RE", 2),   # → 1/4, skip
+    (16, 3, 16, 16, 8, "RE", 2),  # → 1/4, skip
     (16, 3, 72, 24, 0, "RE", 2),
-    (24, 3, 88, 24, 0, "RE", 1),   # → 1/8, skip
+    (24, 3, 88, 24, 0, "RE", 1),  # → 1/8, skip
     (24, 5, 96, 32, 24, "HS", 2),
     (32, 5, 128, 32, 32, "HS", 1),
     (32, 5, 128, 32, 32, "HS", 1),
@@ -146,5 +145,3 @@ class SelfieSegmenter(nn.Module):
 def conv_modules(model: SelfieSegmenter) -> list[nn.Conv2d | nn.ConvTranspose2d]:
     """Convolutions in the TFLite graph's order (the converter pairs them one to one)."""
     return [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
-
-

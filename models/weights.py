@@ -43,7 +43,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         else:
-            raise WeightsError(f"{path}: unsupported weights format {suffix!r} (use .safetensors, .pth or .pt)")
+            raise WeightsError(
+                f"{path}: unsupported weights format {suffix!r} (use .safetensors, .pth or .pt)"
+            )
     except WeightsError:
         raise
     except Exception as exc:  # corrupt/truncated files surface as many exception types deep in torch
@@ -56,7 +58,11 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping):
         for key in CHECKPOINT_KEYS:
             inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            if (
+                isinstance(inner, Mapping)
+                and inner
+                and all(isinstance(v, torch.Tensor) for v in inner.values())
+            ):
                 obj = inner
                 break
     if not isinstance(obj, Mapping) or not obj:
@@ -65,7 +71,7 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if not tensors:
         raise WeightsError(f"{path}: no tensors inside; keys: {_short([str(k) for k in obj])}")
     if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
 
 
@@ -77,8 +83,10 @@ def apply_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], *, so
     """
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
-    if missing and getattr(module, "aux_classifier", None) is not None and all(
-        k.startswith("aux_classifier.") for k in missing
+    if (
+        missing
+        and getattr(module, "aux_classifier", None) is not None
+        and all(k.startswith("aux_classifier.") for k in missing)
     ):
         module.aux_classifier = None  # type: ignore[assignment]
         expected = module.state_dict()

@@ -69,8 +69,11 @@ def read_convs(path: Path) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
     for k in range(graph.OperatorsLength()):
         op = graph.Operators(k)
         name = op_name(op)
-        kind = {"CONV_2D": CONV, "DEPTHWISE_CONV_2D": DEPTHWISE,
-                "CUSTOM:Convolution2DTransposeBias": TRANSPOSE}.get(name)
+        kind = {
+            "CONV_2D": CONV,
+            "DEPTHWISE_CONV_2D": DEPTHWISE,
+            "CUSTOM:Convolution2DTransposeBias": TRANSPOSE,
+        }.get(name)
         if kind is None:
             continue
         w_idx, b_idx = int(op.Inputs(1)), int(op.Inputs(2))
@@ -145,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
 
     state = convert(args.tflite)
     digest = hashlib.sha256(args.tflite.read_bytes()).hexdigest()
-    save_file(state, str(args.out), metadata={"source": args.tflite.name, "source_sha256": digest,
-                                              "licence": "Apache-2.0 (MediaPipe)"})
+    save_file(
+        state,
+        str(args.out),
+        metadata={"source": args.tflite.name, "source_sha256": digest, "licence": "Apache-2.0 (MediaPipe)"},
+    )
     n = sum(t.numel() for t in state.values())
     print(f"wrote {args.out}: {len(state)} tensors, {n} parameters (from {args.tflite.name} sha256 {digest})")
 
@@ -162,9 +168,13 @@ def main(argv: list[str] | None = None) -> int:
             ours = torch.sigmoid(model(x))[:, 0].numpy()
         for i, k in enumerate(names):
             err = np.abs(ours[i] - ref[k])
-            print(f"{k}: max abs err {err.max():.2e}, mean {err.mean():.2e}, fg {float((ref[k] > 0.5).mean()):.3f}")
+            print(
+                f"{k}: max abs err {err.max():.2e}, mean {err.mean():.2e}"
+            )
         np.savez_compressed(
-            args.fixture, names=np.array(names), images=np.stack([images[k] for k in names]),
+            args.fixture,
+            names=np.array(names),
+            images=np.stack([images[k] for k in names]),
             reference=np.stack([ref[k] for k in names]).astype(np.float16),
         )
         print(f"wrote {args.fixture}")
