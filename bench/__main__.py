@@ -1,0 +1,138 @@
+"""``python -m bench``: every benchmark in one run, printed as markdown tables, saved as JSON.
+
+    python -m bench                 # full run (~5-10 min on 2 cores)
+    python -m bench --quick         # shorter windows, no 60 s overload (~2 min)
+    python -m bench --only e2e --only latency
+    python -m bench --list
+
+Sections from other ``bench`` modules (models, sources, temporal, roi, soak) run when
+the module exists and exposes ``run()`` or ``main()``; otherwise they are reported as
+skipped. ``soak`` is long and has its own ``make soak``: it runs only when named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import logging
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import load, pipeline
+from bench.tables import Table, skipped, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+Section = Callable[[pipeline.Run], Table]
+
+SECTIONS: dict[str, Section] = {
+    "decode": pipeline.bench_decode,
+    "null_pipeline": pipeline.bench_null_pipeline,
+    "model": pipeline.bench_model,
+    "e2e": pipeline.bench_e2e,
+    "threads": pipeline.bench_threads,
+    "latency": pipeline.bench_latency,
+    "overload": load.bench_overload,
+    "streams": load.bench_streams,
+    "fanout": load.bench_fanout,
+    "gpu": load.bench_gpu,
+}
+FULL_ONLY = {"overload"}
+EXTERNAL = ("models", "sources", "temporal", "roi", "soak")
+NAMED_ONLY = {"soak"}
+
+
+def _external(name: str, quick: bool) -> tuple[str, Any]:
+    """Run ``bench.<name>``'s entry point; (status, its return value or reason)."""
+    try:
+        mod = importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"bench.{name}":
+            return "skipped", f"bench/{name}.py does not exist"
+        raise
+    fn = getattr(mod, "run", None) or getattr(mod, "main", None)
+    if fn is None:
+        return "skipped", f"bench/{name}.py has no run() or main()"
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {}
+    if "quick" in params:
+        kwargs["quick"] = quick
+    elif "argv" in params:
+        kwargs["argv"] = ["--quick"] if quick else []
+    out = fn(**kwargs)
+    return "ok", out
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = list(SECTIONS) + list(EXTERNAL)
+    ap = argparse.ArgumentParser(prog="python -m bench", description="segstream benchmarks")
+    ap.add_argument("--quick", action="store_true", help="short windows, skip the 60 s overload")
+    ap.add_argument("--only", action="append", choices=names, metavar="NAME",
+                    help=f"run only this section (repeatable): {', '.join(names)}")
+    ap.add_argument("--list", action="store_true", help="list the sections and exit")
+    ap.add_argument("--model", default="selfie", help="the model the pipeline sections use (default: selfie)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where JSON results go")
+    args = ap.parse_args(argv)
+    if args.list:
+        print("\n".join(names))
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.only:
+        chosen = list(dict.fromkeys(args.only))
+    else:
+        chosen = [n for n in names if n not in NAMED_ONLY and not (args.quick and n in FULL_ONLY)]
+    workdir = args.results / "clips"
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = pipeline.Run(quick=args.quick, workdir=workdir, model=args.model)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "machine": platform.machine(),
+        "quick": args.quick,
+    }
+    print(f"# segstream benchmarks ({'quick' if args.quick else 'full'}) — {stamp}\n")
+    print(f"environment: {json.dumps(env)}\n", flush=True)
+    report: dict[str, Any] = {"started": stamp, "environment": env, "sections": {}}
+    failed = 0
+    for name in chosen:
+        t0 = time.perf_counter()
+        try:
+            if name in SECTIONS:
+                table = SECTIONS[name](run)
+                print(table.markdown(), flush=True)
+                report["sections"][name] = table.to_json()
+            else:
+                status, out = _external(name, args.quick)
+                if status == "skipped":
+                    table = skipped(name, f"{name} (bench/{name}.py)", str(out))
+                    print(table.markdown(), flush=True)
+                    report["sections"][name] = table.to_json()
+                else:
+                    report["sections"][name] = {"name": name, "result": out}
+        except Exception as e:  # one broken section must not hide the others' numbers
+            failed += 1
+            print(f"### {name}\n\n- FAILED: {type(e).__name__}: {e}\n", flush=True)
+            traceback.print_exc(file=sys.stderr)
+            report["sections"][name] = {"name": name, "error": f"{type(e).__name__}: {e}"}
+        report["sections"][name]["seconds"] = round(time.perf_counter() - t0, 1)
+        write_json(args.results / f"{name}.json", report["sections"][name])
+    write_json(args.results / f"bench-{stamp}.json", report)
+    write_json(args.results / "latest.json", report)
+    print(f"results: {args.results}/latest.json")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Load benchmarks: overload, many streams, websocket fan-out, and the GPU speed-up."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from bench.harness import Received, Service, clients, rss_mb
+from bench.pipeline import HD, WARMUP_S, Run, sustained_fps
+from bench.tables import Table, percentile, ratio, skipped, verdict
+from models.registry import build_model, get_spec
+from models.segmenter import Segmenter
+from pipeline.config import EngineConfig
+
+
+def bench_overload(run: Run) -> Table:
+    t = Table(
+        "overload",
+        f"6. Overload: source at 2× the sustained rate (`{run.model}`, 720p)",
+        ["source fps", "duration s", "p99 first window ms", "p99 last window ms", "last/first",
+         "goal ≤ 1.2", "RSS growth MB", "goal ≤ 50"],
+    )
+    fps = int(max(4, round(2 * sustained_fps(run))))
+    dur = run.seconds(60.0, 20.0)
+    win = 10.0 if dur >= 40 else 5.0
+    with Service(model=run.model, engine=EngineConfig(), realtime=True) as svc:
+        handle = svc.add(run.clip(*HD, fps=fps, seconds=3.0), stream_id="hd")
+        with clients(svc, [("hd", {}, 0.0)], WARMUP_S + dur) as recs:
+            start = time.time() + WARMUP_S
+            time.sleep(WARMUP_S + win)
+            rss0 = rss_mb()
+        rss1 = rss_mb()
+        drops = handle.drops.snapshot()
+        frames_in = handle.worker.status().frames
+    rec = recs[0]
+    end = start + dur
+    first = percentile(rec.latencies_ms(start, start + win), 99)
+    last = percentile(rec.latencies_ms(end - win, end), 99)
+    q = ratio(last, first)
+    growth = rss1 - rss0
+    t.add(fps, dur, first, last, q, verdict(q, 1.2, at_most=True),
+          growth, verdict(growth, 50.0, at_most=True))
+    if rec.headers:
+        drops = {**drops, "client_slow": rec.headers[-1].get("dropped", {}).get("client_slow", 0)}
+    results = len(rec.window(start, end))
+    t.notes.append(f"{frames_in} frames decoded, {results} results delivered; drops by cause: {drops}")
+    t.notes.append(f"windows: first and last {win:g} s; RSS measured after the first window and at the end")
+    t.data = {"fps": fps, "p99_first": first, "p99_last": last, "ratio": q, "rss_growth_mb": growth,
+              "drops": drops, "frames_in": frames_in, "results": results}
+    return t
+
+
+def _stream_round(run: Run, svc: Service, n: int, dur: float) -> dict[str, Any]:
+    clip = run.clip(640, 360, fps=15)
+    ids = [f"s{i}" for i in range(n)]
+    for sid in ids:
+        svc.add(clip, stream_id=sid)
+    before = dict(svc.manager.engine.stats.batch_sizes)
+    with clients(svc, [(sid, {}, 0.0) for sid in ids], WARMUP_S + dur) as recs:
+        start = time.time() + WARMUP_S
+    after = svc.manager.engine.stats.batch_sizes
+    for sid in ids:
+        svc.manager.remove(sid)
+    end = start + dur
+    sizes = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
+    total = sum(sizes.values())
+    p95 = [p for r in recs if (p := percentile(r.latencies_ms(start, end), 95)) is not None]
+    return {
+        "aggregate_fps": sum(r.fps(start, end) for r in recs),
+        "p95_max_ms": max(p95) if p95 else None,
+        "p95_mean_ms": statistics.fmean(p95) if p95 else None,
+        "mean_batch": sum(k * v for k, v in sizes.items()) / total if total else None,
+        "errors": [r.error for r in recs if r.error],
+    }
+
+
+def bench_streams(run: Run) -> Table:
+    t = Table(
+        "streams",
+        f"7. Many streams (640×360, 15 fps each, `{run.model}`): batched (max_batch 8) vs batch size 1",
+        ["streams", "demand fps", "batched fps", "mean batch", "p95 ms (worst stream)",
+         "batch-1 fps", "p95 ms batch-1 (worst)", "batched / batch-1"],
+    )
+    dur = run.seconds(8.0, 4.0)
+    counts = (1, 2, 4, 8)
+    res: dict[int, dict[str, dict[str, Any]]] = {n: {} for n in counts}
+    for label, max_batch in (("batched", 8), ("single", 1)):
+        with Service(model=run.model, engine=EngineConfig(max_batch=max_batch), realtime=True) as svc:
+            for n in counts:
+                res[n][label] = _stream_round(run, svc, n, dur)
+    for n in counts:
+        b, s = res[n]["batched"], res[n]["single"]
+        t.add(n, 15 * n, b["aggregate_fps"], b["mean_batch"], b["p95_max_ms"], s["aggregate_fps"],
+              s["p95_max_ms"], ratio(b["aggregate_fps"], s["aggregate_fps"]))
+    t.data = {str(n): v for n, v in res.items()}
+    return t
+
+
+def _fps_stats(recs: list[Received], start: float, end: float) -> tuple[float, float]:
+    fps = [r.fps(start, end) for r in recs]
+    return statistics.fmean(fps), min(fps)
+
+
+def bench_fanout(run: Run) -> Table:
+    t = Table(
+        "fanout",
+        f"8. Websocket fan-out: one stream (640×360, 15 fps, `{run.model}`), overlay to every client",
+        ["clients", "slow client", "stream results/s", "client fps mean", "client fps min",
+         "min / stream", "slow client fps"],
+    )
+    dur = run.seconds(8.0, 4.0)
+    rows: dict[str, Any] = {}
+    with Service(model=run.model, engine=EngineConfig(), realtime=True) as svc:
+        handle = svc.add(run.clip(640, 360, fps=15), stream_id="cam")
+        for k, slow in ((1, False), (10, False), (50, False), (10, True)):
+            specs = [("cam", {}, 0.0)] * k + ([("cam", {}, 0.5)] if slow else [])
+            out0 = handle.frames_out
+            with clients(svc, specs, WARMUP_S + dur) as recs:
+                start = time.time() + WARMUP_S
+                time.sleep(WARMUP_S)
+                out1 = handle.frames_out
+            stream_fps = (handle.frames_out - out1) / dur
+            end = start + dur
+            mean, low = _fps_stats(recs[:k], start, end)
+            slow_fps = recs[-1].fps(start, end) if slow else None
+            t.add(k, slow, stream_fps, mean, low, ratio(low, stream_fps), slow_fps)
+            rows[f"{k}{'+slow' if slow else ''}"] = {
+                "stream_fps": stream_fps, "mean": mean, "min": low, "slow": slow_fps, "out0": out0,
+                "errors": [r.error for r in recs if r.error],
+            }
+    base, with_slow = rows["10"]["mean"], rows["10+slow"]["mean"]
+    q = ratio(with_slow, base)
+    t.notes.append(
+        f"10 clients' mean fps with a slow client (reads one message per 0.5 s) ÷ without: "
+        f"{q if q is None else round(q, 3)} ({verdict(q, 0.9)}, goal ≥ 0.9)"
+    )
+    t.data = {**rows, "slow_ratio": q}
+    return t
+
+
+def _infer_fps(seg: Segmenter, bs: int, seconds: float) -> float:
+    th, tw = seg.spec.input_size
+    x = torch.rand((bs, 3, th, tw), device=seg.device)
+    for _ in range(3):
+        seg.infer(x)
+    torch.cuda.synchronize()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        seg.infer(x)
+        n += bs
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def bench_gpu(run: Run) -> Table:
+    title = "GPU: batched fp16 (channels_last) ÷ eager fp32 batch 1"
+    if not torch.cuda.is_available():
+        return skipped("gpu", title, "no CUDA")
+    t = Table("gpu", title,
+              ["model", "fp32 b1 frames/s", "fp16 best batch", "fp16 frames/s", "ratio", "goal ≥ 3"])
+    secs = run.seconds(3.0, 1.5)
+    for name in (run.model, "deeplabv3_resnet50"):
+        try:
+            module, spec = build_model(name, allow_download=False)
+        except Exception:  # no cached weights offline: speed does not depend on the values
+            spec = get_spec(name)
+            module = spec.builder()
+        fp32 = Segmenter(module, spec, device="cuda", precision="fp32", channels_last=False)
+        base = _infer_fps(fp32, 1, secs)
+        fp16 = Segmenter(module, spec, device="cuda", precision="fp16", channels_last=True)
+        best = max(((bs, _infer_fps(fp16, bs, secs)) for bs in (8, 16, 32)), key=lambda p: p[1])
+        q = ratio(best[1], base)
+        t.add(name, base, best[0], best[1], q, verdict(q, 3.0))
+        t.data[name] = {"fp32_b1": base, "fp16_batch": best[0], "fp16": best[1], "ratio": q}
+    return t

@@ -1,0 +1,211 @@
+"""Pipeline benchmarks: decode, the pipeline with a zero-cost model, the model alone, end to end, latency.
+
+Each function takes the shared :class:`Run` and returns a :class:`Table`. Ratios are
+measured side by side in one process on one machine; absolute numbers are only
+comparable within a run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+
+from bench.harness import Service, clients, make_clip
+from bench.tables import Table, percentile, ratio, verdict
+from models.registry import build_model
+from models.segmenter import Segmenter
+from pipeline.config import EngineConfig
+from pipeline.manager import default_threads, resolve_device
+from pipeline.slot import DropPolicy
+
+HD = (1280, 720)
+WARMUP_S = 1.5  # results received before this are not counted (model warm-up, first keyframe)
+
+
+@dataclass
+class Run:
+    """Shared state of one ``python -m bench`` run: options, clips, numbers later sections reuse."""
+
+    quick: bool
+    workdir: Path
+    model: str = "selfie"
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def seconds(self, full: float, quick: float) -> float:
+        return quick if self.quick else full
+
+    def clip(self, width: int, height: int, fps: int, seconds: float = 4.0) -> Path:
+        path = self.workdir / f"clip_{width}x{height}_{fps}fps.mp4"
+        return make_clip(path, width=width, height=height, fps=fps, frames=max(2, int(fps * seconds)))
+
+
+def _decode_fps(path: Path, min_s: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_s:
+        with av.open(str(path)) as c:
+            stream = c.streams.video[0]
+            stream.thread_type = "AUTO"  # what the file source uses
+            for frame in c.decode(stream):
+                frame.to_ndarray(format="rgb24")
+                n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def decode_fps(run: Run) -> float:
+    if "decode_fps" not in run.cache:
+        run.cache["decode_fps"] = _decode_fps(run.clip(*HD, fps=30), run.seconds(4.0, 2.0))
+    return float(run.cache["decode_fps"])
+
+
+def bench_decode(run: Run) -> Table:
+    t = Table("decode", "1. Decode only (PyAV, 720p H.264, rgb24 frames)", ["clip", "frames/s"])
+    t.add("1280x720 30 fps H.264", decode_fps(run))
+    t.data["fps"] = decode_fps(run)
+    return t
+
+
+def _throughput(run: Run, model: str, fmt: str, *, threads: int | None = None) -> dict[str, Any]:
+    """One unpaced 720p stream through the real service (blocking slot: nothing is decoded in vain)."""
+    engine = EngineConfig(threads=threads)
+    dur = run.seconds(8.0, 4.0)
+    with Service(model=model, engine=engine, realtime=False, policy=DropPolicy.BLOCK) as svc:
+        svc.add(run.clip(*HD, fps=30), stream_id="hd")
+        with clients(svc, [("hd", {"format": fmt}, 0.0)], WARMUP_S + dur) as recs:
+            start = time.time() + WARMUP_S
+        rec = recs[0]
+        stats = svc.manager.engine.stats.snapshot()
+    end = start + dur
+    stages = {
+        s: statistics.median(v) if (v := rec.stage_ms(s, start, end)) else None
+        for s in ("decode", "queue", "preprocess", "infer", "postprocess", "encode", "send")
+    }
+    sizes = stats["batch_sizes"]
+    return {
+        "fps": rec.fps(start, end),
+        "stages_ms": stages,
+        "batch": max(sizes, key=sizes.get) if sizes else None,
+        "error": rec.error,
+    }
+
+
+def bench_null_pipeline(run: Run) -> Table:
+    t = Table(
+        "null_pipeline",
+        "2. Full pipeline, identity model (`null`), 720p → websocket client",
+        ["client format", "frames/s", "decode-only frames/s", "ratio", "goal ≥ 0.9",
+         "pre ms", "post ms", "encode ms"],
+    )
+    dec = decode_fps(run)
+    for fmt in ("overlay", "raw"):
+        r = _throughput(run, "null", fmt)
+        q = ratio(r["fps"], dec)
+        st = r["stages_ms"]
+        t.add(fmt, r["fps"], dec, q, verdict(q, 0.9), st["preprocess"], st["postprocess"], st["encode"])
+        t.data[fmt] = {**r, "ratio": q}
+        if r["error"]:
+            t.notes.append(f"{fmt} client: {r['error']}")
+    t.notes.append("stage columns: medians per result (preprocess/postprocess are per batch)")
+    return t
+
+
+def segmenter_for(run: Run, name: str) -> Segmenter:
+    module, spec = build_model(name)
+    cfg = EngineConfig()
+    return Segmenter(module, spec, device=resolve_device(cfg.device), precision=cfg.precision,
+                     channels_last=cfg.channels_last)
+
+
+def model_only(run: Run) -> dict[int, float]:
+    """Frames/s of ``infer`` alone (input already preprocessed) at batch 1, 2, 4, 8."""
+    if "model_only" in run.cache:
+        return dict(run.cache["model_only"])
+    torch.set_num_threads(EngineConfig().threads or default_threads())
+    seg = segmenter_for(run, run.model)
+    th, tw = seg.spec.input_size
+    rng = np.random.default_rng(0)
+    out: dict[int, float] = {}
+    for bs in (1, 2, 4, 8):
+        x = seg.preprocess([rng.integers(0, 255, (th, tw, 3), dtype=np.uint8) for _ in range(bs)])
+        seg.infer(x)  # warm-up at this shape
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < run.seconds(2.0, 0.8):
+            seg.infer(x)
+            n += bs
+        if seg.device.type == "cuda":
+            torch.cuda.synchronize()
+        out[bs] = n / (time.perf_counter() - t0)
+    run.cache["model_only"] = out
+    return out
+
+
+def bench_model(run: Run) -> Table:
+    t = Table("model", f"3. Model only: `{run.model}` infer, preprocessed input",
+              ["batch", "frames/s", "ms per batch", "vs batch 1"])
+    mo = model_only(run)
+    for bs, fps in mo.items():
+        t.add(bs, fps, 1000.0 * bs / fps, ratio(fps, mo[1]))
+    t.data["fps"] = mo
+    return t
+
+
+def sustained_fps(run: Run) -> float:
+    """End-to-end frames/s of one 720p stream with the default model (measured once per run)."""
+    if "e2e" not in run.cache:
+        run.cache["e2e"] = _throughput(run, run.model, "overlay")
+    return float(run.cache["e2e"]["fps"])
+
+
+def bench_e2e(run: Run) -> Table:
+    t = Table("e2e", f"4. End to end, `{run.model}`, one unpaced 720p stream → websocket client (overlay)",
+              ["frames/s", "batch used", "model-only frames/s at that batch", "ratio", "goal ≥ 0.85"])
+    fps = sustained_fps(run)
+    r = run.cache["e2e"]
+    mo = model_only(run)
+    base = mo.get(r["batch"] or 1)
+    q = ratio(fps, base)
+    t.add(fps, r["batch"], base, q, verdict(q, 0.85))
+    t.notes.append("median stage ms: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in r["stages_ms"].items() if v is not None))
+    t.data = {**r, "model_only": base, "ratio": q}
+    return t
+
+
+def bench_threads(run: Run) -> Table:
+    t = Table("threads", f"Torch CPU threads, end to end (`{run.model}`, one unpaced 720p stream, overlay)",
+              ["torch threads", "frames/s", "infer ms", "vs 1 thread"])
+    if resolve_device("auto") != "cpu":
+        return t
+    res = {n: _throughput(run, run.model, "overlay", threads=n) for n in (1, 2)}
+    for n, r in res.items():
+        t.add(n, r["fps"], r["stages_ms"]["infer"], ratio(r["fps"], res[1]["fps"]))
+    t.data = {str(n): r for n, r in res.items()}
+    return t
+
+
+def bench_latency(run: Run) -> Table:
+    t = Table("latency", f"5. Capture → client latency at nominal load (`{run.model}`, 720p, paced)",
+              ["source fps", "p50 ms", "p95 ms", "p99 ms", "infer ms",
+               "goal: p50 ≤ (infer + 2 intervals) ms", "met"])
+    fps = int(max(2, min(30, round(0.5 * sustained_fps(run)))))
+    dur = run.seconds(15.0, 6.0)
+    with Service(model=run.model, engine=EngineConfig(), realtime=True) as svc:
+        svc.add(run.clip(*HD, fps=fps), stream_id="hd")
+        with clients(svc, [("hd", {}, 0.0)], WARMUP_S + dur) as recs:
+            start = time.time() + WARMUP_S
+    rec = recs[0]
+    lat = rec.latencies_ms(start, start + dur)
+    infer = statistics.median(v) if (v := rec.stage_ms("infer", start, start + dur)) else None
+    goal = None if infer is None else infer + 2000.0 / fps
+    p50 = percentile(lat, 50)
+    t.add(fps, p50, percentile(lat, 95), percentile(lat, 99), infer, goal,
+          verdict(p50, goal or 0, at_most=True))
+    t.notes.append(f"nominal load = half the sustained end-to-end rate ({sustained_fps(run):.1f} frames/s)")
+    t.data = {"fps": fps, "latency_ms": lat, "infer_ms": infer, "goal_ms": goal, "results": len(lat)}
+    return t
