@@ -7,6 +7,7 @@ creates or destroys those, so a stream is either fully there or fully gone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -231,7 +232,7 @@ class StreamManager:
                 reconnect=self.config.reconnect,
                 realtime=self.realtime,
                 max_pixels=self.config.limits.max_source_pixels,
-                on_status=lambda st, sid=sid: self._on_status(sid, st),
+                on_status=functools.partial(self._on_status, sid),
             )
             handle = StreamHandle(
                 id=sid,

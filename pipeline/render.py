@@ -58,7 +58,8 @@ def palette(n_classes: int) -> np.ndarray:
     colours = list(_BASE_PALETTE)
     rng = np.random.default_rng(12345)
     while len(colours) < n_classes:
-        colours.append(tuple(int(v) for v in rng.integers(40, 256, size=3)))
+        r, g, b = (int(v) for v in rng.integers(40, 256, size=3))
+        colours.append((r, g, b))
     return np.asarray(colours[: max(n_classes, 1)], dtype=np.uint8)
 
 
@@ -73,16 +74,20 @@ def overlay(image: np.ndarray, labels: np.ndarray, *, alpha: float = 0.55) -> np
     if labels.shape != image.shape[:2]:
         raise ValueError(f"labels shape {labels.shape} does not match image {image.shape[:2]}")
     n = int(labels.max()) + 1 if labels.size else 1
-    pal = palette(max(n, 2))
-    mask = labels > 0
-    if not mask.any():
+    if n < 2:
         return image
+    pal = palette(n)
+    # Blend the whole picture with OpenCV and copy it back under the mask: 2-3x cheaper at
+    # 720p than gathering and scattering the masked pixels with numpy fancy indexing.
+    if n == 2:
+        tint = np.empty_like(image)
+        tint[:] = pal[1]
+    else:
+        tint = pal[labels]
+    image = np.ascontiguousarray(image)
+    blended = cv2.addWeighted(image, 1.0 - alpha, tint, alpha, 0.0)
     out = image.copy()
-    tint = pal[labels[mask]]
-    blended = image[mask].astype(np.uint16) * int(round((1 - alpha) * 256)) + tint.astype(np.uint16) * int(
-        round(alpha * 256)
-    )
-    out[mask] = (blended >> 8).astype(np.uint8)
+    cv2.copyTo(blended, (labels > 0).view(np.uint8), out)
     return out
 
 

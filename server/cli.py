@@ -112,6 +112,7 @@ def serve_app(app: Any, cfg: AppConfig) -> int:
     import asyncio
     import signal
     import threading
+    import time
 
     import uvicorn
 
@@ -154,9 +155,16 @@ def serve_app(app: Any, cfg: AppConfig) -> int:
     server.run()
     if not server.started:
         return 1  # lifespan start-up failed (logged by uvicorn)
-    leftover = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if leftover:
-        log.warning("threads still running at exit: %s", ", ".join(leftover))
+    # The interpreter waits for non-daemon threads; join them within the bound so a stuck
+    # one is named in the log instead of silently holding the process.
+    deadline = time.monotonic() + bound
+    leftover = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for t in leftover:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in leftover if t.is_alive()]
+    if stuck:
+        log.error("threads still running %.1f s after shutdown: %s", bound, ", ".join(stuck))
+        return 1
     return 0
 
 
@@ -204,7 +212,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from models.registry import list_models, weights_status
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for spec in list_models():
         rows.append(
             {
