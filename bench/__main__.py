@@ -68,7 +68,18 @@ def _external(name: str, quick: bool) -> tuple[str, Any]:
         kwargs["quick"] = quick
     elif "argv" in params:
         kwargs["argv"] = ["--quick"] if quick else []
-    out = fn(**kwargs)
+    # A main() without an argv parameter parses sys.argv: give it its own program name and
+    # no arguments, so our flags (--only, --quick) never reach its parser.
+    saved = sys.argv
+    sys.argv = [f"python -m bench.{name}"]
+    try:
+        out = fn(**kwargs)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise RuntimeError(f"bench.{name} exited with status {e.code}") from None
+        out = None
+    finally:
+        sys.argv = saved
     return "ok", out
 
 

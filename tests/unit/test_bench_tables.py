@@ -1,0 +1,61 @@
+"""The helpers every benchmark table is computed with: ratios, percentiles, verdicts, rendering."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench.tables import Table, percentile, ratio, skipped, verdict, write_json
+
+
+def test_ratio_divides_and_refuses_missing_or_degenerate_inputs():
+    assert ratio(27.0, 30.0) == pytest.approx(0.9)
+    assert ratio(None, 3.0) is None
+    assert ratio(3.0, None) is None
+    assert ratio(3.0, 0.0) is None
+    assert ratio(math.nan, 1.0) is None
+    assert ratio(1.0, math.inf) is None
+
+
+def test_percentile_interpolates_linearly_and_is_order_independent():
+    xs = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert percentile(xs, 0) == 1.0
+    assert percentile(xs, 50) == 3.0
+    assert percentile(xs, 100) == 5.0
+    assert percentile(xs, 95) == pytest.approx(4.8)
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError, match="101"):
+        percentile(xs, 101)
+
+
+def test_verdict_against_lower_and_upper_goals():
+    assert verdict(0.91, 0.9) == "ok"
+    assert verdict(0.89, 0.9) == "MISSED"
+    assert verdict(1.25, 1.2, at_most=True) == "MISSED"
+    assert verdict(1.2, 1.2, at_most=True) == "ok"
+    assert verdict(None, 0.9) == "-"
+
+
+def test_table_markdown_formats_cells_and_rejects_ragged_rows():
+    t = Table("x", "Title", ["name", "fps", "ratio", "met"])
+    t.add("a", 291.4, 0.034, True)
+    t.add("b", None, 12.345, False)
+    t.notes.append("a note")
+    md = t.markdown().splitlines()
+    assert md[0] == "### Title"
+    assert md[2] == "| name | fps | ratio | met |"
+    assert md[4] == "| a | 291 | 0.03 | yes |"
+    assert md[5] == "| b | - | 12.3 | no |"
+    assert "- a note" in md
+    with pytest.raises(ValueError, match="2 cells for 4 columns"):
+        t.add("c", 1.0)
+
+
+def test_skipped_section_and_json_round_trip(tmp_path):
+    t = skipped("gpu", "GPU", "no CUDA")
+    assert "skipped: no CUDA" in t.markdown()
+    path = tmp_path / "r" / "gpu.json"
+    write_json(path, t.to_json())
+    assert json.loads(path.read_text())["data"] == {"skipped": "no CUDA"}
