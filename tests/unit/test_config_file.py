@@ -1,0 +1,130 @@
+"""The config file: one pydantic tree, unknown keys rejected, errors that name the bad key."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import AppConfig, ConfigError, build_config, load_config_file
+from server.cli import _config_from_args, build_parser
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "segstream.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "segstream.toml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def load(tmp_path: Path, text: str) -> AppConfig:
+    return build_config(load_config_file(write(tmp_path, text)))
+
+
+def test_example_file_is_valid_and_documents_the_defaults() -> None:
+    cfg = build_config(load_config_file(EXAMPLE))
+    defaults = AppConfig()
+    # The example spells out the defaults; if a default changes, the documented file must follow.
+    assert cfg.engine == defaults.engine
+    assert cfg.limits == defaults.limits
+    assert cfg.reconnect == defaults.reconnect
+    assert cfg.server.model_dump(exclude={"host"}) == defaults.server.model_dump(exclude={"host"})
+    assert [s.id for s in cfg.streams] == ["door", "lobby-file"]
+    assert cfg.streams[0].temporal.mode == "smooth"
+    assert cfg.streams[1].options.loop is True
+
+
+def test_streams_models_and_limits_from_a_file(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        """
+        default_model = "null"
+        [limits]
+        max_streams = 2
+        max_clients_per_stream = 3
+        [[streams]]
+        id = "a"
+        source = "demo"
+        model = "selfie"
+        """,
+    )
+    assert cfg.default_model == "null"
+    assert (cfg.limits.max_streams, cfg.limits.max_clients_per_stream) == (2, 3)
+    assert cfg.streams[0].model == "selfie"
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("[limits]\nmax_streamz = 3\n", "limits.max_streamz"),
+        ("[limits]\nmax_streams = 0\n", "limits.max_streams"),
+        ("[limits]\nmax_streams = 'many'\n", "limits.max_streams"),
+        ("[server]\nlog_level = 'loud'\n", "server.log_level"),
+        ("[server]\nlog_rate_limit_s = -1\n", "server.log_rate_limit_s"),
+        ("[[streams]]\nid = 'a'\nsourc = 'demo'\n", "streams.0.sourc"),
+        (
+            "[[streams]]\nid = 'a'\nsource = 'demo'\n[streams.options]\nloops = true\n",
+            "streams.0.options.loops",
+        ),
+        ("[[streams]]\nid = 'bad id'\nsource = 'demo'\n", "streams.0.id"),
+        ("[engine]\nmax_batch = 1000\n", "engine.max_batch"),
+        ("colour = 'blue'\n", "colour"),
+    ],
+)
+def test_errors_name_the_bad_key(tmp_path: Path, text: str, names: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, text)
+    assert f"{names}:" in str(e.value)
+
+
+def test_duplicate_stream_ids_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="duplicate stream ids: a"):
+        load(tmp_path, "[[streams]]\nid='a'\nsource='demo'\n[[streams]]\nid='a'\nsource='demo'\n")
+
+
+def test_syntax_errors_and_missing_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(tmp_path, "[limits\nmax_streams = 1\n")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config_file(tmp_path / "absent.toml")
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_cli_flags_override_the_file_and_sources_add_to_it(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        """
+        default_model = "selfie"
+        [server]
+        port = 9000
+        [limits]
+        max_streams = 4
+        [[streams]]
+        id = "file1"
+        source = "demo"
+        """,
+    )
+    cfg = _config_from_args(
+        serve_args("--config", str(p), "--port", "9100", "--model", "null", "--source", "b=demo")
+    )
+    assert cfg.server.port == 9100
+    assert cfg.default_model == "null"
+    assert cfg.limits.max_streams == 4
+    assert [s.id for s in cfg.streams] == ["file1", "b"]
+
+
+def test_cli_reports_a_bad_config_file_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.cli import main
+
+    p = write(tmp_path, "[limits]\nmax_clients = 3\n")
+    assert main(["serve", "--config", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "limits.max_clients" in err and err.startswith("segstream serve: error:")
