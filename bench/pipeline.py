@@ -22,7 +22,7 @@ from bench.tables import Table, percentile, ratio, verdict
 from models.registry import build_model
 from models.segmenter import Segmenter
 from pipeline.config import EngineConfig
-from pipeline.manager import default_threads, resolve_device
+from pipeline.manager import default_torch_threads, resolve_device
 from pipeline.slot import DropPolicy
 
 HD = (1280, 720)
@@ -126,7 +126,7 @@ def model_only(run: Run) -> dict[int, float]:
     """Frames/s of ``infer`` alone (input already preprocessed) at batch 1, 2, 4, 8."""
     if "model_only" in run.cache:
         return dict(run.cache["model_only"])
-    torch.set_num_threads(EngineConfig().threads or default_threads())
+    torch.set_num_threads(EngineConfig().threads or default_torch_threads())
     seg = segmenter_for(run, run.model)
     th, tw = seg.spec.input_size
     rng = np.random.default_rng(0)
