@@ -79,13 +79,14 @@ def overlay(image: np.ndarray, labels: np.ndarray, *, alpha: float = 0.55) -> np
     pal = palette(n)
     # Blend the whole picture with OpenCV and copy it back under the mask: 2-3x cheaper at
     # 720p than gathering and scattering the masked pixels with numpy fancy indexing.
-    if n == 2:
-        tint = np.empty_like(image)
-        tint[:] = pal[1]
-    else:
-        tint = pal[labels]
     image = np.ascontiguousarray(image)
-    blended = cv2.addWeighted(image, 1.0 - alpha, tint, alpha, 0.0)
+    if n == 2:
+        # One colour: scale, then add it as a per-channel scalar (numpy broadcasting a
+        # colour over a 720p frame alone costs ~25 ms).
+        colour = tuple(float(c) * alpha for c in pal[1]) + (0.0,)
+        blended = cv2.add(cv2.addWeighted(image, 1.0 - alpha, image, 0.0, 0.0), colour)
+    else:
+        blended = cv2.addWeighted(image, 1.0 - alpha, pal[labels], alpha, 0.0)
     out = image.copy()
     cv2.copyTo(blended, (labels > 0).view(np.uint8), out)
     return out
