@@ -55,9 +55,18 @@ class RoiConfig(_Strict):
     enabled: bool = False
     full_every: int = Field(10, ge=1)  # full-frame discovery pass at least every K frames
     max_regions: int = Field(4, ge=1)
-    margin: float = Field(0.25, ge=0)  # relative margin around a region
-    motion_margin: float = Field(0.5, ge=0)  # extra margin per frame of gap / motion
+    margin: float = Field(0.25, ge=0)  # margin on each side, relative to the region's longer side
+    motion_margin: float = Field(0.5, ge=0)  # extra margin per pixel of predicted displacement
     min_area: float = Field(0.0005, ge=0)  # components smaller than this share of the frame are ignored
+    gap_margin: float = Field(0.15, ge=0)  # extra relative margin per frame missing since the last update
+    min_crop: float = Field(0.2, ge=0, le=1)  # smallest crop side, as a share of the frame's short side
+    full_area: float = Field(0.7, gt=0)  # crops covering this share of the frame: one full pass instead
+    collapse: float = Field(0.35, ge=0, le=1)  # crop mask below this share of the tracked area: full pass
+    jump: float = Field(0.5, ge=0)  # centroid off its prediction by this share of the region: full pass
+    border_touch: float = Field(0.05, ge=0, le=1)  # share of an inner crop edge that is foreground: full pass
+    scene_cut: float = Field(0.2, ge=0, le=1)  # mean thumbnail change that resets the state
+    max_gap_reset: int = Field(30, ge=1)  # more frames missing than this resets the state
+    feather: float = Field(0.08, ge=0, le=0.5)  # blend ramp at inner crop edges, share of the crop side
 
 
 class StreamConfig(_Strict):

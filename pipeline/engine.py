@@ -21,6 +21,7 @@ import torch
 from models.temporal import Plan, TemporalParams, TemporalRefiner, TemporalState
 from pipeline.batcher import Batch, Batcher, Lane
 from pipeline.config import EngineConfig, RoiConfig, TemporalConfig
+from pipeline.roi import RoiOutput, RoiPlan, RoiTracker
 from pipeline.slot import FrameSlot
 from pipeline.types import DropCause, Frame, SegmentationResult, now
 
@@ -54,9 +55,26 @@ class EngineStats:
     infer_ms_ema: float = 0.0
     started: bool = False
     ready: bool = False
+    # Images through the network; in full-frame mode one per frame, so per frame it is the
+    # compute relative to full-frame mode. ROI frames add their crops and full passes here.
+    model_inputs: int = 0
+    roi_frames: int = 0
+    roi_crops: int = 0
+    roi_full: int = 0
 
     def snapshot(self) -> dict[str, Any]:
         return {
+            "model_inputs": self.model_inputs,
+            "inputs_per_frame": round(self.model_inputs / self.frames, 4) if self.frames else 0.0,
+            "roi": {
+                "frames": self.roi_frames,
+                "crops": self.roi_crops,
+                "full_passes": self.roi_full,
+                "crops_per_frame": round(self.roi_crops / self.roi_frames, 4) if self.roi_frames else 0.0,
+                "compute_vs_full": (
+                    round((self.roi_crops + self.roi_full) / self.roi_frames, 4) if self.roi_frames else 0.0
+                ),
+            },
             "batches": self.batches,
             "frames": self.frames,
             "errors": self.errors,
@@ -219,14 +237,20 @@ class Engine:
         t0 = time.perf_counter()
         try:
             seg = self._segmenter(batch.group)
-            x = seg.preprocess([f.image for f in batch.frames])
-            plans = self._plan(seg, x, batch)
+            # ROI frames contribute their crops (and full frame, when due) to the same batch.
+            roi = self._roi_begin(seg, batch.frames)
+            frames = [f for i, f in enumerate(batch.frames) if i not in roi]
+            images = [f.image for f in frames] + [im for _, _, ims in roi.values() for im in ims]
+            x = seg.preprocess(images) if images else None
+            plans = self._plan(seg, x, frames)
             run = [i for i, p in enumerate(plans) if p is None or p.run_model]
+            rows = run + list(range(len(frames), len(images)))
             t1 = time.perf_counter()
-            probs = seg.infer(x if len(run) == size else x[run]) if run else None
+            probs = seg.infer(x if len(rows) == len(images) else x[rows]) if rows else None
             t2 = time.perf_counter()
-            probs = self._refine(plans, run, probs, batch)
-            outs = seg.postprocess(probs, [(f.height, f.width) for f in batch.frames])
+            plain = self._refine(plans, run, probs if not roi or probs is None else probs[: len(run)], frames)
+            outs = seg.postprocess(plain, [(f.height, f.width) for f in frames]) if frames else []
+            roi_outs = self._roi_finish(roi, probs, len(run))
             t3 = time.perf_counter()
         except Exception as e:
             msg = f"model {batch.group!r} failed on a batch of {size}: {type(e).__name__}: {e}"
@@ -246,17 +270,24 @@ class Engine:
         self.stats.batches += 1
         self.stats.frames += size
         self.stats.batch_sizes[size] = self.stats.batch_sizes.get(size, 0) + 1
-        if run:
-            per_frame_infer = timings["infer"] / len(run)
+        self.stats.model_inputs += len(rows)
+        if rows:
+            per_frame_infer = timings["infer"] / len(rows)
             a = 0.1 if self.stats.infer_ms_ema else 1.0
             self.stats.infer_ms_ema = (1 - a) * self.stats.infer_ms_ema + a * per_frame_infer
         if self._on_batch is not None:
             self._on_batch(batch.group, size, timings)
         done = now()
         classes = tuple(seg.spec.classes)
-        for i, (frame, (labels, fg)) in enumerate(zip(batch.frames, outs, strict=True)):
-            plan = plans[i]
-            info = {} if plan is None else {"temporal": plan.reason}
+        plain_iter = iter(zip(plans, outs, strict=True))
+        for i, frame in enumerate(batch.frames):
+            if i in roi:
+                r = roi_outs[i]
+                labels, fg, full_pass, info = r.labels, r.fg, bool(r.info["full"]), {"roi": r.info}
+            else:
+                plan, (labels, fg) = next(plain_iter)
+                full_pass = plan is None or plan.run_model
+                info = {} if plan is None else {"temporal": plan.reason}
             self._emit(
                 frame,
                 labels,
@@ -266,7 +297,7 @@ class Engine:
                 timings,
                 done,
                 batch.first_at,
-                full_pass=plan is None or plan.run_model,
+                full_pass=full_pass,
                 info=info,
             )
 
@@ -275,9 +306,9 @@ class Engine:
         with self._streams_lock:
             return self._streams.get(stream_id)
 
-    def _plan(self, seg: SegmenterLike, x: Any, batch: Batch) -> list[Plan | None]:
+    def _plan(self, seg: SegmenterLike, x: Any, frames: Sequence[Frame]) -> list[Plan | None]:
         plans: list[Plan | None] = []
-        for i, frame in enumerate(batch.frames):
+        for i, frame in enumerate(frames):
             ctx = self._ctx(frame.stream_id)
             if ctx is None or ctx.temporal.mode == "off":
                 plans.append(None)
@@ -293,12 +324,12 @@ class Engine:
             )
         return plans
 
-    def _refine(self, plans: list[Plan | None], run: list[int], probs: Any, batch: Batch) -> Any:
+    def _refine(self, plans: list[Plan | None], run: list[int], probs: Any, frames: Sequence[Frame]) -> Any:
         if all(p is None for p in plans):
             return probs
         row = {i: j for j, i in enumerate(run)}
         out = []
-        for i, (frame, plan) in enumerate(zip(batch.frames, plans, strict=True)):
+        for i, (frame, plan) in enumerate(zip(frames, plans, strict=True)):
             p = probs[row[i]] if i in row else None
             ctx = self._ctx(frame.stream_id)
             if plan is None or ctx is None or ctx.refiner is None:
@@ -307,6 +338,39 @@ class Engine:
             refined, ctx.temporal_state = ctx.refiner.refine(plan, p, ctx.temporal_state)
             out.append(refined)
         return torch.stack(out)
+
+    # -- ROI mode: crops around the people of the previous mask (pipeline.roi) -----------
+    def _roi_begin(
+        self, seg: SegmenterLike, frames: Sequence[Frame]
+    ) -> dict[int, tuple[RoiTracker, RoiPlan, list[np.ndarray]]]:
+        """Plans for the ROI streams' frames, by batch position. ROI takes precedence over
+        temporal refinement: a stream with both set runs ROI only."""
+        jobs: dict[int, tuple[RoiTracker, RoiPlan, list[np.ndarray]]] = {}
+        for i, frame in enumerate(frames):
+            ctx = self._ctx(frame.stream_id)
+            if ctx is None or not ctx.roi.enabled:
+                continue
+            tracker = ctx.roi_state
+            if not isinstance(tracker, RoiTracker) or tracker.spec is not seg.spec:
+                tracker = ctx.roi_state = RoiTracker(ctx.roi, seg.spec)
+            plan, images = tracker.begin(frame.image, index=frame.index, discontinuity=frame.discontinuity)
+            jobs[i] = (tracker, plan, images)
+        return jobs
+
+    def _roi_finish(
+        self, jobs: dict[int, tuple[RoiTracker, RoiPlan, list[np.ndarray]]], probs: Any, start: int
+    ) -> dict[int, RoiOutput]:
+        """Paste each ROI frame's rows of ``probs`` (they follow the plain frames' ``start`` rows)."""
+        outs: dict[int, RoiOutput] = {}
+        row = start
+        for i, (tracker, plan, images) in jobs.items():
+            n = len(images)
+            outs[i] = tracker.finish(plan, probs[row : row + n] if n else None)
+            row += n
+            self.stats.roi_frames += 1
+            self.stats.roi_crops += len(plan.boxes)
+            self.stats.roi_full += int(plan.full)
+        return outs
 
     def _emit(
         self,

@@ -1,0 +1,303 @@
+"""ROI mode with a fake colour segmenter: geometry, pasting, discovery, recovery, resets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import RoiConfig
+from pipeline.roi import (
+    Box,
+    Region,
+    RoiPlan,
+    RoiTracker,
+    compose,
+    crop_images,
+    region_boxes,
+    square_box,
+)
+
+H, W = 120, 200
+
+
+@dataclass(frozen=True)
+class Spec:
+    input_size: tuple[int, int] = (32, 32)
+    binary: bool = True
+    classes: tuple[str, ...] = ("background", "person")
+    foreground_class: int = 1
+    resize: str = "stretch"
+
+
+class RedSegmenter:
+    """'Person' = red pixels. ``blind`` call numbers return nothing (a missed detection)."""
+
+    def __init__(self, spec: Spec = Spec(), blind: set[int] = frozenset()) -> None:
+        self.spec = spec
+        self.blind = set(blind)
+        self.calls = 0
+        self.inputs = 0
+
+    def preprocess(self, images):
+        h, w = self.spec.input_size
+        red = [cv2.resize(im[..., 0], (w, h), interpolation=cv2.INTER_AREA) for im in images]
+        return torch.from_numpy(np.stack(red)).float().div(255.0).unsqueeze(1).repeat(1, 3, 1, 1)
+
+    def infer(self, x):
+        self.calls += 1
+        self.inputs += x.shape[0]
+        p = (x[:, :1] > 0.5).float()
+        if self.calls in self.blind:
+            p = torch.zeros_like(p)
+        return torch.cat([1 - p, p], dim=1)
+
+
+def scene(blobs, h=H, w=W):
+    """Grey frame with red rectangles (x, y, bw, bh); returns (image, mask)."""
+    img = np.full((h, w, 3), 90, np.uint8)
+    mask = np.zeros((h, w), bool)
+    for x, y, bw, bh in blobs:
+        img[y:y + bh, x:x + bw] = (230, 30, 30)
+        mask[y:y + bh, x:x + bw] = True
+    return img, mask
+
+
+def step(tracker, seg, img, index, **kw):
+    plan, images = tracker.begin(img, index=index, **kw)
+    probs = seg.infer(seg.preprocess(images)) if images else None
+    return plan, tracker.finish(plan, probs)
+
+
+def iou(a, b):
+    return (a & b).sum() / max(1, (a | b).sum())
+
+
+def region(x, y, bw, bh, vx=0.0, vy=0.0):
+    return Region(Box(x, y, x + bw, y + bh), bw * bh, x + bw / 2, y + bh / 2, vx, vy)
+
+
+# -- geometry -------------------------------------------------------------------------------
+
+
+def test_box_rejects_empty():
+    with pytest.raises(ValueError, match="empty box"):
+        Box(5, 5, 5, 9)
+
+
+def test_square_box_shifts_inside_the_frame_and_clamps_to_the_short_side():
+    b = square_box(2, 3, 40, (H, W))
+    assert (b.x0, b.y0, b.width, b.height) == (0, 0, 40, 40)
+    b = square_box(W - 1, H - 1, 40, (H, W))
+    assert (b.x1, b.y1, b.width, b.height) == (W, H, 40, 40)
+    b = square_box(100, 60, 500, (H, W))  # longer than both sides: the whole frame
+    assert (b.x0, b.y0, b.x1, b.y1) == (0, 0, W, H)
+    b = square_box(30, 60, 150, (H, W))  # longer than the height only
+    assert (b.height, b.width, b.x0) == (H, 150, 0)
+
+
+def test_overlapping_regions_merge_and_distant_ones_do_not():
+    cfg = RoiConfig(enabled=True, min_crop=0.0)
+    near = region_boxes((region(20, 20, 20, 30), region(45, 25, 20, 30)), (H, W), cfg)
+    assert len(near) == 1
+    box, members = near[0]
+    assert len(members) == 2 and box.x0 <= 20 and box.x1 >= 65 and box.width == box.height
+    far = region_boxes((region(5, 5, 20, 20), region(160, 80, 20, 20)), (H, W), cfg)
+    assert len(far) == 2
+
+
+def test_cap_merges_the_closest_regions_and_keeps_everyone_covered():
+    cfg = RoiConfig(enabled=True, min_crop=0.0, margin=0.0, max_regions=2)
+    regs = (region(0, 0, 10, 10), region(14, 0, 10, 10), region(180, 100, 10, 10), region(100, 0, 10, 10))
+    boxes = region_boxes(regs, (H, W), cfg)
+    assert len(boxes) == 2
+    for r in regs:
+        assert any(b.x0 <= r.box.x0 and b.x1 >= r.box.x1 and b.y0 <= r.box.y0 and b.y1 >= r.box.y1
+                   for b, _ in boxes), r
+
+
+def test_margin_grows_with_motion_and_with_the_frame_gap():
+    cfg = RoiConfig(enabled=True, min_crop=0.0)
+
+    def side(r, gap):
+        return region_boxes((r,), (H, W), cfg, gap)[0][0].width
+
+    still = region(90, 50, 16, 16)
+    moving = region(90, 50, 16, 16, vx=4.0)
+    assert side(still, 1) == 24  # 16 + 2 * 0.25 * 16
+    assert side(still, 3) > side(still, 1)
+    assert side(moving, 1) > side(still, 1)
+    assert side(moving, 3) > side(moving, 1)
+    # the box is centred where the velocity predicts
+    b = region_boxes((moving,), (H, W), cfg, 3)[0][0]
+    assert b.center[0] == pytest.approx(98 + 12, abs=1)
+
+
+# -- crop and paste -------------------------------------------------------------------------
+
+
+def test_crop_and_paste_are_exact_at_frame_borders():
+    rng = np.random.default_rng(0)
+    values = torch.from_numpy(rng.random((H, W), dtype=np.float32))
+    img = np.zeros((H, W, 3), np.uint8)
+    corner, far = square_box(0, 0, 50, (H, W)), square_box(W, H, 50, (H, W))
+    plan = RoiPlan(0, (H, W), False, (corner, far), "track")
+    crops = crop_images(img, plan)
+    assert [c.shape[:2] for c in crops] == [(50, 50), (50, 50)]
+    pasted = [values[b.y0:b.y1, b.x0:b.x1][None] for b in plan.boxes]
+    canvas = compose(plan, Spec(), None, pasted, feather=0.1)[0]
+    # frame edges have no blend ramp: the values come back unchanged there and inside
+    assert torch.equal(canvas[0, :45], values[0, :45])
+    assert torch.equal(canvas[:45, 0], values[:45, 0])
+    assert torch.equal(canvas[H - 1, W - 45:], values[H - 1, W - 45:])
+    assert torch.equal(canvas[10:40, 10:40], values[10:40, 10:40])
+    # nothing outside the crops without a full pass
+    assert float(canvas[:, 60:140].abs().max()) == 0.0
+    # toward an inner edge the crop fades into the background
+    assert 0 < float(canvas[20, 49]) < float(values[20, 49])
+
+
+def test_overlapping_crops_blend_and_a_full_pass_fills_the_rest():
+    a, b = Box(0, 0, 60, 60), Box(40, 0, 100, 60)
+    plan = RoiPlan(0, (H, W), True, (a, b), "periodic")
+    ones = torch.ones((1, 60, 60))
+    base = torch.full((1, H, W), 0.25)
+    canvas = compose(plan, Spec(), base, [ones, ones * 0.0], feather=0.2)[0]
+    assert float(canvas[30, 10]) == 1.0 and float(canvas[30, 80]) == 0.0
+    mid = canvas[30, 45:55]
+    assert torch.all((mid > 0) & (mid < 1))
+    assert torch.all(mid[1:] <= mid[:-1])  # a smooth hand-over, no seam
+    assert float(canvas[100, 150]) == 0.25
+
+
+def test_multiclass_background_outside_crops():
+    spec = Spec(binary=False, classes=("bg", "a", "person"), foreground_class=2)
+    plan = RoiPlan(0, (H, W), False, (Box(0, 0, 40, 40),), "track")
+    p = torch.zeros((3, 40, 40))
+    p[2] = 1.0
+    canvas = compose(plan, spec, None, [p], feather=0.1)
+    assert canvas.shape == (3, H, W)
+    labels = canvas.argmax(0)
+    assert int(labels[5, 5]) == 2 and int(labels[100, 150]) == 0
+
+
+# -- the per-stream loop --------------------------------------------------------------------
+
+
+def test_crops_beat_the_model_resolution_and_cost_one_input_per_region():
+    seg = RedSegmenter()
+    tr = RoiTracker(RoiConfig(enabled=True, full_every=100), seg.spec)
+    img, mask = scene([(150, 80, 7, 13)])  # small: at 32x32 the full frame blurs it away
+    plan, out = step(tr, seg, img, 0)
+    assert plan.full and plan.reason == "first"
+    for i in range(1, 5):
+        plan, out = step(tr, seg, img, i)
+        assert not plan.full and len(plan.boxes) == 1 and plan.inputs == 1
+        assert out.info == {"crops": 1, "full": False, "reason": "track", "inputs": 1}
+    assert np.array_equal(out.labels == 1, mask)
+
+
+def test_a_second_object_is_discovered_within_full_every_frames():
+    seg = RedSegmenter()
+    k = 4
+    tr = RoiTracker(RoiConfig(enabled=True, full_every=k), seg.spec)
+    a = (20, 30, 30, 40)
+    b = (140, 50, 30, 40)
+    seen = None
+    for i in range(12):
+        img, _ = scene([a] if i < 3 else [a, b])
+        plan, out = step(tr, seg, img, i)
+        found_b = (out.labels[50:90, 140:170] == 1).mean() > 0.9
+        if i >= 3 and found_b and seen is None:
+            seen = i
+        assert (out.labels[30:70, 20:50] == 1).mean() > 0.9  # a never loses its mask
+    assert seen is not None and seen - 3 <= k
+    assert len(tr.state.regions) == 2
+    assert plan.inputs == 2 and not plan.full  # both tracked by crops afterwards
+
+
+def test_recovery_after_a_missed_frame():
+    seg = RedSegmenter(blind={3})  # the model misses the object on its third call
+    tr = RoiTracker(RoiConfig(enabled=True, full_every=100), seg.spec)
+    plans, outs = [], []
+    for i in range(6):
+        img, _ = scene([(60 + 3 * i, 40, 24, 36)])
+        p, o = step(tr, seg, img, i)
+        plans.append(p)
+        outs.append(o)
+    assert outs[2].info.get("problem") == "collapse"
+    assert plans[3].full and plans[3].reason == "collapse"
+    _, mask = scene([(75, 40, 24, 36)])
+    assert np.array_equal(outs[5].labels == 1, mask)
+
+
+def test_an_index_gap_widens_the_crop_and_keeps_a_fast_object():
+    seg = RedSegmenter()
+    tr = RoiTracker(RoiConfig(enabled=True, full_every=100), seg.spec)
+    for i in (0, 1, 2):
+        step(tr, seg, scene([(20 + 8 * i, 40, 16, 30)])[0], i)
+    img, mask = scene([(20 + 8 * 6, 40, 16, 30)])  # frames 3-5 dropped upstream
+    plan, out = step(tr, seg, img, 6)
+    assert plan.gap == 4 and not plan.full
+    box = plan.boxes[0]
+    assert box.x0 <= 68 and box.x1 >= 84  # the object is inside the widened, shifted crop
+    assert iou(out.labels == 1, mask) > 0.75
+
+
+def test_touching_the_crop_border_asks_for_a_full_pass():
+    seg = RedSegmenter()
+    tr = RoiTracker(RoiConfig(enabled=True, full_every=100, min_crop=0.0), seg.spec)
+    step(tr, seg, scene([(90, 50, 10, 10)])[0], 0)
+    grown = scene([(90, 50, 10, 10), (92, 0, 4, 50)])[0]  # a bar grows out of the top
+    _, out = step(tr, seg, grown, 1)
+    assert out.info.get("problem") == "border"
+    plan, _ = step(tr, seg, grown, 2)
+    assert plan.full and plan.reason == "border"
+
+
+def test_discontinuity_scene_cut_and_long_gap_reset_to_a_full_frame():
+    seg = RedSegmenter()
+    cfg = RoiConfig(enabled=True, full_every=100, max_gap_reset=10)
+    tr = RoiTracker(cfg, seg.spec)
+    img, _ = scene([(60, 40, 24, 36)])
+    step(tr, seg, img, 0)
+    step(tr, seg, img, 1)
+    plan, _ = step(tr, seg, img, 2, discontinuity=True)
+    assert plan.full and plan.reset and plan.reason == "discontinuity" and plan.boxes == ()
+    assert tr.state.resets == 1
+    plan, _ = step(tr, seg, img, 20)
+    assert plan.reason == "gap" and plan.full
+    other = np.full_like(img, 250)
+    plan, _ = step(tr, seg, other, 21)
+    assert plan.reason == "scene_cut" and plan.full
+    assert tr.state.resets == 3
+
+
+def test_nothing_tracked_runs_nothing_until_the_next_full_pass():
+    seg = RedSegmenter()
+    tr = RoiTracker(RoiConfig(enabled=True, full_every=3), seg.spec)
+    img = np.full((H, W, 3), 90, np.uint8)
+    reasons = [step(tr, seg, img, i)[0].reason for i in range(7)]
+    assert reasons == ["first", "idle", "idle", "periodic", "idle", "idle", "periodic"]
+    assert seg.inputs == 3
+
+
+def test_large_regions_fall_back_to_one_full_pass():
+    seg = RedSegmenter()
+    tr = RoiTracker(RoiConfig(enabled=True, full_every=100), seg.spec)
+    img, _ = scene([(10, 5, 170, 110)])
+    step(tr, seg, img, 0)
+    plan, out = step(tr, seg, img, 1)
+    assert plan.full and plan.boxes == () and plan.reason == "large"
+
+
+def test_finish_checks_the_number_of_maps():
+    seg = RedSegmenter()
+    tr = RoiTracker(RoiConfig(enabled=True), seg.spec)
+    plan, images = tr.begin(scene([])[0], index=0)
+    with pytest.raises(ValueError, match="1 model inputs, got 0"):
+        tr.finish(plan, None)
+
