@@ -60,6 +60,7 @@ class Client:
     last_accept: float = 0.0  # monotonic time of the last result accepted for this client
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    on_slow: Callable[[], None] | None = None  # also counts the skip in the stream's drop counters
 
     def wants(self, t: float) -> bool:
         """Rate limit: accept a result only if max_fps allows it at monotonic time t."""
@@ -86,8 +87,10 @@ class Client:
         """Event loop only: put a message in the slot, replacing (and counting) an unsent one."""
         if self.closed:
             return
-        if self.pending is not None:
+        if self.pending is not None and self.pending.header.get("type") == "result":
             self.dropped_slow += 1
+            if self.on_slow is not None:
+                self.on_slow()
         self.pending = msg
         self.event.set()
 
@@ -144,6 +147,9 @@ class Hub:
             quality=quality,
             loop=asyncio.get_running_loop(),
         )
+        if self._on_drop is not None:
+            on_drop = self._on_drop
+            client.on_slow = lambda: on_drop(stream_id, DropCause.CLIENT_SLOW)
         with self._lock:
             self._clients.setdefault(stream_id, {})[client.id] = client
         return client

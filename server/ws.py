@@ -121,6 +121,10 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
         for task in pending:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for task in done:
+            error = task.exception()
+            if error is not None and not isinstance(error, WebSocketDisconnect):
+                log.warning("stream %s: websocket client ended with %r", stream_id, error)
     finally:
         hub.unsubscribe(client)
         app.state.on_client_change(stream_id, -1)
