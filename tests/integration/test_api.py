@@ -1,0 +1,109 @@
+"""REST API against a real uvicorn: stream lifecycle, validation messages, auth, docs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from pipeline.config import AppConfig, EngineConfig, ServerConfig
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+def test_stream_lifecycle_and_models(live_server, null_config) -> None:
+    srv = live_server(null_config)
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        assert http.get("/api/streams").json() == []
+        r = http.post("/api/streams", json={"source": "demo", "id": "cam", "temporal": "smooth"})
+        assert r.status_code == 201 and r.headers["location"] == "/api/streams/cam"
+        info = r.json()
+        assert (info["id"], info["model"], info["temporal"], info["kind"]) == (
+            "cam",
+            "null",
+            "smooth",
+            "demo",
+        )
+        for key in ("state", "error", "fps", "latency_ms", "drops", "clients"):
+            assert key in info
+        assert [s["id"] for s in http.get("/api/streams").json()] == ["cam"]
+        r = http.patch("/api/streams/cam", json={"temporal": "off"})
+        assert r.status_code == 200 and r.json()["temporal"] == "off"
+        models = {m["name"]: m for m in http.get("/api/models").json()}
+        assert models["null"]["default"] and models["null"]["classes"] == ["background", "person"]
+        assert len(models["null"]["colours"]) == 2
+        assert http.delete("/api/streams/cam").status_code == 204
+        assert http.get("/api/streams/cam").status_code == 404
+        assert http.get("/docs").status_code == 200
+        assert "/api/streams" in http.get("/openapi.json").json()["paths"]
+        assert http.get("/").headers["content-type"].startswith("text/html")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({}, 422, "source"),
+        ({"source": ""}, 422, "source"),
+        ({"source": "demo", "id": "bad id!"}, 422, "id"),
+        ({"source": "demo", "colour": "red"}, 422, "colour"),
+        ({"source": "demo", "model": "nope"}, 400, "unknown model 'nope'"),
+        ({"source": "gopher://x"}, 400, "unsupported source scheme"),
+        ({"source": "demo", "temporal": "sometimes"}, 422, "temporal"),
+    ],
+)
+def test_invalid_post_bodies_get_clear_4xx(live_server, null_config, body, status, needle) -> None:
+    srv = live_server(null_config)
+    r = httpx.post(f"{srv.url}/api/streams", json=body, timeout=10)
+    assert r.status_code == status, r.text
+    assert needle in r.text
+    # the server keeps serving
+    assert httpx.post(f"{srv.url}/api/streams", json={"source": "demo"}, timeout=10).status_code == 201
+
+
+def test_duplicate_and_unknown_ids(live_server, null_config) -> None:
+    srv = live_server(null_config)
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        assert http.post("/api/streams", json={"source": "demo", "id": "a"}).status_code == 201
+        r = http.post("/api/streams", json={"source": "demo", "id": "a"})
+        assert r.status_code == 409 and "already exists" in r.json()["detail"]
+        for method in ("GET", "PATCH", "DELETE"):
+            r = http.request(method, "/api/streams/zz", json={} if method == "PATCH" else None)
+            assert r.status_code == 404 and "unknown stream 'zz'" in r.json()["detail"], method
+        r = http.post("/api/streams", content=b"{", headers={"content-type": "application/json"})
+        assert r.status_code == 422
+        r = http.post("/api/streams", content=b"x" * 100_000, headers={"content-type": "application/json"})
+        assert r.status_code == 413
+
+
+async def test_token_guards_rest_and_websockets(live_server) -> None:
+    config = AppConfig(
+        default_model="null",
+        server=ServerConfig(token="s3cret"),
+        engine=EngineConfig(threads=1, encode_workers=1),
+    )
+    srv = live_server(config)
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = http.get("/api/streams", headers=headers)
+            assert r.status_code == 401 and "token" in r.json()["detail"]
+            assert r.headers["www-authenticate"] == "Bearer"
+        good = {"Authorization": "Bearer s3cret"}
+        assert http.post("/api/streams", json={"source": "demo", "id": "d"}, headers=good).status_code == 201
+        assert http.get("/api/streams?token=s3cret").status_code == 200
+        assert http.get("/").status_code == 200  # the viewer page itself asks for the token
+    for url in (srv.stream_ws("d"), srv.stream_ws("d", token="wrong"), srv.stream_ws("nope")):
+        async with connect(url, open_timeout=5) as ws:
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+            assert ws.close_code == 4401 and "token" in ws.close_reason
+    async with connect(srv.stream_ws("d", format="rle", token="s3cret"), open_timeout=5) as ws:
+        assert isinstance(await asyncio.wait_for(ws.recv(), 5), bytes)
+    async with connect(
+        srv.stream_ws("d", format="rle"),
+        additional_headers={"Authorization": "Bearer s3cret"},
+        open_timeout=5,
+    ) as ws:
+        assert isinstance(await asyncio.wait_for(ws.recv(), 5), bytes)
