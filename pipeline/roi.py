@@ -104,6 +104,9 @@ class Region:
     cy: float
     vx: float = 0.0
     vy: float = 0.0
+    # Seen through a crop last frame. A region only the full frame saw has a coarse mask, so its
+    # first crop may legitimately move or shrink it: no jump/collapse test against it.
+    cropped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +322,8 @@ def _health(
     h, w = plan.size
     ys, xs = np.nonzero(fg)
     prev_area = sum(r.area for r in members)
-    if ys.size < cfg.collapse * prev_area:
+    checked = all(r.cropped for r in members)
+    if ys.size == 0 or (checked and ys.size < cfg.collapse * prev_area):
         return "collapse", None
     pcx = sum(r.cx * r.area for r in members) / prev_area
     pcy = sum(r.cy * r.area for r in members) / prev_area
@@ -328,7 +332,7 @@ def _health(
     mvx = sum(r.vx * r.area for r in members) / prev_area
     mvy = sum(r.vy * r.area for r in members) / prev_area
     extent = max(max(r.box.width, r.box.height) for r in members)
-    if math.hypot(cx - pcx - mvx * plan.gap, cy - pcy - mvy * plan.gap) > cfg.jump * extent:
+    if checked and math.hypot(cx - pcx - mvx * plan.gap, cy - pcy - mvy * plan.gap) > cfg.jump * extent:
         return "jump", v
     edges = []
     if box.y0 > 0:
@@ -367,7 +371,7 @@ def update_state(
         cx, cy = r.box.center
         for box, (vx, vy) in velocity:  # a component inherits the motion of the crop it sits in
             if box.x0 <= cx < box.x1 and box.y0 <= cy < box.y1:
-                r = replace(r, vx=vx, vy=vy)
+                r = replace(r, vx=vx, vy=vy, cropped=True)
                 break
         regions.append(r)
     return replace(

@@ -31,6 +31,8 @@ class Spec:
     classes: tuple[str, ...] = ("background", "person")
     foreground_class: int = 1
     resize: str = "stretch"
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 class RedSegmenter:
@@ -54,6 +56,13 @@ class RedSegmenter:
         if self.calls in self.blind:
             p = torch.zeros_like(p)
         return torch.cat([1 - p, p], dim=1)
+
+    def postprocess(self, probs, sizes):
+        out = []
+        for p, (h, w) in zip(probs, sizes, strict=True):
+            fg = cv2.resize(p[1].numpy(), (w, h), interpolation=cv2.INTER_LINEAR)
+            out.append(((fg > 0.5).astype(np.uint8), fg))
+        return out
 
 
 def scene(blobs, h=H, w=W):
