@@ -43,6 +43,10 @@ _LUMA = (0.299, 0.587, 0.114)
 _RESIDUAL_CELLS = 64
 # Energy is measured per cell of this grid and the worst cell counts.
 _ENERGY_GRID = 4
+# Matching cost added per cell of displacement (RGB in [0, 1]): ties go to "no motion".
+_MOTION_PENALTY = 0.004
+# Motion is estimated per block of this many thumbnail cells.
+_BLOCK = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +60,9 @@ class TemporalParams:
     keyframe_energy: float = 0.015  # accumulated residual energy that forces a full pass
     keyframe_max_gap: int = 8  # a full pass at least every this many frames
     scene_cut_energy: float = 0.25  # mean residual above this = a new scene, state resets
-    hysteresis: float = 0.25  # bias toward the previous label where nothing moved
+    hysteresis: float = 0.1  # bias toward the previous label where nothing moved
     max_gap_reset: int = 30  # more dropped frames than this in a row = a discontinuity
+    motion_search: int = 3  # smooth: follow motion up to this many residual cells per frame (0: off)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -76,6 +81,8 @@ class TemporalParams:
             raise ValueError(f"keyframe_max_gap must be >= 1, got {self.keyframe_max_gap!r}")
         if not 0.0 <= self.hysteresis < 1.0:
             raise ValueError(f"hysteresis must be in [0, 1), got {self.hysteresis!r}")
+        if not 0 <= self.motion_search <= 8:
+            raise ValueError(f"motion_search must be in [0, 8], got {self.motion_search!r}")
         if self.max_gap_reset < 0:
             raise ValueError(f"max_gap_reset must be >= 0, got {self.max_gap_reset!r}")
 
@@ -121,6 +128,7 @@ class Plan:
     energy: float  # mean residual above the noise floor, against the last frame the model saw
     gap: int  # frames missing between the previous update and this one
     reset: bool  # the previous state is dropped before this frame
+    flow: torch.Tensor | None = None  # 1 x 2 x h'' x w'': where each block was in the previous frame
 
 
 def rgb_from_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -187,11 +195,19 @@ class TemporalRefiner:
         if reason:
             return Plan(index, True, reason, thumb, None, 0.0, gap, reason != "first")
 
-        step = _residual(thumb, state.thumb)
+        flow = None
+        ref = state.thumb
+        if p.mode == "smooth" and p.motion_search > 0:
+            # Follow what moved (camera pans, walking people) so the previous mask can be
+            # moved along with it and blended there too, instead of only where nothing moved.
+            flow = _match(thumb, ref, p.motion_search)
+            ref = _warp(ref, flow)
+        step = _residual(thumb, ref)
         if float(step.mean()) > p.scene_cut_energy:
             return Plan(index, True, "scene_cut", thumb, None, 0.0, gap, True)
         if p.mode == "smooth":
-            return Plan(index, True, "motion", thumb, step, _energy(step, p.motion_low), gap, False)
+            energy = _energy(step, p.motion_low)
+            return Plan(index, True, "motion", thumb, step, energy, gap, False, flow)
 
         # keyframe: compare with the frame the current mask came from, so slow drift adds up
         # while sensor noise (removed by the floor) does not.
@@ -238,6 +254,8 @@ class TemporalRefiner:
             out = probs
             prev = state.probs
             if plan.residual is not None and prev is not None and prev.shape == probs.shape:
+                if plan.flow is not None:
+                    prev = _warp(prev.unsqueeze(0), plan.flow)[0]
                 out = self._blend(probs, prev, plan.residual, plan.gap)
             new_state = replace(
                 state,
@@ -293,10 +311,47 @@ class TemporalRefiner:
         if p.hysteresis > 0:
             # Favour the previous label where nothing moved: a pixel near the decision
             # boundary must be won by a margin before it flips, which is what stops flicker.
-            prev_label = F.one_hot(prev.argmax(0), new.shape[0]).permute(2, 0, 1).to(new.dtype)
+            # (amax, not argmax: argmax over the class dimension is very slow on CPU)
+            prev_label = (prev >= prev.amax(0, keepdim=True)).to(new.dtype)
             bias = p.hysteresis * still
             out = (out + bias * prev_label) / (1.0 + bias)
         return out
+
+
+def _match(cur: torch.Tensor, ref: torch.Tensor, radius: int) -> torch.Tensor:
+    """Block matching on thumbnails: where each block of ``cur`` was in ``ref``.
+
+    Every integer offset within ``radius`` cells is tried on brightness; costs are summed
+    over blocks of 4 x 4 cells and a small penalty per cell of displacement keeps flat
+    areas at zero motion. Returns the offsets as a 1 x 2 x h/4 x w/4 field in grid_sample's
+    normalised coordinates (x, y).
+    """
+    n, _, h, w = cur.shape
+    r, side = radius, 2 * radius + 1
+    cur_y, ref_y = cur.mean(dim=1, keepdim=True), ref.mean(dim=1, keepdim=True)
+    padded = F.pad(ref_y, (r, r, r, r), mode="replicate")
+    # every shifted copy of ref at once, as a view: n x 1 x side x side x h x w
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)
+    costs = (cur_y[:, :, None, None] - windows).abs().reshape(n, side * side, h, w)
+    cost = F.avg_pool2d(costs, _BLOCK, stride=_BLOCK, ceil_mode=True)
+    d = torch.arange(-r, r + 1, device=cur.device, dtype=cur.dtype)
+    dy, dx = torch.meshgrid(d, d, indexing="ij")
+    cost = cost + _MOTION_PENALTY * torch.maximum(dx.abs(), dy.abs()).reshape(1, -1, 1, 1)
+    # argmin over a contiguous last dimension: much faster on CPU than over dim 1
+    best = cost.permute(0, 2, 3, 1).contiguous().argmin(dim=-1)
+    table = torch.stack((dx.flatten() * (2.0 / w), dy.flatten() * (2.0 / h)), dim=1)
+    return table[best].permute(0, 3, 1, 2)
+
+
+def _warp(t: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Sample ``t`` (N x C x H x W) at each position plus ``flow`` (normalised, upsampled)."""
+    _, _, hh, ww = t.shape
+    if flow.shape[-2:] != (hh, ww):
+        flow = F.interpolate(flow, size=(hh, ww), mode="bilinear", align_corners=False)
+    ys = torch.linspace(-1 + 1 / hh, 1 - 1 / hh, hh, device=t.device, dtype=t.dtype)
+    xs = torch.linspace(-1 + 1 / ww, 1 - 1 / ww, ww, device=t.device, dtype=t.dtype)
+    grid = torch.stack((xs.view(1, 1, ww) + flow[:, 0], ys.view(1, hh, 1) + flow[:, 1]), dim=-1)
+    return F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _residual(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,153 @@
+"""``segstream eval`` on a tiny generated DAVIS-style sequence, with a fake segmenter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from models.temporal import TemporalParams
+from pipeline.evaluate import (
+    EvalInputError,
+    add_eval_parser,
+    evaluate,
+    load_sequence,
+    run_eval,
+)
+from tests.unit.test_temporal import FakeSegmenter, make_scene
+
+
+def write_davis(tmp_path, n=8, *, moving=True, video=False):
+    frames, masks = make_scene(n, moving=moving)
+    fdir, mdir = tmp_path / "JPEGImages", tmp_path / "Annotations"
+    fdir.mkdir()
+    mdir.mkdir()
+    for i, (f, m) in enumerate(zip(frames, masks, strict=True)):
+        # PNG frames keep the test lossless; JPEG is read the same way.
+        cv2.imwrite(str(fdir / f"{i:05d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(mdir / f"{i:05d}.png"), m.astype(np.uint8) * 255)
+    return fdir, mdir, frames, masks
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="segstream")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_eval_json_reports_the_three_scores(tmp_path, capsys):
+    fdir, mdir, _, _ = write_davis(tmp_path)
+    args = parse(["eval", str(fdir), str(mdir), "--temporal", "keyframe", "--json"])
+    assert args.handler is run_eval
+    assert run_eval(args, load_segmenter=lambda a: FakeSegmenter()) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"miou", "flicker", "full_frac"} <= out.keys()
+    assert 0.8 < out["miou"] <= 1.0
+    assert 0.0 <= out["flicker"] < 0.05
+    assert 0.0 < out["full_frac"] <= 1.0 and out["frames"] == 8
+
+
+def test_eval_table_output(tmp_path, capsys):
+    fdir, mdir, _, _ = write_davis(tmp_path, n=4)
+    assert run_eval(parse(["eval", str(fdir), str(mdir)]), load_segmenter=lambda a: FakeSegmenter()) == 0
+    out = capsys.readouterr().out
+    assert "mean IoU" in out and "flicker" in out and "full_frac" in out
+
+
+def test_evaluate_scores_match_a_hand_count():
+    frames, masks = make_scene(6)
+    seg = FakeSegmenter(logit_noise=0.0)
+    res = evaluate(frames, masks, seg, TemporalParams(mode="off"))
+    preds = [
+        seg.postprocess(seg.infer(seg.preprocess([f])), [m.shape])[0][0] == 1
+        for f, m in zip(frames, masks, strict=True)
+    ]
+    ious = [np.count_nonzero(p & m) / np.count_nonzero(p | m) for p, m in zip(preds, masks, strict=True)]
+    steady = sum(np.count_nonzero(a == b) for a, b in zip(masks, masks[1:], strict=False))
+    changed = sum(
+        np.count_nonzero((p0 != p1) & (g0 == g1))
+        for p0, p1, g0, g1 in zip(preds, preds[1:], masks, masks[1:], strict=False)
+    )
+    assert res["miou"] == pytest.approx(np.mean(ious))
+    assert res["flicker"] == pytest.approx(changed / steady)
+    assert res["full_frac"] == 1.0 and res["full_frames"] == 6
+
+
+def test_keyframe_segments_fewer_frames_on_a_static_sequence():
+    # Carrying one noisy mask forward scores like one draw of the model's noise, so the
+    # IoU cost is averaged over a few scenes.
+    drops = []
+    for seed in range(4):
+        frames, masks = make_scene(12, moving=False, seed=seed)
+        off = evaluate(frames, masks, FakeSegmenter(logit_noise=0.4), TemporalParams(mode="off"))
+        key = evaluate(frames, masks, FakeSegmenter(logit_noise=0.4), TemporalParams(mode="keyframe"))
+        assert key["full_frac"] <= 0.5 * off["full_frac"]
+        drops.append(off["miou"] - key["miou"])
+    assert np.mean(drops) <= 0.01
+
+
+def test_eval_reads_a_video_file(tmp_path, capsys):
+    av = pytest.importorskip("av")
+    frames, masks = make_scene(5, moving=False)
+    video = tmp_path / "clip.mp4"
+    with av.open(str(video), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        for f in frames:
+            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    mdir = tmp_path / "masks"
+    mdir.mkdir()
+    for i, m in enumerate(masks):
+        cv2.imwrite(str(mdir / f"{i:05d}.png"), m.astype(np.uint8) * 255)
+    args = parse(["eval", str(video), str(mdir), "--json"])
+    assert run_eval(args, load_segmenter=lambda a: FakeSegmenter()) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["frames"] == 5 and out["miou"] > 0.7
+
+
+def test_missing_dir_is_one_clear_line_and_exit_2(tmp_path, capsys):
+    fdir, mdir, _, _ = write_davis(tmp_path, n=3)
+    loaded = []
+    code = run_eval(parse(["eval", str(tmp_path / "nope"), str(mdir)]), load_segmenter=loaded.append)
+    err = capsys.readouterr().err
+    assert code == 2 and not loaded  # input is checked before any model is loaded
+    assert err.count("\n") == 1 and "frames not found" in err and "nope" in err
+    assert run_eval(parse(["eval", str(fdir), str(tmp_path / "gone")]), load_segmenter=loaded.append) == 2
+    assert "masks directory not found" in capsys.readouterr().err
+
+
+def test_mismatched_counts_and_names_are_refused(tmp_path, capsys):
+    fdir, mdir, _, _ = write_davis(tmp_path, n=4)
+    (mdir / "00003.png").unlink()
+    assert run_eval(parse(["eval", str(fdir), str(mdir)]), load_segmenter=lambda a: FakeSegmenter()) == 2
+    assert "4 frames" in capsys.readouterr().err
+    (mdir / "00003.png").write_bytes((mdir / "00002.png").read_bytes())
+    (mdir / "00002.png").rename(mdir / "99999.png")
+    with pytest.raises(EvalInputError, match="no mask .* for frame 00002"):
+        load_sequence(fdir, mdir)
+
+
+def test_bad_threshold_and_unknown_model_exit_2(tmp_path, capsys):
+    fdir, mdir, _, _ = write_davis(tmp_path, n=2)
+    assert run_eval(parse(["eval", str(fdir), str(mdir), "--blend", "1.5"])) == 2
+    assert "blend" in capsys.readouterr().err
+
+    def unknown(args):
+        raise KeyError(f"unknown model {args.model!r}")
+
+    assert run_eval(parse(["eval", str(fdir), str(mdir), "--model", "nope"]), load_segmenter=unknown) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_mismatched_streams():
+    frames, masks = make_scene(3)
+    with pytest.raises(EvalInputError, match="more frames than masks"):
+        evaluate(frames, masks[:2], FakeSegmenter(), TemporalParams())
+    with pytest.raises(EvalInputError, match="more masks than frames"):
+        evaluate(frames[:2], masks, FakeSegmenter(), TemporalParams())
