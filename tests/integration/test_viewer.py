@@ -1,0 +1,146 @@
+"""The viewer in a real headless Chromium (Debian's), driven by Playwright, against a real uvicorn."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers_video import make_test_video
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.timeout(90)]
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-sync",
+]
+CAMERA_ARGS = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+
+
+@pytest.fixture
+def browser_page():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    pages = []
+
+    def open_page(extra_args: tuple[str, ...] = ()):
+        pw = sync_api.sync_playwright().start()
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS + list(extra_args))
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(15_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        pages.append((pw, browser, page, errors))
+        return page, errors
+
+    yield open_page
+    for pw, browser, _, _ in pages:
+        browser.close()
+        pw.stop()
+
+
+def canvas_snapshot(page, stream_id: str) -> str:
+    return page.eval_on_selector(f'.tile[data-stream="{stream_id}"] canvas', "c => c.toDataURL('image/png')")
+
+
+def wait_for_fps(page, stream_id: str) -> float:
+    sel = f'.tile[data-stream="{stream_id}"] .r-fps'
+    page.wait_for_function(f"() => Number(document.querySelector('{sel}')?.dataset.fps || 0) > 0")
+    return float(page.get_attribute(sel, "data-fps"))
+
+
+def wait_canvas_changes(page, stream_id: str, timeout: float = 10.0) -> None:
+    first = canvas_snapshot(page, stream_id)
+    deadline = time.monotonic() + timeout
+    while canvas_snapshot(page, stream_id) == first:
+        assert time.monotonic() < deadline, "the canvas did not change"
+        page.wait_for_timeout(100)
+
+
+def test_viewer_adds_a_stream_through_the_form_and_plays_it(live_server, null_config, browser_page, tmp_path):
+    server = null_config.server.model_copy(update={"media_dir": str(tmp_path)})
+    srv = live_server(null_config.model_copy(update={"server": server}))
+    make_test_video(tmp_path / "clip.mp4", frames=90, width=320, height=240)
+    page, errors = browser_page()
+    page.goto(srv.url + "/")
+    page.wait_for_selector("#add-model option[value='null']", state="attached")
+    page.fill("#add-source", "clip.mp4?loop=1")
+    page.fill("#add-id", "clip")
+    page.click("#add-submit")
+    page.wait_for_selector('.tile[data-stream="clip"] canvas')
+    assert wait_for_fps(page, "clip") > 0
+    wait_canvas_changes(page, "clip")
+    page.wait_for_selector('.stream-item[data-stream="clip"] .badge.streaming')
+    assert page.inner_text('.tile[data-stream="clip"] .legend') == "person"
+    # Bad input shows the server's message in the form.
+    page.fill("#add-source", "gopher://nowhere")
+    page.fill("#add-id", "")
+    page.click("#add-submit")
+    page.wait_for_selector("#add-error:not([hidden])")
+    assert "unsupported source scheme" in page.inner_text("#add-error")
+    # View toggles and a second stream side by side.
+    page.click('.tile[data-stream="clip"] button[data-mode="original"]')
+    httpx.post(f"{srv.url}/api/streams", json={"source": "demo", "id": "demo"}, timeout=10)
+    page.wait_for_selector('.tile[data-stream="demo"] canvas')
+    assert wait_for_fps(page, "demo") > 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "viewer.png"))
+    # Removing a stream removes its tile.
+    page.click('.stream-item[data-stream="clip"] .remove')
+    page.wait_for_selector('.tile[data-stream="clip"]', state="detached")
+    assert httpx.get(f"{srv.url}/api/streams/clip", timeout=5).status_code == 404
+    assert not errors, errors
+
+
+def test_viewer_asks_for_the_token(live_server, null_config, browser_page):
+    server = null_config.server.model_copy(update={"token": "letmein"})
+    srv = live_server(null_config.model_copy(update={"server": server}))
+    httpx.post(
+        f"{srv.url}/api/streams",
+        json={"source": "demo", "id": "demo"},
+        headers={"Authorization": "Bearer letmein"},
+        timeout=10,
+    )
+    page, errors = browser_page()
+    page.goto(srv.url + "/")
+    page.wait_for_selector("#token-dialog[open]")
+    page.fill("#token-input", "letmein")
+    page.click("#token-form button[type=submit]")
+    page.wait_for_selector('.tile[data-stream="demo"] canvas')
+    assert wait_for_fps(page, "demo") > 0
+    assert not errors, errors
+
+
+def test_browser_camera_becomes_a_stream_and_comes_back_segmented(live_server, null_config, browser_page):
+    srv = live_server(null_config)
+    page, errors = browser_page(tuple(CAMERA_ARGS))
+    page.goto(srv.url + "/")
+    page.wait_for_selector("#add-model option[value='null']", state="attached")
+    page.click("#camera-btn")
+    page.wait_for_selector(".tile[data-stream^='cam-'] canvas")
+    stream_id = page.get_attribute(".tile[data-stream^='cam-']", "data-stream")
+    assert wait_for_fps(page, stream_id) > 0
+    wait_canvas_changes(page, stream_id)
+    info = httpx.get(f"{srv.url}/api/streams/{stream_id}", timeout=5).json()
+    assert info["kind"] == "push" and info["state"] == "streaming"
+    rtt = f'.tile[data-stream="{stream_id}"] .r-rtt'
+    page.wait_for_function("sel => /\\d+ ms/.test(document.querySelector(sel).textContent)", arg=rtt)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "viewer-camera.png"))
+    page.click("#camera-btn")  # stop: the stream leaves with the browser's camera
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{srv.url}/api/streams/{stream_id}", timeout=5).status_code != 404:
+        assert time.monotonic() < deadline, "camera stream still listed after stopping"
+        time.sleep(0.05)
+    assert not errors, errors
