@@ -7,7 +7,8 @@
 
 Sections from other ``bench`` modules (models, sources, temporal, roi, soak) run when
 the module exists and exposes ``run()`` or ``main()``; otherwise they are reported as
-skipped. ``soak`` is long and has its own ``make soak``: it runs only when named.
+skipped; in a run of everything they run in their quick mode. ``soak`` is long and has
+its own ``make soak``: it runs only when named.
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(table.markdown(), flush=True)
                 report["sections"][name] = table.to_json()
             else:
-                status, out = _external(name, args.quick)
+                # In a run of everything, other modules run in their quick mode so the whole
+                # suite stays within ~10 min; named with --only they follow --quick.
+                status, out = _external(name, args.quick or not args.only)
                 if status == "skipped":
                     table = skipped(name, f"{name} (bench/{name}.py)", str(out))
                     print(table.markdown(), flush=True)
