@@ -132,11 +132,13 @@ def bench_fanout(run: Run) -> Table:
                 "stream_fps": stream_fps, "mean": mean, "min": low, "slow": slow_fps,
                 "errors": [r.error for r in recs if r.error],
             }
-    base, with_slow = rows["10"]["mean"], rows["10+slow"]["mean"]
-    q = ratio(with_slow, base)
+    # The stream's own rate varies with machine load between rounds, so the slow client's
+    # effect is judged within its round: do the others still get every result the stream made?
+    r = rows["10+slow"]
+    q = ratio(r["min"], r["stream_fps"])
     t.notes.append(
-        f"10 clients' mean fps with a slow client (reads one message per 0.5 s) ÷ without: "
-        f"{q if q is None else round(q, 3)} ({verdict(q, 0.9)}, goal ≥ 0.9)"
+        f"with a slow client (reads one message per 0.5 s), the other 10 clients' min fps ÷ the stream's "
+        f"results/s: {q if q is None else round(q, 3)} ({verdict(q, 0.9)}, goal ≥ 0.9)"
     )
     t.data = {**rows, "slow_ratio": q}
     return t
