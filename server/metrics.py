@@ -4,8 +4,8 @@ Counters and gauges that the pipeline already keeps (frames, fps, drops, reconne
 stream state, engine batches, connected clients) are *collected* from live state when
 ``/metrics`` is scraped, so the hot path pays nothing for them. Only the per-stage
 latency histograms need an observation per result; :meth:`Metrics.observe` does that
-from the manager's result listener with pre-bound label children (a dict lookup and a
-few lock-protected adds per result).
+from the manager's result listener into small single-writer histograms (a dict lookup
+and a bisect per stage, ~1 µs each).
 
 Every app builds its own ``CollectorRegistry`` so several apps can live in one process
 (tests) without colliding on metric names.
@@ -14,10 +14,11 @@ Every app builds its own ``CollectorRegistry`` so several apps can live in one p
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -50,6 +51,34 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("decode", "queue", "preprocess", "infer", "postprocess")
+
+
+class LatencyHistogram:
+    """A fixed-bucket histogram cheaper than prometheus_client's (~1 µs vs ~7 µs per observation).
+
+    Written by one thread only (the engine thread, through the result listener), so it
+    takes no lock; a scrape copies the counts, and may at worst see a count and a sum one
+    observation apart.
+    """
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # last slot: above the largest bound
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.total += value
+
+    def snapshot(self) -> tuple[list[tuple[str, float]], float]:
+        counts, total = list(self.counts), self.total
+        out, running = [], 0
+        for bound, c in zip(LATENCY_BUCKETS, counts, strict=False):
+            running += c
+            out.append((str(bound), running))
+        out.append(("+Inf", running + counts[-1]))
+        return out, total
 
 
 class _HandleLike(Protocol):
@@ -103,59 +132,61 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._manager = manager
         self._lock = threading.Lock()
-        # Registered first: its scrape prunes removed streams before the histograms are read.
+        # One collector for everything: a scrape prunes removed streams, then reads the histograms.
         self.registry.register(_StateCollector(manager, hub, self, device_memory))
-        self.stage_latency = Histogram(
-            "segstream_stage_latency_seconds",
-            "Per-stage latency of each segmented frame (decode, queue, preprocess, infer, postprocess).",
-            ["stream", "stage"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "segstream_latency_seconds",
-            "Capture to segmentation latency of each frame.",
-            ["stream"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        # stream id -> (total-latency child, {stage: child}); pre-bound so observe() skips label lookups
-        self._children: dict[str, tuple[Any, dict[str, Any]]] = {}
+        # stream id -> {stage: histogram}; "total" is capture -> segmented
+        self._hists: dict[str, dict[str, LatencyHistogram]] = {}
         if process:
             ProcessCollector(registry=self.registry)
 
     # -- hot path (engine thread) ----------------------------------------------------------
     def observe(self, result: SegmentationResult) -> None:
         sid = result.frame.stream_id
-        bound = self._children.get(sid)
-        if bound is None:
-            bound = self._bind(sid)
-        total, stages = bound
-        for stage, ms in result.latency_ms.items():
-            child = stages.get(stage)
-            if child is not None:
-                child.observe(ms / 1000.0)
-        total.observe(max(0.0, result.segmented_at - result.frame.captured_at))
+        hists = self._hists.get(sid)
+        if hists is None:
+            hists = self._bind(sid)
+        lat = result.latency_ms
+        for stage in STAGES:
+            ms = lat.get(stage)
+            if ms is not None:
+                hists[stage].observe(ms / 1000.0)
+        hists["total"].observe(max(0.0, result.segmented_at - result.frame.captured_at))
 
-    def _bind(self, sid: str) -> tuple[Any, dict[str, Any]]:
+    def _bind(self, sid: str) -> dict[str, LatencyHistogram]:
         with self._lock:
-            bound = self._children.get(sid)
-            if bound is None:
-                stages = {s: self.stage_latency.labels(sid, s) for s in STAGES}
-                bound = (self.latency.labels(sid), stages)
-                self._children[sid] = bound
-            return bound
+            hists = self._hists.get(sid)
+            if hists is None:
+                hists = {s: LatencyHistogram() for s in (*STAGES, "total")}
+                self._hists[sid] = hists
+            return hists
 
     def forget_missing(self, live: Iterable[str]) -> None:
         """Drop label sets of removed streams, so weeks of stream churn do not grow the output."""
         keep = set(live)
         with self._lock:
-            gone = [sid for sid in self._children if sid not in keep]
-            for sid in gone:
-                del self._children[sid]
-                self.latency.remove(sid)
-                for stage in STAGES:
-                    self.stage_latency.remove(sid, stage)
+            for sid in [sid for sid in self._hists if sid not in keep]:
+                del self._hists[sid]
+
+    def latency_families(self) -> Iterator[Metric]:
+        stage_fam = HistogramMetricFamily(
+            "segstream_stage_latency_seconds",
+            "Per-stage latency of each segmented frame (decode, queue, preprocess, infer, postprocess).",
+            labels=["stream", "stage"],
+        )
+        total_fam = HistogramMetricFamily(
+            "segstream_latency_seconds", "Capture to segmentation latency of each frame.", labels=["stream"]
+        )
+        with self._lock:
+            items = [(sid, dict(h)) for sid, h in self._hists.items()]
+        for sid, hists in items:
+            for stage, h in hists.items():
+                buckets, total = h.snapshot()
+                if stage == "total":
+                    total_fam.add_metric([sid], buckets, total)
+                else:
+                    stage_fam.add_metric([sid, stage], buckets, total)
+        yield stage_fam
+        yield total_fam
 
     # -- scrape ----------------------------------------------------------------------------
     def render(self) -> bytes:
@@ -190,6 +221,7 @@ class _StateCollector:
                 continue
         self._metrics.forget_missing(i["id"] for i in infos)
         yield from self._streams(infos)
+        yield from self._metrics.latency_families()
         yield from self._engine()
         yield from self._device()
 
