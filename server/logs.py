@@ -110,7 +110,7 @@ class JsonFormatter(logging.Formatter):
 
 
 class PlainFormatter(logging.Formatter):
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]  # UTC timestamps, marked with Z
 
     def __init__(self) -> None:
         super().__init__("%(asctime)sZ %(levelname)-7s %(name)s%(ctx)s: %(message)s", "%Y-%m-%dT%H:%M:%S")

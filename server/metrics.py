@@ -73,7 +73,8 @@ class LatencyHistogram:
 
     def snapshot(self) -> tuple[list[tuple[str, float]], float]:
         counts, total = list(self.counts), self.total
-        out, running = [], 0
+        out: list[tuple[str, float]] = []
+        running = 0
         for bound, c in zip(LATENCY_BUCKETS, counts, strict=False):
             running += c
             out.append((str(bound), running))
