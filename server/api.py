@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
-from models.registry import UnknownModelError, WeightsError, get_spec, list_models, weights_status
 
+from models.registry import UnknownModelError, WeightsError, get_spec, list_models, weights_status
 from pipeline.config import StreamConfig
 from pipeline.manager import LimitError, StreamExistsError, StreamManager, StreamNotFoundError
 from pipeline.render import class_colours

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -20,6 +20,7 @@ from pipeline.stream import StreamStatus
 from pipeline.types import SegmentationResult
 from server import api, ingest, ws
 from server.hub import Hub
+from server.limits import BodySizeLimit
 from server.metrics import CONTENT_TYPE_LATEST, Metrics, cuda_memory
 
 log = logging.getLogger("segstream.server")
@@ -67,6 +68,7 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
     mgr = manager or StreamManager(config, restrict_files=True)
     hub = Hub(
         workers=encode_workers(config),
+        client_queue=config.limits.client_queue,
         on_drop=lambda sid, cause: mgr.count_drop(sid, cause),
     )
     app.state.config = config
@@ -131,13 +133,7 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
         allow_headers=["*"],
     )
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        limit = config.limits.max_request_bytes
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return JSONResponse({"detail": f"request body too large (limit {limit} bytes)"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodySizeLimit, limit=config.limits.max_request_bytes)
 
     app.include_router(api.router)
     app.include_router(ws.router)

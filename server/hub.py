@@ -16,6 +16,7 @@ import logging
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,7 +54,8 @@ class Client:
     max_fps: float | None
     quality: int
     loop: asyncio.AbstractEventLoop
-    pending: Outgoing | None = None
+    capacity: int = 1  # messages held for this client before the oldest is dropped (limits.client_queue)
+    queue: deque[Outgoing] = field(default_factory=deque)
     event: asyncio.Event = field(default_factory=asyncio.Event)
     dropped_slow: int = 0
     sent: int = 0
@@ -83,23 +85,31 @@ class Client:
             if quality is not None:
                 self.quality = quality
 
+    @property
+    def pending(self) -> Outgoing | None:
+        """The newest message not sent yet, if any."""
+        return self.queue[-1] if self.queue else None
+
     def offer(self, msg: Outgoing) -> None:
-        """Event loop only: put a message in the slot, replacing (and counting) an unsent one."""
+        """Event loop only: queue a message; when full, the oldest unsent one is dropped (counted)."""
         if self.closed:
             return
-        if self.pending is not None and self.pending.header.get("type") == "result":
-            self.dropped_slow += 1
-            if self.on_slow is not None:
-                self.on_slow()
-        self.pending = msg
+        while len(self.queue) >= self.capacity:
+            old = self.queue.popleft()
+            if old.header.get("type") == "result":
+                self.dropped_slow += 1
+                if self.on_slow is not None:
+                    self.on_slow()
+        self.queue.append(msg)
         self.event.set()
 
     async def next(self) -> Outgoing | None:
         """Wait for the next message (None once closed)."""
         while not self.closed:
-            if self.pending is not None:
-                msg, self.pending = self.pending, None
-                self.event.clear()
+            if self.queue:
+                msg = self.queue.popleft()
+                if not self.queue:
+                    self.event.clear()
                 return msg
             self.event.clear()
             await self.event.wait()
@@ -124,9 +134,13 @@ class Hub:
         self,
         *,
         workers: int,
+        client_queue: int = 1,
         on_drop: Callable[[str, DropCause], None] | None = None,
         stream_info: Callable[[str], dict[str, Any]] | None = None,
     ) -> None:
+        if client_queue < 1:
+            raise ValueError(f"client_queue must be >= 1, got {client_queue}")
+        self.client_queue = client_queue
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="render")
         self._clients: dict[str, dict[int, Client]] = {}
         self._lock = threading.Lock()
@@ -146,6 +160,7 @@ class Hub:
             max_fps=max_fps,
             quality=quality,
             loop=asyncio.get_running_loop(),
+            capacity=self.client_queue,
         )
         if self._on_drop is not None:
             on_drop = self._on_drop

@@ -71,7 +71,9 @@ def start_server(config: Any = None, *, manager: Any = None, timeout: float = ST
     app = create_app(config, manager=manager)
     sock = _free_socket()
     port = sock.getsockname()[1]
-    uv_config = uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=16 * 1024 * 1024)
+    uv_config = uvicorn.Config(
+        app, log_level="warning", lifespan="on", ws_max_size=config.limits.max_ws_message_bytes
+    )
     server = uvicorn.Server(uv_config)
     # Signals belong to pytest; the fixture stops the server through should_exit.
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -62,7 +62,7 @@ async def test_a_slow_client_loses_old_messages_not_new_ones():
     slow = hub.subscribe("s", fmt=Format.RAW, max_fps=None, quality=80)
     for i in range(5):
         hub.publish(result(i), {})
-        await wait_for(lambda: slow.pending is not None and slow.pending.header["frame"] == i)
+        await wait_for(lambda i=i: slow.pending is not None and slow.pending.header["frame"] == i)
     msg = await asyncio.wait_for(slow.next(), 5)
     header, _ = unpack(hub.finalize(slow, msg))
     assert header["frame"] == 4  # latest wins
@@ -90,4 +90,15 @@ async def test_status_messages_mark_stale_and_close_ends_iteration():
     assert header["type"] == "status" and header["stale"] is True and header["error"] == "connection refused"
     hub.close_stream("s")
     assert await asyncio.wait_for(c.next(), 5) is None
+    hub.shutdown()
+
+
+async def test_client_queue_holds_that_many_messages_before_dropping_the_oldest():
+    hub = Hub(workers=1, client_queue=3)
+    c = hub.subscribe("s", fmt=Format.RAW, max_fps=None, quality=80)
+    for i in range(5):
+        hub.publish(result(i), {})
+        await wait_for(lambda i=i: c.pending is not None and c.pending.header["frame"] == i)
+    frames = [unpack(hub.finalize(c, await asyncio.wait_for(c.next(), 5)))[0]["frame"] for _ in range(3)]
+    assert frames == [2, 3, 4] and c.dropped_slow == 2
     hub.shutdown()
