@@ -62,7 +62,7 @@ class TemporalParams:
     scene_cut_energy: float = 0.25  # mean residual above this = a new scene, state resets
     hysteresis: float = 0.1  # bias toward the previous label where nothing moved
     max_gap_reset: int = 30  # more dropped frames than this in a row = a discontinuity
-    motion_search: int = 3  # smooth: follow motion up to this many residual cells per frame (0: off)
+    motion_search: int = 0  # smooth: follow motion up to this many residual cells per frame (0: off)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -290,11 +290,14 @@ class TemporalRefiner:
     def _thumbnail(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4 and x.shape[0] != 1:
             raise ValueError(f"plan takes one frame's input, got shape {tuple(x.shape)}")
-        # Colour, not just luma: an object can differ from what it covers only in hue.
-        y = rgb_from_input(x, self.mean, self.std)
-        k = max(1, min(y.shape[-2:]) // _RESIDUAL_CELLS)
+        x = x if x.dim() == 4 else x.unsqueeze(0)
+        k = max(1, min(x.shape[-2:]) // _RESIDUAL_CELLS)
         # Averaging k x k blocks divides pixel noise by about k, well below the motion floor.
-        return F.avg_pool2d(y, k, stride=k, ceil_mode=True) if k > 1 else y
+        # Pooling first is exact (normalisation is affine per channel) and 1/k^2 the work.
+        if k > 1:
+            x = F.avg_pool2d(x.float(), k, stride=k, ceil_mode=True)
+        # Colour, not just luma: an object can differ from what it covers only in hue.
+        return rgb_from_input(x, self.mean, self.std)
 
     def _blend(
         self, new: torch.Tensor, prev: torch.Tensor, residual: torch.Tensor, gap: int
@@ -307,7 +310,14 @@ class TemporalRefiner:
         moving = F.max_pool2d(residual, 3, stride=1, padding=1)
         still = (1.0 - ((moving - lo) / (hi - lo)).clamp(0.0, 1.0)) * trust
         still = F.interpolate(still, size=new.shape[-2:], mode="bilinear", align_corners=False)[0]
-        out = new + (p.blend * still) * (prev - new)
+        if new.shape[0] == 2:
+            # Binary models: the background channel is 1 - foreground, so half the work.
+            q = torch.lerp(new[1:], prev[1:], p.blend * still)
+            if p.hysteresis > 0:
+                bias = p.hysteresis * still
+                q = (q + bias * (prev[1:] >= 0.5).to(q.dtype)) / (1.0 + bias)
+            return torch.cat((1.0 - q, q))
+        out = torch.lerp(new, prev, p.blend * still)
         if p.hysteresis > 0:
             # Favour the previous label where nothing moved: a pixel near the decision
             # boundary must be won by a margin before it flips, which is what stops flicker.
