@@ -1,0 +1,144 @@
+"""Temporal refinement benchmark: accuracy, flicker and work per mode, against per-frame and EMA.
+
+    python -m bench.temporal [--model selfie] [--media ../shared/media] [--quick]
+
+Clips:
+- the DAVIS clips in ``--media`` (``<clip>/video.mp4`` + ``<clip>/masks/*.png``), when present
+  (they are not part of the repository; missing clips are skipped). DAVIS masks include lines,
+  kite and board, so absolute IoU is low for a person model: read the changes against ``off``.
+- generated from scikit-image's astronaut photo (public domain): ``astronaut-jitter`` (a still
+  camera shaking by up to 1 px, with sensor noise) and ``astronaut-pan`` (a slow 1 px/frame
+  pan). Ground truth there is the model's own mask on the clean, unshifted photo, cropped like
+  the frame, so these rows measure stability and skipped work, not absolute accuracy.
+
+Rows per clip: ``off`` (per frame), ``ema`` (the baseline p' = 0.5 p + 0.5 p_prev), ``smooth``
+and ``keyframe`` with default thresholds. ``refine/model`` is the refinement's own time per
+frame over one model pass, measured in the same run (goal <= 0.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.tables import Table, ratio
+from models.temporal import TemporalParams
+from pipeline.evaluate import evaluate, load_sequence
+
+MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+DAVIS_CLIPS = ("paragliding-launch", "kite-surf")
+MODES = ("off", "ema", "smooth", "keyframe")
+
+
+class EmaSegmenter:
+    """The baseline: a plain exponential average of the model's probabilities."""
+
+    def __init__(self, inner: Any, alpha: float = 0.5) -> None:
+        self.inner, self.spec, self.alpha = inner, inner.spec, alpha
+        self.prev: torch.Tensor | None = None
+
+    def preprocess(self, images):  # type: ignore[no-untyped-def]
+        return self.inner.preprocess(images)
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.inner.infer(x)
+        if self.prev is not None and self.prev.shape == p.shape:
+            p = self.alpha * p + (1 - self.alpha) * self.prev
+        self.prev = p
+        return p
+
+    def postprocess(self, probs, sizes):  # type: ignore[no-untyped-def]
+        return self.inner.postprocess(probs, sizes)
+
+
+def astronaut_clip(segmenter: Any, kind: str, n: int, seed: int = 0) -> tuple[list, list] | None:
+    try:
+        from skimage import data
+    except ImportError:
+        return None
+    photo = data.astronaut()  # 512 x 512 RGB
+    labels, _ = segmenter([photo])[0]
+    fg_class = segmenter.spec.foreground_class
+    mask = labels == fg_class if fg_class is not None else labels != 0
+    rng = np.random.default_rng(seed)
+    size, margin = 448, 32
+    frames, masks = [], []
+    for t in range(n):
+        if kind == "jitter":
+            oy, ox = margin + rng.integers(-1, 2), margin + rng.integers(-1, 2)
+        else:  # pan: 1 px per frame, back and forth within the margin
+            step = t % (4 * margin)
+            ox = step if step < 2 * margin else 4 * margin - step
+            oy = margin
+        crop = photo[oy : oy + size, ox : ox + size].astype(np.float32)
+        crop += rng.normal(0.0, 2.0, crop.shape)
+        frames.append(np.clip(crop, 0, 255).astype(np.uint8))
+        masks.append(mask[oy : oy + size, ox : ox + size])
+    return frames, masks
+
+
+def _clips(segmenter: Any, media: Path, n_generated: int) -> Iterator[tuple[str, Any, Any]]:
+    for name in DAVIS_CLIPS:
+        video, masks = media / name / "video.mp4", media / name / "masks"
+        if video.is_file() and masks.is_dir():
+            seq = load_sequence(video, masks)
+            frames = list(seq.frames())
+            yield name, frames, list(seq.masks())
+    for kind in ("jitter", "pan"):
+        clip = astronaut_clip(segmenter, kind, n_generated)
+        if clip is not None:
+            yield f"astronaut-{kind}", clip[0], clip[1]
+
+
+def run(quick: bool = False, *, model: str = "selfie", media: Path = MEDIA, device: str = "cpu") -> dict:
+    from models.segmenter import Segmenter
+
+    segmenter = Segmenter.from_name(model, device=device)
+    segmenter.warmup()
+    table = Table(
+        name="temporal",
+        title=f"Temporal refinement ({model}, {segmenter.device})",
+        columns=["clip", "mode", "mIoU", "ΔmIoU (pt)", "flicker", "flicker vs off", "full_frac",
+                 "refine ms", "model ms", "refine/model"],
+    )
+    missing = [c for c in DAVIS_CLIPS if not (media / c / "video.mp4").is_file()]
+    if missing:
+        table.notes.append(f"skipped (not found under {media}): {', '.join(missing)}")
+    with torch.inference_mode():
+        for name, frames, masks in _clips(segmenter, media, 24 if quick else 48):
+            base: dict[str, Any] | None = None
+            for mode in MODES:
+                seg = EmaSegmenter(segmenter) if mode == "ema" else segmenter
+                params = TemporalParams(mode="off" if mode == "ema" else mode)
+                r = evaluate(frames, masks, seg, params)
+                base = base or r
+                fl = ratio(r["flicker"], base["flicker"])
+                table.add(
+                    name, mode, r["miou"], 100 * (r["miou"] - base["miou"]), r["flicker"] * 1000,
+                    None if fl is None else f"{100 * (fl - 1):+.0f}%", r["full_frac"],
+                    r["refine_ms"], r["model_ms"], ratio(r["refine_ms"], r["model_ms"]),
+                )
+                table.data.setdefault(name, {})[mode] = r
+    table.notes.append("flicker is per mille of steady pixels whose predicted label changed")
+    print(table.markdown(), flush=True)
+    return table.to_json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.temporal", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter generated clips")
+    ap.add_argument("--model", default="selfie")
+    ap.add_argument("--media", type=Path, default=MEDIA, help="folder holding the DAVIS clips")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    run(args.quick, model=args.model, media=args.media, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
