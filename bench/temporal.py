@@ -11,8 +11,9 @@ Clips:
   pan). Ground truth there is the model's own mask on the clean, unshifted photo, cropped like
   the frame, so these rows measure stability and skipped work, not absolute accuracy.
 
-Rows per clip: ``off`` (per frame), ``ema`` (the baseline p' = 0.5 p + 0.5 p_prev), ``smooth``
-and ``keyframe`` with default thresholds. ``refine/model`` is the refinement's own time per
+Rows per clip: ``off`` (per frame), ``ema`` (the baseline p' = 0.5 p + 0.5 p_prev), ``smooth``,
+``smooth+search`` (with block-matching motion compensation, ``motion_search=3``) and
+``keyframe``, all with default thresholds. ``refine/model`` is the refinement's own time per
 frame over one model pass, measured in the same run (goal <= 0.10).
 """
 
@@ -32,7 +33,14 @@ from pipeline.evaluate import evaluate, load_sequence
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 DAVIS_CLIPS = ("paragliding-launch", "kite-surf")
-MODES = ("off", "ema", "smooth", "keyframe")
+# row name -> refinement settings; "ema" runs the baseline with refinement off
+ROWS: dict[str, dict[str, Any]] = {
+    "off": {"mode": "off"},
+    "ema": {"mode": "off"},
+    "smooth": {"mode": "smooth"},
+    "smooth+search": {"mode": "smooth", "motion_search": 3},
+    "keyframe": {"mode": "keyframe"},
+}
 
 
 class EmaSegmenter:
@@ -112,10 +120,9 @@ def run(quick: bool = False, *, model: str = "selfie", media: Path = MEDIA, devi
     with torch.inference_mode():
         for name, frames, masks in _clips(segmenter, media, 24 if quick else 48):
             base: dict[str, Any] | None = None
-            for mode in MODES:
+            for mode, settings in ROWS.items():
                 seg = EmaSegmenter(segmenter) if mode == "ema" else segmenter
-                params = TemporalParams(mode="off" if mode == "ema" else mode)
-                r = evaluate(frames, masks, seg, params)
+                r = evaluate(frames, masks, seg, TemporalParams(**settings))
                 base = base or r
                 fl = ratio(r["flicker"], base["flicker"])
                 table.add(
