@@ -289,7 +289,7 @@ def _evaluate_roi(
 
 
 def add_eval_parser(subparsers: Any) -> None:
-    """Register ``eval`` on an argparse subparsers object (handler in ``handler``)."""
+    """Register ``eval`` on an argparse subparsers object (its handler in ``func`` and ``handler``)."""
     p = subparsers.add_parser(
         "eval",
         help="score a model (and temporal refinement) on frames with ground-truth masks",
@@ -314,7 +314,7 @@ def add_eval_parser(subparsers: Any) -> None:
             default=default,
             help=f"temporal {name} (default: {default})",
         )
-    p.set_defaults(handler=run_eval)
+    p.set_defaults(func=run_eval, handler=run_eval)
 
 
 def _load_segmenter(args: argparse.Namespace) -> SegmenterLike:
