@@ -67,6 +67,8 @@ class RoiConfig(_Strict):
     scene_cut: float = Field(0.2, ge=0, le=1)  # mean thumbnail change that resets the state
     max_gap_reset: int = Field(30, ge=1)  # more frames missing than this resets the state
     feather: float = Field(0.08, ge=0, le=0.5)  # blend ramp at inner crop edges, share of the crop side
+    seed_threshold: float = Field(0.2, gt=0, le=1)  # fg probability that starts tracking a region
+    merge_overlap: float = Field(0.3, ge=0, le=1)  # crops sharing this much of the smaller one merge
 
 
 class StreamConfig(_Strict):

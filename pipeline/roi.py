@@ -74,6 +74,11 @@ class Box:
     def overlaps(self, other: Box) -> bool:
         return self.x0 < other.x1 and other.x0 < self.x1 and self.y0 < other.y1 and other.y0 < self.y1
 
+    def intersection_area(self, other: Box) -> int:
+        w = min(self.x1, other.x1) - max(self.x0, other.x0)
+        h = min(self.y1, other.y1) - max(self.y0, other.y0)
+        return max(0, w) * max(0, h)
+
     def union(self, other: Box) -> Box:
         return Box(
             min(self.x0, other.x0), min(self.y0, other.y0), max(self.x1, other.x1), max(self.y1, other.y1)
@@ -183,7 +188,10 @@ def region_boxes(
         merged = False
         for i in range(len(boxes)):
             for j in range(i + 1, len(boxes)):
-                if boxes[i][0].overlaps(boxes[j][0]):
+                # Boxes that mostly overlap become one crop; a slight overlap stays two crops
+                # (blended where they meet) so two people side by side keep their resolution.
+                a, b = boxes[i][0], boxes[j][0]
+                if a.intersection_area(b) > cfg.merge_overlap * min(a.area, b.area):
                     boxes[i] = _merged(boxes[i], boxes[j], frame)
                     del boxes[j]
                     merged = True
@@ -222,9 +230,14 @@ def plan_rois(
     members = tuple(m for _, m in made)
     due = state.last_full_index is None or index - state.last_full_index >= cfg.full_every
     full_reason = state.pending or ("periodic" if due else None)
-    if boxes and sum(b.area for b in boxes) >= cfg.full_area * h * w:
-        # The crops would cover most of the frame: one full pass sees it at about the same scale.
-        return RoiPlan(index, (h, w), True, (), "large", gap=gap, thumb=thumb)
+    large = [k for k, b in enumerate(boxes) if b.area >= cfg.full_area * h * w]
+    if large:
+        # A crop that covers most of the frame sees it at about the full pass's scale: run the
+        # full pass instead of it (the other crops stay; the full pass covers its regions).
+        keep = [k for k in range(len(boxes)) if k not in large]
+        boxes = tuple(boxes[k] for k in keep)
+        members = tuple(members[k] for k in keep)
+        full_reason = full_reason or "large"
     if full_reason is not None:
         return RoiPlan(index, (h, w), True, boxes, full_reason, members, gap, thumb=thumb)
     return RoiPlan(index, (h, w), False, boxes, "track" if boxes else "idle", members, gap, thumb=thumb)
@@ -323,8 +336,9 @@ def _health(
     ys, xs = np.nonzero(fg)
     prev_area = sum(r.area for r in members)
     checked = all(r.cropped for r in members)
-    if ys.size == 0 or (checked and ys.size < cfg.collapse * prev_area):
-        return "collapse", None
+    if ys.size == 0 or ys.size < cfg.collapse * prev_area:
+        # An unconfirmed seed that comes out empty is a false alarm: it just drops out.
+        return ("collapse" if checked else None), None
     pcx = sum(r.cx * r.area for r in members) / prev_area
     pcy = sum(r.cy * r.area for r in members) / prev_area
     cx, cy = box.x0 + float(xs.mean()), box.y0 + float(ys.mean())
@@ -427,11 +441,20 @@ class RoiTracker:
                 labels = (fg_t > 0.5).to(torch.uint8).cpu().numpy() * np.uint8(self.fg_class)
                 fg: np.ndarray | None = fg_t.cpu().numpy()
                 crop_fg = [(c[0] > 0.5).cpu().numpy() for c in crops]
+                # A person small in the full frame often scores below 0.5 there: outside the crops
+                # a lower seed threshold still starts a crop on them (inside, 0.5 keeps boxes tight).
+                seeds = labels == self.fg_class
+                if plan.full:
+                    low = fg > min(0.5, self.cfg.seed_threshold)
+                    for box in plan.boxes:
+                        low[box.y0:box.y1, box.x0:box.x1] = False
+                    seeds |= low
             else:
                 labels = canvas.argmax(dim=0).to(torch.uint8).cpu().numpy()
                 fg = None
                 crop_fg = [(c.argmax(dim=0) == self.fg_class).cpu().numpy() for c in crops]
-        self.state, problem = update_state(self.state, plan, labels == self.fg_class, crop_fg, self.cfg)
+                seeds = labels == self.fg_class
+        self.state, problem = update_state(self.state, plan, seeds, crop_fg, self.cfg)
         info = {"crops": len(plan.boxes), "full": plan.full, "reason": plan.reason, "inputs": plan.inputs}
         if problem is not None:
             info["problem"] = problem
