@@ -78,7 +78,7 @@ def astronaut_clip(segmenter: Any, kind: str, n: int, seed: int = 0) -> tuple[li
     frames, masks = [], []
     for t in range(n):
         if kind == "jitter":
-            oy, ox = margin + rng.integers(-1, 2), margin + rng.integers(-1, 2)
+            oy, ox = margin + int(rng.integers(-1, 2)), margin + int(rng.integers(-1, 2))
         else:  # pan: 1 px per frame, back and forth within the margin
             step = t % (4 * margin)
             ox = step if step < 2 * margin else 4 * margin - step

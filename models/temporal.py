@@ -197,6 +197,7 @@ class TemporalRefiner:
 
         flow = None
         ref = state.thumb
+        assert ref is not None  # checked above: an empty state plans a "first" frame
         if p.mode == "smooth" and p.motion_search > 0:
             # Follow what moved (camera pans, walking people) so the previous mask can be
             # moved along with it and blended there too, instead of only where nothing moved.
@@ -243,12 +244,14 @@ class TemporalRefiner:
                 state, thumb=None, key_thumb=None, probs=None, key_index=None, resets=state.resets + 1
             )
         dropped = state.dropped + plan.gap
-        common = dict(frames=state.frames + 1, dropped=dropped, gap=plan.gap, last_index=plan.index)
+        common: dict[str, int] = {
+            "frames": state.frames + 1, "dropped": dropped, "gap": plan.gap, "last_index": plan.index
+        }
 
         if not plan.run_model:
             assert state.probs is not None
             out = state.probs
-            new_state = replace(state, thumb=plan.thumb, **common)
+            new_state = replace(state, thumb=plan.thumb, **common)  # type: ignore[arg-type]
         else:
             assert probs is not None
             out = probs
