@@ -79,7 +79,10 @@ def bench_clips(seg: Any, media: Path, cfg: RoiConfig, limit: int | None) -> lis
 
 
 def _people(seg: Any) -> tuple[np.ndarray, np.ndarray]:
-    photo = cv2.cvtColor(cv2.imread(str(ASTRONAUT)), cv2.COLOR_BGR2RGB)
+    raw = cv2.imread(str(ASTRONAUT))
+    if raw is None:
+        raise FileNotFoundError(ASTRONAUT)
+    photo = np.asarray(cv2.cvtColor(raw, cv2.COLOR_BGR2RGB))
     with torch.inference_mode():
         ref = seg([photo])[0][0] == seg.spec.foreground_class
     return photo, ref
@@ -90,8 +93,8 @@ def compose_scene(seg: Any, n: int, frame: tuple[int, int] = (480, 854)):
     photo, ref = _people(seg)
     h, w = frame
     rng = np.random.default_rng(3)
-    bg = rng.integers(80, 170, (h // 24, w // 24, 3)).astype(np.uint8)
-    bg = cv2.GaussianBlur(cv2.resize(bg, (w, h), interpolation=cv2.INTER_LINEAR), (0, 0), 12)
+    noise = rng.integers(80, 170, (h // 24, w // 24, 3)).astype(np.uint8)
+    bg = cv2.GaussianBlur(cv2.resize(noise, (w, h), interpolation=cv2.INTER_LINEAR), (0, 0), 12)
     # (size px, x at frame 0, y, vx px/frame, first frame)
     people = [(280, 10, h - 280, 4.0, 0), (250, 590, h - 250, -3.0, 0), (270, w - 90, h - 270, -8.0, ENTER)]
     frames, gts = [], []

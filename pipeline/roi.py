@@ -179,7 +179,7 @@ def region_boxes(
 ) -> list[tuple[Box, tuple[Region, ...]]]:
     """Square crop boxes for ``regions`` ``gap`` frames later: margin, prediction, merge, cap."""
     short = min(frame)
-    boxes = []
+    boxes: list[tuple[Box, tuple[Region, ...]]] = []
     for r in regions:
         cx, cy = r.box.center
         boxes.append((square_box(cx + r.vx * gap, cy + r.vy * gap, _side(r, cfg, gap, short), frame), (r,)))
@@ -430,22 +430,23 @@ class RoiTracker:
         if n != plan.inputs:
             raise ValueError(f"plan has {plan.inputs} model inputs, got {n} probability maps")
         with torch.inference_mode():
-            full = fit_probs(probs[0], plan.size, self.spec) if plan.full and probs is not None else None
-            start = int(plan.full)
-            crops = [
-                fit_probs(probs[start + k], (b.height, b.width), self.spec) for k, b in enumerate(plan.boxes)
-            ]
+            rows = list(probs) if probs is not None else []
+            full = fit_probs(rows[0], plan.size, self.spec) if plan.full else None
+            crop_rows = rows[int(plan.full):]
+            pairs = zip(crop_rows, plan.boxes, strict=True)
+            crops = [fit_probs(p, (b.height, b.width), self.spec) for p, b in pairs]
             canvas = compose(plan, self.spec, full, crops, self.cfg.feather)
             if self.spec.binary:
                 fg_t = canvas[0]
                 labels = (fg_t > 0.5).to(torch.uint8).cpu().numpy() * np.uint8(self.fg_class)
-                fg: np.ndarray | None = fg_t.cpu().numpy()
+                fg_np = fg_t.cpu().numpy()
+                fg: np.ndarray | None = fg_np
                 crop_fg = [(c[0] > 0.5).cpu().numpy() for c in crops]
                 # A person small in the full frame often scores below 0.5 there: outside the crops
                 # a lower seed threshold still starts a crop on them (inside, 0.5 keeps boxes tight).
                 seeds = labels == self.fg_class
                 if plan.full:
-                    low = fg > min(0.5, self.cfg.seed_threshold)
+                    low = np.asarray(fg_np > min(0.5, self.cfg.seed_threshold))
                     for box in plan.boxes:
                         low[box.y0:box.y1, box.x0:box.x1] = False
                     seeds |= low
