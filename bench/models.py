@@ -2,17 +2,20 @@
 
     python -m bench.models [--quick] [--threads 2] [--models selfie,null]
 
-Times are the network alone (``Segmenter.infer`` on a preprocessed batch, fp32, CPU), the best
-of several repeats so that other load on the machine inflates them as little as possible.
+Times are the network alone (``Segmenter.infer`` on a preprocessed batch, fp32, CPU: the frozen
+channels-last graph the segmenter uses by default, plus an eager row for the default model), the
+best of several repeats so that other load on the machine inflates them as little as possible.
 URL-weighted models are timed with random weights (cost does not depend on the values), so the
 benchmark never downloads. When ``ai_edge_litert`` is importable (e.g. run with the converter
 venv's python), the default model is also timed against the TFLite reference interpreter in the
-same run, alternating the two, and the ratio reference_ms / ours_ms is printed.
+same run, alternating the two, and the ratio of the medians reference_ms / ours_ms is printed,
+with pre- and post-processing times for camera-sized frames.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,17 +48,26 @@ def gflops(module: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def make_segmenter(name: str, *, channels_last: bool = False) -> Segmenter:
+def median_ms(fn: Callable[[], object], *, reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000.0)
+    return times
+
+
+def make_segmenter(name: str, *, optimize: bool = True) -> Segmenter:
     spec = get_spec(name)
     if spec.weights.kind == "url":
         module = spec.builder().eval()  # random weights: same cost, no download
     else:
         module, spec = build_model(name)
-    return Segmenter(module, spec, device="cpu", precision="fp32", channels_last=channels_last)
+    return Segmenter(module, spec, device="cpu", precision="fp32", optimize=optimize)
 
 
-def bench_model(name: str, *, reps: int, channels_last: bool = False) -> dict:
-    seg = make_segmenter(name, channels_last=channels_last)
+def bench_model(name: str, *, reps: int, optimize: bool = True) -> dict:
+    seg = make_segmenter(name, optimize=optimize)
     h, w = seg.spec.input_size
     x1 = torch.rand(1, 3, h, w)
     flops = gflops(seg.module, x1)
@@ -65,7 +77,7 @@ def bench_model(name: str, *, reps: int, channels_last: bool = False) -> dict:
     x8 = torch.rand(8, 3, h, w)
     ms8 = best_ms(lambda: seg.infer(x8), reps=r, warmup=0 if heavy else 1) / 8
     return {
-        "model": name + (" (channels_last)" if channels_last else ""),
+        "model": name + ("" if optimize else " (eager)"),
         "params": sum(p.numel() for p in seg.module.parameters()),
         "input": f"{h}x{w}",
         "gflops": flops,
@@ -95,18 +107,43 @@ def reference_vs_ours(reps: int) -> str:
         interp.invoke()
 
     seg = make_segmenter(DEFAULT_MODEL)
+    eager = make_segmenter(DEFAULT_MODEL, optimize=False)
     x1, x8 = torch.rand(1, 3, 256, 256), torch.rand(8, 3, 256, 256)
-    ref_ms, ours1, ours8 = [], [], []
-    for _ in range(3):  # alternate so that background load hits both alike
-        ref_ms.append(best_ms(ref, reps=reps))
-        ours1.append(best_ms(lambda: seg.infer(x1), reps=reps))
-        ours8.append(best_ms(lambda: seg.infer(x8), reps=max(2, reps // 4)) / 8)
-    r, o1, o8 = min(ref_ms), min(ours1), min(ours8)
-    return (
-        f"reference (TFLite, {torch.get_num_threads()} threads, batch 1): {r:.2f} ms/frame; ours batch 1 "
-        f"{o1:.2f} ms, batch 8 {o8:.2f} ms/frame; ratio reference/ours: batch 1 {r / o1:.2f}, "
-        f"batch 8 {r / o8:.2f}"
-    )
+    runs: dict[str, Callable[[], object]] = {
+        "reference": ref,
+        "ours b1": lambda: seg.infer(x1),
+        "ours b8": lambda: seg.infer(x8),
+        "eager b1": lambda: eager.infer(x1),
+        "eager b8": lambda: eager.infer(x8),
+    }
+    for fn in runs.values():  # warm up (and trace) outside the timed rounds
+        fn()
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(reps):  # alternate so that background load hits all alike
+        for k, fn in runs.items():
+            times[k] += median_ms(fn, reps=1)
+    med = {k: statistics.median(v) / (8 if k.endswith("b8") else 1) for k, v in times.items()}
+    r = med["reference"]
+    lines = [
+        f"reference vs ours, medians of {reps} alternating rounds ({torch.get_num_threads()} threads):",
+        "",
+        "| run | ms/frame | ratio reference/this | frames/s |",
+        "|---|---:|---:|---:|",
+    ]
+    for k, v in med.items():
+        lines.append(f"| {k} | {v:.2f} | {r / v:.2f} | {1000.0 / v:.1f} |")
+    lines += ["", "| frame | batch | preprocess ms | postprocess ms |", "|---|---:|---:|---:|"]
+    rng = np.random.default_rng(0)
+    for h, w in ((360, 640), (720, 1280)):
+        for n in (1, 8):
+            frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+            probs = seg.infer(seg.preprocess(frames))
+            pre = statistics.median(median_ms(lambda f=frames: seg.preprocess(f), reps=reps))
+            sizes = [(h, w)] * n
+            post = statistics.median(median_ms(lambda p=probs, s=sizes: seg.postprocess(p, s), reps=reps))
+            lines.append(f"| {w}x{h} | {n} | {pre:.2f} | {post:.2f} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         rows.append(bench_model(name, reps=args.reps))
         if name == DEFAULT_MODEL:
-            rows.append(bench_model(name, reps=args.reps, channels_last=True))
+            rows.append(bench_model(name, reps=args.reps, optimize=False))
     print(f"\n## Models (CPU, {args.threads} threads, fp32, network only)\n")
     print("| model | params | input | GFLOPs | ms/frame b1 | ms/frame b8 | frames/s b8 |")
     print("|---|---:|---|---:|---:|---:|---:|")

@@ -39,6 +39,15 @@ def tf_same_pad(x: torch.Tensor, *, kernel: int, stride: int) -> torch.Tensor:
     return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
 
 
+def conv1x1_linear(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1×1 ``conv`` applied to pooled features N×C as a matrix product (N×C_out).
+
+    Same arithmetic as the conv on an N×C×1×1 tensor, without the convolution machinery's per-call
+    overhead, which dominates at 1×1 spatial size.
+    """
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
 class ConvNormAct(nn.Sequential):
     """conv → norm → activation, laid out like torchvision's ``Conv2dNormActivation`` (keys 0, 1)."""
 
@@ -95,8 +104,8 @@ class SqueezeExcitation(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel scale alone (N×C×1×1), for gates applied to a tensor other than ``x``."""
-        s = x.mean((2, 3), keepdim=True)
-        return self.scale_activation(self.fc2(self.activation(self.fc1(s))))
+        s = self.activation(conv1x1_linear(self.fc1, x.mean((2, 3))))
+        return self.scale_activation(conv1x1_linear(self.fc2, s))[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)

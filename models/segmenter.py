@@ -8,7 +8,9 @@ after normalisation) with the padding cropped away again on the way out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import warnings
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +20,9 @@ from torch import nn
 from models.registry import ModelSpec, build_model
 
 PRECISIONS = ("fp32", "fp16", "bf16", "auto")
+_MAX_FROZEN = 4  # image shapes with a frozen graph each; further shapes run eagerly
+
+log = logging.getLogger(__name__)
 
 
 def letterbox_box(src: tuple[int, int], dst: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -43,7 +48,11 @@ class Segmenter:
         precision: str = "fp32",
         channels_last: bool = False,
         compile: bool = False,
+        optimize: bool | None = None,
     ) -> None:
+        """``optimize`` (default: on for CPU fp32 without ``compile``) runs the network as a frozen
+        TorchScript graph in channels-last layout, traced once per input shape on first use; if
+        tracing fails the segmenter logs why and stays eager."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.spec = spec
@@ -51,8 +60,14 @@ class Segmenter:
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
-        self.channels_last = channels_last
         self._amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        if optimize is None:
+            optimize = self.device.type == "cpu" and self._amp_dtype is None and not compile
+        self.optimize = optimize
+        # oneDNN's depthwise and 1×1 kernels are fastest on NHWC memory, so the optimised path uses it.
+        channels_last = channels_last or optimize
+        self.channels_last = channels_last
+        self._frozen: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor] | None] = {}
         module = module.eval().to(self.device)
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
@@ -73,13 +88,20 @@ class Segmenter:
         precision: str = "auto",
         channels_last: bool | None = None,
         compile: bool = False,
+        optimize: bool | None = None,
     ) -> Segmenter:
         module, spec = build_model(name, weights=weights)
         dev = _resolve_device(device)
         if channels_last is None:
             channels_last = dev.type == "cuda"
         return cls(
-            module, spec, device=dev, precision=precision, channels_last=channels_last, compile=compile
+            module,
+            spec,
+            device=dev,
+            precision=precision,
+            channels_last=channels_last,
+            compile=compile,
+            optimize=optimize,
         )
 
     # -- pre-processing ------------------------------------------------------------------
@@ -130,6 +152,7 @@ class Segmenter:
     # -- inference -----------------------------------------------------------------------
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities N×C×h×w (float32) at the model's resolution."""
+        run = self._runner(x)  # tracing, if any, must happen outside inference mode
         with torch.inference_mode():
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -137,12 +160,38 @@ class Segmenter:
                 with torch.autocast(device_type=self.device.type, dtype=self._amp_dtype):
                     logits = self.module(x)
             else:
-                logits = self.module(x)
+                logits = run(x)
             logits = logits.float()
             if self.spec.binary:
                 p = torch.sigmoid(logits[:, :1])
                 return torch.cat([1.0 - p, p], dim=1)
             return torch.softmax(logits, dim=1)
+
+    def _runner(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The frozen graph for ``x``'s shape (traced on first use), or the eager module."""
+        if not self.optimize:
+            return self.module
+        key = tuple(x.shape[1:])  # traced graphs take any batch size; one trace per image shape
+        if key not in self._frozen:
+            self._frozen[key] = self._freeze(key) if len(self._frozen) < _MAX_FROZEN else None
+        return self._frozen[key] or self.module
+
+    def _freeze(self, shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        example = torch.zeros((1, *shape), device=self.device)
+        if self.channels_last:
+            example = example.contiguous(memory_format=torch.channels_last)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic baked in
+                traced = torch.jit.trace(self.module.eval(), example, check_trace=False)
+                frozen = torch.jit.freeze(traced)
+                frozen(example)  # the first runs specialise the graph; keep them out of live timing
+                frozen(example)
+        except Exception as e:  # noqa: BLE001 - any failure leaves the model eager, which always works
+            log.warning("%s: running eagerly, could not freeze a graph for %s: %s", self.spec.name, shape, e)
+            return None
+        log.debug("%s: frozen graph for input %s", self.spec.name, shape)
+        return frozen
 
     # -- post-processing -----------------------------------------------------------------
     def postprocess(

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.blocks import SqueezeExcitation, tf_same_pad
+from models.blocks import SqueezeExcitation, conv1x1_linear, tf_same_pad
 
 
 class SameConv2d(nn.Conv2d):
@@ -30,9 +30,17 @@ class SameConv2d(nn.Conv2d):
         super().__init__(in_ch, out_ch, kernel, stride, pad, groups=groups, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride[0] > 1:
-            x = tf_same_pad(x, kernel=self.kernel_size[0], stride=self.stride[0])
-        return super().forward(x)
+        stride, kernel = self.stride[0], self.kernel_size[0]
+        if stride == 1:
+            return super().forward(x)
+        h, w = x.shape[-2:]
+        if self.groups > 1 and stride == 2 and kernel % 2 == 1 and h % 2 == 0 and w % 2 == 0:
+            # Even input, stride 2: SAME pads (k-2)//2 before and one more after. A (k+1)×(k+1) kernel
+            # with a zero first row and column under symmetric padding samples exactly those pixels,
+            # without copying the input into a padded tensor (faster for depthwise convs, same result).
+            weight = F.pad(self.weight, (1, 0, 1, 0))
+            return F.conv2d(x, weight, self.bias, stride, kernel // 2, 1, self.groups)
+        return super().forward(tf_same_pad(x, kernel=kernel, stride=stride))
 
 
 def _act(kind: str) -> nn.Module:
@@ -72,8 +80,8 @@ class GatedBottleneck(nn.Module):
         self.gate = nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = torch.sigmoid(self.gate(x.mean((2, 3), keepdim=True)))
-        return torch.relu(self.features(x)) * g
+        g = torch.sigmoid(conv1x1_linear(self.gate, x.mean((2, 3))))
+        return torch.relu(self.features(x)) * g[:, :, None, None]
 
 
 class GatedSkipDecoder(nn.Module):
@@ -139,7 +147,19 @@ class SelfieSegmenter(nn.Module):
         y = self.decode8(y, s8)
         y = self.decode4(y, s4)
         y = self.decode2(y, s2)
-        return self.segment(y)
+        return _transposed_2x2(self.segment, y)
+
+
+def _transposed_2x2(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """A 2×2 stride-2 transposed conv as a 1×1 conv to 4·C_out channels and a pixel shuffle.
+
+    Each output pixel depends on exactly one input pixel, so the two are the same arithmetic; the
+    1×1 conv runs on the fast GEMM path instead of the generic transposed-convolution kernel.
+    """
+    c_in, c_out = conv.weight.shape[:2]
+    weight = conv.weight.permute(1, 2, 3, 0).reshape(c_out * 4, c_in, 1, 1)
+    bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
+    return F.pixel_shuffle(F.conv2d(x, weight, bias), 2)
 
 
 def conv_modules(model: SelfieSegmenter) -> list[nn.Conv2d | nn.ConvTranspose2d]:
