@@ -47,8 +47,9 @@ class TemporalConfig(_Strict):
     keyframe_energy: float = Field(0.015, ge=0)
     keyframe_max_gap: int = Field(8, ge=1)
     scene_cut_energy: float = Field(0.25, ge=0, le=1)
-    hysteresis: float = Field(0.25, ge=0, lt=1)  # bias toward the previous label where nothing moved
+    hysteresis: float = Field(0.1, ge=0, lt=1)  # bias toward the previous label where nothing moved
     max_gap_reset: int = Field(30, ge=0)  # more dropped frames than this in a row resets the state
+    motion_search: int = Field(0, ge=0, le=8)  # smooth: follow motion this many residual cells (0: off)
 
 
 class RoiConfig(_Strict):
