@@ -20,6 +20,7 @@ import torch
 
 from models.registry import build_model, get_spec
 from models.segmenter import Segmenter
+from models.temporal import TemporalParams
 from pipeline.config import AppConfig, RoiConfig, StreamConfig, TemporalConfig
 from pipeline.engine import Engine
 from pipeline.slot import DropCounter, DropPolicy, FrameSlot
@@ -220,6 +221,7 @@ class StreamManager:
                 "file sources cannot be added through the API unless the server has a media "
                 "directory (--media-dir DIR); files must live under it"
             )
+        TemporalParams(**sc.temporal.model_dump())  # ValueError names a bad threshold now, not later
         model = sc.model or self.config.default_model
         self.load_model(model)  # raises UnknownModelError / WeightsError before anything starts
         with self._lock:
@@ -279,6 +281,7 @@ class StreamManager:
     ) -> StreamHandle:
         handle = self.get(stream_id)
         if temporal is not None:
+            TemporalParams(**temporal.model_dump())
             handle.temporal = temporal
         if roi is not None:
             handle.roi = roi
