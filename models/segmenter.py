@@ -12,6 +12,7 @@ import logging
 import warnings
 from collections.abc import Callable, Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -204,6 +205,8 @@ class Segmenter:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, s in enumerate(sizes):
             groups.setdefault((int(s[0]), int(s[1])), []).append(i)
+        if probs.device.type == "cpu" and self.spec.binary:
+            return self._postprocess_binary_cpu(probs, sizes)
         with torch.inference_mode():
             for (h, w), idx in groups.items():
                 p = probs[idx] if len(idx) < probs.shape[0] else probs
@@ -225,6 +228,24 @@ class Segmenter:
                     for j, i in enumerate(idx):
                         results[i] = (labels[j], None)
         return [r for r in results if r is not None]
+
+    def _postprocess_binary_cpu(
+        self, probs: torch.Tensor, sizes: Sequence[tuple[int, int]]
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """One foreground channel resized per image with OpenCV (half-pixel bilinear, as
+        ``F.interpolate(align_corners=False)``), several times cheaper on the CPU."""
+        th, tw = self.spec.input_size
+        fg_all = probs[:, 1].detach().float().contiguous().numpy()
+        results: list[tuple[np.ndarray, np.ndarray | None]] = []
+        for j, (h, w) in enumerate(sizes):
+            fg = fg_all[j]
+            if self.spec.resize == "letterbox":
+                top, left, bh, bw = letterbox_box((int(h), int(w)), (th, tw))
+                fg = fg[top : top + bh, left : left + bw]
+            if fg.shape != (h, w):
+                fg = cv2.resize(fg, (int(w), int(h)), interpolation=cv2.INTER_LINEAR)
+            results.append(((fg > 0.5).view(np.uint8), fg))
+        return results
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None]]:
         return self.postprocess(self.infer(self.preprocess(images)), [im.shape[:2] for im in images])
