@@ -26,7 +26,13 @@ class FakeClock:
 
 def put(lane: Lane, index: int, t: float) -> None:
     lane.slot.put(
-        Frame(stream_id=lane.stream_id, index=index, pts=None, captured_at=t, image=np.zeros((1, 1, 3), np.uint8))
+        Frame(
+            stream_id=lane.stream_id,
+            index=index,
+            pts=None,
+            captured_at=t,
+            image=np.zeros((1, 1, 3), np.uint8),
+        )
     )
 
 

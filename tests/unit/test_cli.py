@@ -49,7 +49,9 @@ def test_models_table(capsys):
 
 
 def test_unknown_model_is_one_line_and_exit_2(capsys, tmp_path):
-    code, _, err = run(capsys, "segment", str(tmp_path / "x.mp4"), "--model", "nope", "-o", str(tmp_path / "o.mp4"))
+    code, _, err = run(
+        capsys, "segment", str(tmp_path / "x.mp4"), "--model", "nope", "-o", str(tmp_path / "o.mp4")
+    )
     assert code == 2
     assert err.count("\n") == 1 and "nope" in err and "selfie" in err  # names the choices
 
@@ -76,7 +78,7 @@ def test_serve_rejects_an_unknown_model(capsys):
 
 def test_bad_config_file_names_the_key(capsys, tmp_path):
     cfg = tmp_path / "bad.toml"
-    cfg.write_text('[engine]\nmax_batchh = 4\n')
+    cfg.write_text("[engine]\nmax_batchh = 4\n")
     code, _, err = run(capsys, "serve", "--config", str(cfg), "--port", "0")
     assert code == 2 and "max_batchh" in err
 

@@ -9,7 +9,9 @@ from pipeline.config import TemporalConfig
 
 
 def test_temporal_config_and_params_have_the_same_fields_and_defaults():
-    assert dataclasses.asdict(TemporalParams(**TemporalConfig().model_dump())) == TemporalConfig().model_dump()
+    assert (
+        dataclasses.asdict(TemporalParams(**TemporalConfig().model_dump())) == TemporalConfig().model_dump()
+    )
 
 
 def test_a_config_the_refiner_rejects_is_reported_with_the_field():

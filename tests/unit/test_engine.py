@@ -77,7 +77,9 @@ def start_engine(segs, **cfg):
 
 
 def frame(sid, i, red=255, t=None):
-    return Frame(stream_id=sid, index=i, pts=None, captured_at=t if t is not None else now(), image=image(red))
+    return Frame(
+        stream_id=sid, index=i, pts=None, captured_at=t if t is not None else now(), image=image(red)
+    )
 
 
 def test_results_carry_labels_and_stage_timings():
@@ -148,8 +150,12 @@ def test_a_model_that_fails_to_load_only_hurts_its_streams():
         return good
 
     col = Collector()
-    eng = Engine(config=EngineConfig(max_wait_ms=0), segmenter_factory=factory, on_result=col.on_result,
-                 on_error=col.on_error)
+    eng = Engine(
+        config=EngineConfig(max_wait_ms=0),
+        segmenter_factory=factory,
+        on_result=col.on_result,
+        on_error=col.on_error,
+    )
     eng.start()
     s_bad, s_good = FrameSlot(on_put=eng.notify), FrameSlot(on_put=eng.notify)
     eng.add_stream("bad", s_bad, model="bad")
@@ -225,7 +231,9 @@ def test_keyframe_mode_skips_the_model_on_a_static_stream_and_resets_on_disconti
     for i in range(10):
         slot.put(frame("a", i))
         col.wait(lambda c, n=i + 1: len(c.results) == n)
-    slot.put(Frame(stream_id="a", index=10, pts=None, captured_at=now(), image=image(255), discontinuity=True))
+    slot.put(
+        Frame(stream_id="a", index=10, pts=None, captured_at=now(), image=image(255), discontinuity=True)
+    )
     col.wait(lambda c: len(c.results) == 11)
     full = [r.full_pass for r in col.results]
     assert full[0] and full[10]  # first frame and the discontinuity always run the model

@@ -16,8 +16,14 @@ def result(i: int, sid: str = "s") -> SegmentationResult:
     labels = np.zeros((8, 10), np.uint8)
     labels[2:6, 3:7] = 1
     f = Frame(stream_id=sid, index=i, pts=i / 30, captured_at=now(), image=img)
-    return SegmentationResult(frame=f, labels=labels, classes=("background", "person"), model="m",
-                              latency_ms={"infer": 1.0}, segmented_at=now())
+    return SegmentationResult(
+        frame=f,
+        labels=labels,
+        classes=("background", "person"),
+        model="m",
+        latency_ms={"infer": 1.0},
+        segmented_at=now(),
+    )
 
 
 def unpack(data: bytes):

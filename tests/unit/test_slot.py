@@ -8,7 +8,9 @@ from pipeline.types import DropCause, Frame
 
 
 def frame(i: int, sid: str = "a") -> Frame:
-    return Frame(stream_id=sid, index=i, pts=i / 30, captured_at=float(i), image=np.zeros((2, 2, 3), np.uint8))
+    return Frame(
+        stream_id=sid, index=i, pts=i / 30, captured_at=float(i), image=np.zeros((2, 2, 3), np.uint8)
+    )
 
 
 def test_latest_keeps_newest_and_counts_overruns():
