@@ -246,7 +246,9 @@ class Engine:
             run = [i for i, p in enumerate(plans) if p is None or p.run_model]
             rows = run + list(range(len(frames), len(images)))
             t1 = time.perf_counter()
-            probs = seg.infer(x if len(rows) == len(images) else x[rows]) if rows else None
+            probs = None
+            if rows and x is not None:
+                probs = seg.infer(x if len(rows) == len(images) else x[rows])
             t2 = time.perf_counter()
             plain = self._refine(plans, run, probs if not roi or probs is None else probs[: len(run)], frames)
             outs = seg.postprocess(plain, [(f.height, f.width) for f in frames]) if frames else []
@@ -281,6 +283,7 @@ class Engine:
         classes = tuple(seg.spec.classes)
         plain_iter = iter(zip(plans, outs, strict=True))
         for i, frame in enumerate(batch.frames):
+            info: dict[str, Any]
             if i in roi:
                 r = roi_outs[i]
                 labels, fg, full_pass, info = r.labels, r.fg, bool(r.info["full"]), {"roi": r.info}
@@ -317,10 +320,9 @@ class Engine:
                 params = TemporalParams(**ctx.temporal.model_dump())
                 ctx.refiner = TemporalRefiner(params, mean=seg.spec.mean, std=seg.spec.std)
                 ctx.temporal_state = TemporalRefiner.initial_state()
+            state = ctx.temporal_state or TemporalRefiner.initial_state()
             plans.append(
-                ctx.refiner.plan(
-                    x[i : i + 1], ctx.temporal_state, index=frame.index, discontinuity=frame.discontinuity
-                )
+                ctx.refiner.plan(x[i : i + 1], state, index=frame.index, discontinuity=frame.discontinuity)
             )
         return plans
 
@@ -328,14 +330,17 @@ class Engine:
         if all(p is None for p in plans):
             return probs
         row = {i: j for j, i in enumerate(run)}
-        out = []
+        out: list[torch.Tensor] = []
         for i, (frame, plan) in enumerate(zip(frames, plans, strict=True)):
             p = probs[row[i]] if i in row else None
             ctx = self._ctx(frame.stream_id)
             if plan is None or ctx is None or ctx.refiner is None:
+                if p is None:  # the stream was removed while its frame carried a mask forward
+                    raise RuntimeError(f"stream {frame.stream_id!r} went away during its batch")
                 out.append(p)
                 continue
-            refined, ctx.temporal_state = ctx.refiner.refine(plan, p, ctx.temporal_state)
+            state = ctx.temporal_state or TemporalRefiner.initial_state()
+            refined, ctx.temporal_state = ctx.refiner.refine(plan, p, state)
             out.append(refined)
         return torch.stack(out)
 
