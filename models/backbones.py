@@ -176,7 +176,7 @@ class MobileNetV3(nn.Sequential):
                     nn.init.zeros_(m.bias)
 
     def channels_at(self, index: int) -> int:
-        return int(self[index].out_channels)
+        return int(self[index].out_channels)  # type: ignore[arg-type]
 
     def forward_features(self, x: torch.Tensor, taps: dict[int, str]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

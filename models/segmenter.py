@@ -71,7 +71,7 @@ class Segmenter:
         self._frozen: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor] | None] = {}
         module = module.eval().to(self.device)
         if channels_last:
-            module = module.to(memory_format=torch.channels_last)
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.module: nn.Module = torch.compile(module) if compile else module  # type: ignore[assignment]
         mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)

@@ -84,7 +84,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, *, alpha: float = 0.55) -> np
         # One colour: scale, then add it as a per-channel scalar (numpy broadcasting a
         # colour over a 720p frame alone costs ~25 ms).
         colour = tuple(float(c) * alpha for c in pal[1]) + (0.0,)
-        blended = cv2.add(cv2.addWeighted(image, 1.0 - alpha, image, 0.0, 0.0), colour)
+        blended = cv2.add(cv2.addWeighted(image, 1.0 - alpha, image, 0.0, 0.0), colour)  # type: ignore[call-overload]
     else:
         blended = cv2.addWeighted(image, 1.0 - alpha, pal[labels], alpha, 0.0)
     out = image.copy()
