@@ -216,11 +216,7 @@ def evaluate(
         labels, _ = segmenter.postprocess(out.unsqueeze(0), [gt.shape[:2]])[0]
         pred = labels == fg_class if fg_class is not None else labels != 0
         scores.add(pred, gt)
-    if next(mask_iter, None) is not None:
-        raise EvalInputError(f"more masks than frames: the sequence ended after {len(scores.ious)} frames")
-    n = len(scores.ious)
-    if n == 0:
-        raise EvalInputError("the sequence has no frames")
+    n = _frames_scored(scores, mask_iter)
     return {
         "miou": scores.miou,
         "flicker": scores.flicker,
@@ -231,6 +227,15 @@ def evaluate(
         "model_ms": 1000.0 * model_s / max(1, state.full_frames),
         "refine_ms": 1000.0 * refine_s / n,
     }
+
+
+def _frames_scored(scores: _Scores, mask_iter: Iterator[Any]) -> int:
+    """Frames scored; raises when masks were left over or there was no frame at all."""
+    if next(mask_iter, None) is not None:
+        raise EvalInputError(f"more masks than frames: the sequence ended after {len(scores.ious)} frames")
+    if not scores.ious:
+        raise EvalInputError("the sequence has no frames")
+    return len(scores.ious)
 
 
 def _evaluate_roi(
@@ -263,11 +268,7 @@ def _evaluate_roi(
         if pred.shape != gt.shape:
             pred = cv2.resize(pred.astype(np.uint8), gt.shape[::-1], interpolation=cv2.INTER_NEAREST) != 0
         scores.add(pred, gt)
-    if next(mask_iter, None) is not None:
-        raise EvalInputError(f"more masks than frames: the sequence ended after {len(scores.ious)} frames")
-    n = len(scores.ious)
-    if n == 0:
-        raise EvalInputError("the sequence has no frames")
+    n = _frames_scored(scores, mask_iter)
     st = tracker.state
     inputs = st.full_passes + st.crops
     return {
