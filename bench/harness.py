@@ -29,7 +29,7 @@ import websockets
 from pipeline.config import AppConfig, EngineConfig, SourceOptions, StreamConfig
 from pipeline.manager import StreamHandle, StreamManager
 from pipeline.slot import DropPolicy
-from server.app import create_app
+from server.app import create_app, uvicorn_options
 
 # -- clips ---------------------------------------------------------------------------------
 
@@ -109,7 +109,13 @@ class Service:
         self.app = create_app(self.config, manager=self.manager)
         self.port = _free_port()
         self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+            uvicorn.Config(
+                self.app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                **uvicorn_options(self.config),
+            )
         )
         self._thread = threading.Thread(target=self.server.run, name="bench-uvicorn", daemon=True)
 

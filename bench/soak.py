@@ -131,7 +131,7 @@ def soak(minutes: float, *, streams: int, model: str, clients: int, sample_s: fl
     import uvicorn
 
     from pipeline.config import AppConfig, EngineConfig, LimitsConfig, ServerConfig, StreamConfig
-    from server.app import create_app
+    from server.app import create_app, uvicorn_options
 
     tmp = Path(tempfile.mkdtemp(prefix="segstream-soak-"))
     clip = make_clip(tmp / "clip.mp4")
@@ -146,7 +146,7 @@ def soak(minutes: float, *, streams: int, model: str, clients: int, sample_s: fl
     app = create_app(cfg)
     sock = free_socket()
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **uvicorn_options(cfg)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -50,6 +50,7 @@ class TemporalConfig(_Strict):
     hysteresis: float = Field(0.1, ge=0, lt=1)  # bias toward the previous label where nothing moved
     max_gap_reset: int = Field(30, ge=0)  # more dropped frames than this in a row resets the state
     motion_search: int = Field(0, ge=0, le=8)  # smooth: follow motion this many residual cells (0: off)
+    compensate: bool = True  # smooth: follow the dominant (camera) translation between frames
 
 
 class RoiConfig(_Strict):
@@ -113,6 +114,9 @@ class ServerConfig(_Strict):
         default_factory=lambda: ["rtsp", "rtsps", "rtmp", "http", "https", "file", "webcam", "demo"]
     )
     log_json: bool = False
+    # permessage-deflate on websockets: JPEG/PNG payloads do not compress, and deflating a
+    # raw label map per frame costs more CPU than the engine; opt in for slow links only.
+    ws_compression: bool = False
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     # The same message (template, logger, stream) passes `log_burst` times per window, then is held back.
     log_rate_limit_s: float = Field(60.0, ge=0)  # 0 = no rate limiting

@@ -33,6 +33,15 @@ def encode_workers(config: AppConfig) -> int:
     return max(1, min(4, default_threads()))
 
 
+def uvicorn_options(config: AppConfig) -> dict[str, Any]:
+    """Server options that follow from the config (shared by the CLI, tests and benchmarks)."""
+    return {
+        "ws_max_size": config.limits.max_ws_message_bytes,
+        "ws_per_message_deflate": config.server.ws_compression,
+        "lifespan": "on",
+    }
+
+
 def create_app(config: AppConfig | None = None, *, manager: StreamManager | None = None) -> FastAPI:
     """Build the app. The pipeline starts in the lifespan (so importing this starts nothing)."""
     config = config or AppConfig()

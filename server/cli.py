@@ -116,6 +116,8 @@ def serve_app(app: Any, cfg: AppConfig) -> int:
 
     import uvicorn
 
+    from server.app import uvicorn_options
+
     log = logging.getLogger("segstream.server")
     bound = cfg.server.shutdown_timeout_s
 
@@ -147,9 +149,8 @@ def serve_app(app: Any, cfg: AppConfig) -> int:
             host=cfg.server.host,
             port=cfg.server.port,
             log_config=None,
-            ws_max_size=cfg.limits.max_ws_message_bytes,
             timeout_graceful_shutdown=max(1, int(bound)),
-            lifespan="on",
+            **uvicorn_options(cfg),
         )
     )
     server.run()

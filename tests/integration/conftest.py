@@ -64,16 +64,14 @@ def start_server(config: Any = None, *, manager: Any = None, timeout: float = ST
     import uvicorn
 
     from pipeline.config import AppConfig
-    from server.app import create_app
+    from server.app import create_app, uvicorn_options
 
     if config is None:
         config = AppConfig(default_model="null")
     app = create_app(config, manager=manager)
     sock = _free_socket()
     port = sock.getsockname()[1]
-    uv_config = uvicorn.Config(
-        app, log_level="warning", lifespan="on", ws_max_size=config.limits.max_ws_message_bytes
-    )
+    uv_config = uvicorn.Config(app, log_level="warning", **uvicorn_options(config))
     server = uvicorn.Server(uv_config)
     # Signals belong to pytest; the fixture stops the server through should_exit.
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
