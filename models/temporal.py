@@ -14,7 +14,12 @@ runs on whichever device holds the tensors and costs a small fraction of a forwa
 
 Modes:
 - ``off``: the model's probabilities pass through unchanged.
-- ``smooth``: a motion gate built from a downscaled, blurred colour residual. Where the
+- ``smooth``: a motion gate built from a downscaled, blurred colour residual. With
+  ``compensate`` (default) the dominant translation between frames (a following or
+  shaking camera) is estimated by phase correlation on the thumbnails, and both the
+  residual and the previous output are taken after moving the previous frame by it, so
+  only what moves on its own opens the gate; the shift is kept only when it clearly
+  lowers the residual. Where the
   residual is below ``motion_low`` the new probabilities are blended with the previous
   output (weight ``blend``) and a small hysteresis keeps the previous label unless the
   model disagrees with some confidence; above ``motion_high`` the new probabilities are
@@ -47,6 +52,13 @@ _ENERGY_GRID = 4
 _MOTION_PENALTY = 0.004
 # Motion is estimated per block of this many thumbnail cells.
 _BLOCK = 4
+# Phase correlation: spectrum weighting (cycles per cell) and the peak a translation needs.
+_LOWPASS_SIGMA = 0.15
+_PEAK_MIN = 0.0
+# Smaller camera motion (in thumbnail cells) is left uncompensated: within the gate's blur.
+_MIN_SHIFT = 0.1
+# Compensate only where that lowers the mean residual below this share of the uncompensated one.
+_GAIN = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +75,7 @@ class TemporalParams:
     hysteresis: float = 0.1  # bias toward the previous label where nothing moved
     max_gap_reset: int = 30  # more dropped frames than this in a row = a discontinuity
     motion_search: int = 0  # smooth: follow motion up to this many residual cells per frame (0: off)
+    compensate: bool = True  # smooth: follow the dominant (camera) translation between frames
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -196,6 +209,7 @@ class TemporalRefiner:
             return Plan(index, True, reason, thumb, None, 0.0, gap, reason != "first")
 
         flow = None
+        step = None
         ref = state.thumb
         assert ref is not None  # checked above: an empty state plans a "first" frame
         if p.mode == "smooth" and p.motion_search > 0:
@@ -203,7 +217,18 @@ class TemporalRefiner:
             # moved along with it and blended there too, instead of only where nothing moved.
             flow = _match(thumb, ref, p.motion_search)
             ref = _warp(ref, flow)
-        step = _residual(thumb, ref)
+        elif p.mode == "smooth" and p.compensate:
+            # Follow the camera: estimate the dominant translation and compare (and later
+            # blend) against the previous frame moved by it, so only what moves on its own
+            # opens the motion gate.
+            shift = _global_shift(thumb, ref)
+            if shift is not None and _cells(shift, thumb) >= _MIN_SHIFT:
+                step = _residual(thumb, ref)
+                step_moved = _residual(thumb, _warp(ref, shift))
+                if float(step_moved.mean()) < _GAIN * float(step.mean()):
+                    flow, step = shift, step_moved
+        if step is None:
+            step = _residual(thumb, ref)
         if float(step.mean()) > p.scene_cut_energy:
             return Plan(index, True, "scene_cut", thumb, None, 0.0, gap, True)
         if p.mode == "smooth":
@@ -258,7 +283,11 @@ class TemporalRefiner:
             prev = state.probs
             if plan.residual is not None and prev is not None and prev.shape == probs.shape:
                 if plan.flow is not None:
-                    prev = _warp(prev.unsqueeze(0), plan.flow)[0]
+                    if prev.shape[0] == 2:  # binary: background is 1 - foreground
+                        fg = _warp(prev[None, 1:], plan.flow)[0]
+                        prev = torch.cat((1.0 - fg, fg))
+                    else:
+                        prev = _warp(prev.unsqueeze(0), plan.flow)[0]
                 out = self._blend(probs, prev, plan.residual, plan.gap)
             new_state = replace(
                 state,
@@ -356,14 +385,93 @@ def _match(cur: torch.Tensor, ref: torch.Tensor, radius: int) -> torch.Tensor:
     return table[best].permute(0, 3, 1, 2)
 
 
+def _global_shift(cur: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:
+    """Dominant translation between two thumbnails by phase correlation.
+
+    Returns a 1 x 2 x 1 x 1 flow (grid_sample's normalised x, y) such that ``cur`` at p
+    looks like ``ref`` at p + flow, or None when no translation stands out.
+    """
+    _, _, h, w = cur.shape
+    a = cur.mean(dim=1)[0]
+    b = ref.mean(dim=1)[0]
+    win = _hann(h, w, cur.device, cur.dtype)
+    # Small DFTs as matrix products: torch.fft's thread pool costs far more than the
+    # transform itself at this size on a busy CPU.
+    (ch, sh), (cw, sw) = _dft(h, cur.device, cur.dtype), _dft(w, cur.device, cur.dtype)
+    both = torch.stack(((a - a.mean()) * win, (b - b.mean()) * win))
+    cx, sx = both @ cw, both @ sw
+    re = ch @ cx - sh @ sx  # real part of the 2-D DFT
+    im = ch @ sx + sh @ cx  # minus its imaginary part
+    # cross-power spectrum B * conj(A), then its inverse DFT (real part)
+    cr = re[1] * re[0] + im[1] * im[0]
+    ci = re[1] * im[0] - im[1] * re[0]
+    scale = _lowpass(h, w, cur.device, cur.dtype) / (torch.sqrt(cr * cr + ci * ci) + 1e-6)
+    cr, ci = cr * scale, ci * scale
+    corr = (ch @ cr - sh @ ci) @ cw - (ch @ ci + sh @ cr) @ sw
+    peak = int(corr.argmax())
+    py, px = divmod(peak, w)
+    top = corr[py, px]
+    if float(top) < _PEAK_MIN * float(corr.abs().sum()) / (h * w) ** 0.5:
+        return None
+
+    def sub(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> float:
+        den = float(c0 - 2 * c1 + c2)
+        return 0.0 if den >= 0 else max(-0.5, min(0.5, 0.5 * float(c0 - c2) / den))
+
+    dy = py + sub(corr[(py - 1) % h, px], top, corr[(py + 1) % h, px])
+    dx = px + sub(corr[py, (px - 1) % w], top, corr[py, (px + 1) % w])
+    dy = dy - h if dy > h / 2 else dy
+    dx = dx - w if dx > w / 2 else dx
+    return torch.tensor([dx * 2.0 / w, dy * 2.0 / h], device=cur.device, dtype=cur.dtype).view(1, 2, 1, 1)
+
+
+def _cells(flow: torch.Tensor, thumb: torch.Tensor) -> float:
+    """Length of a global flow in thumbnail cells (largest of x and y)."""
+    h, w = thumb.shape[-2:]
+    return max(abs(float(flow[0, 0])) * w / 2, abs(float(flow[0, 1])) * h / 2)
+
+
+_WINDOWS: dict[tuple, torch.Tensor] = {}
+
+
+def _hann(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = ("hann", h, w, device, dtype)
+    if key not in _WINDOWS:
+        wy = torch.hann_window(h, periodic=False, device=device, dtype=dtype)
+        wx = torch.hann_window(w, periodic=False, device=device, dtype=dtype)
+        _WINDOWS[key] = wy[:, None] * wx[None, :]
+    return _WINDOWS[key]
+
+
+def _dft(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    key = ("dft", n, device, dtype)
+    if key not in _WINDOWS:
+        k = torch.arange(n, dtype=torch.float64)
+        angle = (2 * torch.pi / n) * torch.outer(k, k)
+        _WINDOWS[key] = torch.stack((angle.cos(), angle.sin())).to(device=device, dtype=dtype)
+    c, s = _WINDOWS[key]
+    return c, s
+
+
+def _lowpass(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = ("low", h, w, device, dtype)
+    if key not in _WINDOWS:
+        fy = torch.fft.fftfreq(h, device=device, dtype=dtype)[:, None]
+        fx = torch.fft.fftfreq(w, device=device, dtype=dtype)[None, :]
+        _WINDOWS[key] = torch.exp(-(fy**2 + fx**2) / (2 * _LOWPASS_SIGMA**2))
+    return _WINDOWS[key]
+
+
 def _warp(t: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """Sample ``t`` (N x C x H x W) at each position plus ``flow`` (normalised, upsampled)."""
     _, _, hh, ww = t.shape
-    if flow.shape[-2:] != (hh, ww):
+    if flow.shape[-2:] != (hh, ww) and flow.shape[-2:] != (1, 1):
         flow = F.interpolate(flow, size=(hh, ww), mode="bilinear", align_corners=False)
     ys = torch.linspace(-1 + 1 / hh, 1 - 1 / hh, hh, device=t.device, dtype=t.dtype)
     xs = torch.linspace(-1 + 1 / ww, 1 - 1 / ww, ww, device=t.device, dtype=t.dtype)
-    grid = torch.stack((xs.view(1, 1, ww) + flow[:, 0], ys.view(1, hh, 1) + flow[:, 1]), dim=-1)
+    gx = (xs.view(1, 1, ww) + flow[:, 0]).expand(-1, hh, ww)
+    gy = (ys.view(1, hh, 1) + flow[:, 1]).expand(-1, hh, ww)
+    grid = torch.stack((gx, gy), dim=-1)
     return F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 

@@ -268,3 +268,23 @@ def test_refine_keeps_a_batch_dimension_when_given_one():
         x = seg.preprocess([img])
         out, state = refiner.refine(refiner.plan(x, state, index=i), seg.infer(x), state)
         assert out.shape == (1, 2, H, W)
+
+
+def test_global_shift_finds_a_camera_pan_and_smooth_follows_it():
+    from models.temporal import _global_shift, _residual, _warp
+
+    big = F.avg_pool2d(torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)), 5, 1, 2)
+    ref, cur = big[:, :, 20:84, 20:84], big[:, :, 23:87, 18:82]  # content moved by (-2, +3) cells
+    flow = _global_shift(cur, ref)
+    assert flow is not None
+    assert torch.allclose(flow.flatten() * 32, torch.tensor([-2.0, 3.0]), atol=0.1)
+    assert float(_residual(cur, _warp(ref, flow)).mean()) < 0.2 * float(_residual(cur, ref).mean())
+
+
+def test_smooth_compensation_keeps_the_gate_shut_on_a_pure_pan():
+    frames, _ = make_scene(2, moving=False)
+    pan = [frames[0], np.roll(frames[0], 2, axis=1)]
+    _, comp, _ = run(pan, TemporalParams(mode="smooth"))
+    _, plain, _ = run(pan, TemporalParams(mode="smooth", compensate=False))
+    assert comp[1].flow is not None and plain[1].flow is None
+    assert float(comp[1].residual.mean()) < 0.5 * float(plain[1].residual.mean())
