@@ -131,7 +131,8 @@ class Segmenter:
                 raise ValueError(f"image {i}: expected RGB uint8 HxWx3, got {img.dtype} {img.shape}")
             groups.setdefault((img.shape[0], img.shape[1]), []).append(i)
         for (h, w), idx in groups.items():
-            x = self._to_device(np.stack([images[i] for i in idx]))
+            batch = images[idx[0]][None] if len(idx) == 1 else np.stack([images[i] for i in idx])
+            x = self._to_device(batch)  # a single frame is viewed, not copied
             if self.spec.resize == "letterbox":
                 top, left, bh, bw = letterbox_box((h, w), (th, tw))
             else:
