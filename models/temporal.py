@@ -15,7 +15,8 @@ runs on whichever device holds the tensors and costs a small fraction of a forwa
 Modes:
 - ``off``: the model's probabilities pass through unchanged.
 - ``smooth``: a motion gate built from a downscaled, blurred colour residual. With
-  ``compensate`` (default) the dominant translation between frames (a following or
+  ``compensate`` (for moving cameras; off by default, since fixed cameras are the common
+  case and lose stability with it) the dominant translation between frames (a following or
   shaking camera) is estimated by phase correlation on the thumbnails, and both the
   residual and the previous output are taken after moving the previous frame by it, so
   only what moves on its own opens the gate; the shift is kept only when it clearly
@@ -75,7 +76,7 @@ class TemporalParams:
     hysteresis: float = 0.1  # bias toward the previous label where nothing moved
     max_gap_reset: int = 30  # more dropped frames than this in a row = a discontinuity
     motion_search: int = 0  # smooth: follow motion up to this many residual cells per frame (0: off)
-    compensate: bool = True  # smooth: follow the dominant (camera) translation between frames
+    compensate: bool = False  # smooth: follow the dominant (camera) translation between frames
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -50,7 +50,7 @@ class TemporalConfig(_Strict):
     hysteresis: float = Field(0.1, ge=0, lt=1)  # bias toward the previous label where nothing moved
     max_gap_reset: int = Field(30, ge=0)  # more dropped frames than this in a row resets the state
     motion_search: int = Field(0, ge=0, le=8)  # smooth: follow motion this many residual cells (0: off)
-    compensate: bool = True  # smooth: follow the dominant (camera) translation between frames
+    compensate: bool = False  # smooth, moving cameras: follow the dominant translation between frames
 
 
 class RoiConfig(_Strict):

@@ -284,7 +284,7 @@ def test_global_shift_finds_a_camera_pan_and_smooth_follows_it():
 def test_smooth_compensation_keeps_the_gate_shut_on_a_pure_pan():
     frames, _ = make_scene(2, moving=False)
     pan = [frames[0], np.roll(frames[0], 2, axis=1)]
-    _, comp, _ = run(pan, TemporalParams(mode="smooth"))
-    _, plain, _ = run(pan, TemporalParams(mode="smooth", compensate=False))
+    _, comp, _ = run(pan, TemporalParams(mode="smooth", compensate=True))
+    _, plain, _ = run(pan, TemporalParams(mode="smooth"))  # fixed-camera default: no compensation
     assert comp[1].flow is not None and plain[1].flow is None
     assert float(comp[1].residual.mean()) < 0.5 * float(plain[1].residual.mean())
