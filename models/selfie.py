@@ -34,10 +34,10 @@ class SameConv2d(nn.Conv2d):
         if stride == 1:
             return super().forward(x)
         h, w = x.shape[-2:]
-        if self.groups > 1 and stride == 2 and kernel % 2 == 1 and h % 2 == 0 and w % 2 == 0:
+        if stride == 2 and kernel % 2 == 1 and h % 2 == 0 and w % 2 == 0:
             # Even input, stride 2: SAME pads (k-2)//2 before and one more after. A (k+1)×(k+1) kernel
             # with a zero first row and column under symmetric padding samples exactly those pixels,
-            # without copying the input into a padded tensor (faster for depthwise convs, same result).
+            # without copying the input into a padded tensor (same result, no full-frame copy).
             weight = F.pad(self.weight, (1, 0, 1, 0))
             return F.conv2d(x, weight, self.bias, stride, kernel // 2, 1, self.groups)
         return super().forward(tf_same_pad(x, kernel=kernel, stride=stride))
@@ -159,7 +159,12 @@ def _transposed_2x2(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
     c_in, c_out = conv.weight.shape[:2]
     weight = conv.weight.permute(1, 2, 3, 0).reshape(c_out * 4, c_in, 1, 1)
     bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
-    return F.pixel_shuffle(F.conv2d(x, weight, bias), 2)
+    y = F.conv2d(x, weight, bias)
+    n, _, h, w = y.shape
+    # The pixel shuffle as one permuted copy from N×H×W×C order, which is a free view of a
+    # channels-last result (``F.pixel_shuffle`` walks channels-last memory far more slowly).
+    y = y.permute(0, 2, 3, 1).reshape(n, h, w, c_out, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return y.reshape(n, c_out, 2 * h, 2 * w)
 
 
 def conv_modules(model: SelfieSegmenter) -> list[nn.Conv2d | nn.ConvTranspose2d]:
