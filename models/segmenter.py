@@ -182,6 +182,11 @@ class Segmenter:
         example = torch.zeros((1, *shape), device=self.device)
         if self.channels_last:
             example = example.contiguous(memory_format=torch.channels_last)
+        if self.device.type == "cpu":
+            # oneDNN Graph fuses conv + bias + activation chains and the element-wise tails (residual
+            # adds, gate multiplies) into single kernels when the frozen graph is specialised. The
+            # switch is process-wide and only affects TorchScript graphs, i.e. these frozen ones.
+            torch.jit.enable_onednn_fusion(True)
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic baked in
