@@ -192,8 +192,8 @@ class Segmenter:
                 warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic baked in
                 traced = torch.jit.trace(self.module.eval(), example, check_trace=False)
                 frozen = torch.jit.freeze(traced)
-                frozen(example)  # the first runs specialise the graph; keep them out of live timing
-                frozen(example)
+                for _ in range(3):  # profiling, specialising and fusing runs; keep them out of live timing
+                    frozen(example)
         except Exception as e:  # noqa: BLE001 - any failure leaves the model eager, which always works
             log.warning("%s: running eagerly, could not freeze a graph for %s: %s", self.spec.name, shape, e)
             return None
