@@ -107,6 +107,8 @@ class Segmenter:
 
     # -- pre-processing ------------------------------------------------------------------
     def _to_device(self, batch: np.ndarray) -> torch.Tensor:
+        if not batch.flags.writeable:  # torch wants writable memory; frames are never written to
+            batch = batch.copy()
         t = torch.from_numpy(np.ascontiguousarray(batch))
         if self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True)

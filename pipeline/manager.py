@@ -172,7 +172,11 @@ class StreamManager:
             channels_last=cfg.channels_last,
             compile=cfg.compile,
         )
-        seg.warmup((1,))
+        # Frozen CPU graphs build their fused kernels per batch size on first use (0.3-0.9 s);
+        # for small models warm every size the batcher can form so live frames never pay it.
+        # Large models cost seconds per warm-up pass, so only batch 1 is warmed for them.
+        h, w = spec.input_size
+        seg.warmup(range(1, cfg.max_batch + 1) if h * w <= 256 * 256 else (1,))
         return seg
 
     # -- lifecycle -------------------------------------------------------------------
