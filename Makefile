@@ -8,7 +8,7 @@ PORT ?= 8000
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test test-unit test-integration lint bench soak install install-test system-deps clean docker-config
+.PHONY: run test test-unit test-integration lint bench bench-quick soak install install-test system-deps clean docker-config
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -49,8 +49,13 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check server pipeline models tests bench tools
 	$(VENV)/bin/mypy
 
+# Every benchmark, then the 10-minute soak (RSS, threads and p99 must stay flat).
 bench: $(VENV)/.installed-test system-deps
 	$(PY) -m bench $(ARGS)
+	$(PY) -m bench.soak
+
+bench-quick: $(VENV)/.installed-test system-deps
+	$(PY) -m bench --quick $(ARGS)
 
 soak: $(VENV)/.installed-test system-deps
 	$(PY) -m bench.soak $(ARGS)
