@@ -62,7 +62,6 @@ class StreamHandle:
     frames_out: int = 0
     last_error: str | None = None
     engine_error: str | None = None
-    clients: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
@@ -88,7 +87,6 @@ class StreamHandle:
             "reconnects": st.reconnects,
             "latency_ms": self.latency.percentiles(),
             "drops": self.drops.snapshot(),
-            "clients": self.clients,
             "temporal": self.temporal.mode,
             "roi": self.roi.enabled,
         }

@@ -121,17 +121,11 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
             info["classes"] = list(classes_for(handle.model))
         hub.publish_status(stream_id, info)
 
-    def on_client_change(stream_id: str, delta: int) -> None:
-        handle = mgr.find(stream_id)
-        if handle is not None:
-            handle.clients = max(0, handle.clients + delta)
-
     def classes_for(model: str) -> tuple[str, ...]:
         return tuple(get_spec(model).classes)
 
     app.state.on_result = on_result
     app.state.on_status = on_status
-    app.state.on_client_change = on_client_change
     app.state.classes_for = classes_for
     app.state.begin_shutdown = begin_shutdown
 
@@ -174,7 +168,7 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
             reason = None
         streams = {}
         for h in mgr.list():
-            info = h.describe()
+            info = {**h.describe(), "clients": hub.client_count(h.id)}
             streams[h.id] = {
                 k: info[k] for k in ("state", "error", "fps", "frames", "reconnects", "clients", "latency_ms")
             }

@@ -286,23 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 
-    _add_optional_commands(sub)
+    _add_eval_and_watch(sub)
     return p
 
 
-def _add_optional_commands(sub: Any) -> None:
-    try:
-        from pipeline.evaluate import add_eval_parser
+def _add_eval_and_watch(sub: Any) -> None:
+    from pipeline.evaluate import add_eval_parser
+    from server.client import add_watch_parser
 
-        add_eval_parser(sub)
-    except ImportError:
-        pass
-    try:
-        from server.client import add_watch_parser
-
-        add_watch_parser(sub)
-    except ImportError:
-        pass
+    add_eval_parser(sub)
+    add_watch_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

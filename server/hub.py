@@ -136,7 +136,6 @@ class Hub:
         workers: int,
         client_queue: int = 1,
         on_drop: Callable[[str, DropCause], None] | None = None,
-        stream_info: Callable[[str], dict[str, Any]] | None = None,
     ) -> None:
         if client_queue < 1:
             raise ValueError(f"client_queue must be >= 1, got {client_queue}")
@@ -147,7 +146,6 @@ class Hub:
         self._ids = count(1)
         self._gates: dict[str, _EncodeGate] = {}
         self._on_drop = on_drop
-        self._stream_info = stream_info
         self._closed = False
         self.encoded = 0
 

@@ -108,7 +108,6 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
         max_fps=settings.get("max_fps"),
         quality=settings.get("quality", 80),
     )
-    app.state.on_client_change(stream_id, +1)
     # Tell the client where the stream stands right away (it may be reconnecting).
     info = handle.describe()
     hub.publish_status(stream_id, {**info, "classes": list(app.state.classes_for(handle.model))}, only=client)
@@ -127,7 +126,6 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
                 log.warning("stream %s: websocket client ended with %r", stream_id, error)
     finally:
         hub.unsubscribe(client)
-        app.state.on_client_change(stream_id, -1)
         if (
             ws.application_state != WebSocketState.DISCONNECTED
             and ws.client_state != WebSocketState.DISCONNECTED
