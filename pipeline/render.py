@@ -77,26 +77,33 @@ def overlay(image: np.ndarray, labels: np.ndarray, *, alpha: float = 0.55) -> np
     if n < 2:
         return image
     pal = palette(n)
-    # Blend the whole picture with OpenCV and copy it back under the mask: 2-3x cheaper at
-    # 720p than gathering and scattering the masked pixels with numpy fancy indexing.
-    image = np.ascontiguousarray(image)
+    labels = np.ascontiguousarray(labels)
+    # Binary label maps are their own mask (copyTo takes any non-zero value).
+    mask = labels if n == 2 else (labels > 0).view(np.uint8)
+    # Only the labelled pixels' bounding box is blended: people rarely fill the frame.
+    x, y, w, h = cv2.boundingRect(mask)
+    out = np.array(image, order="C", copy=True)
+    region = out[y : y + h, x : x + w]
+    # Blend with OpenCV and copy back under the mask: several times cheaper at 720p than
+    # gathering and scattering the masked pixels with numpy fancy indexing.
     if n == 2:
         # One colour: scale, then add it as a per-channel scalar (numpy broadcasting a
         # colour over a 720p frame alone costs ~25 ms).
         colour = tuple(float(c) * alpha for c in pal[1]) + (0.0,)
-        blended = cv2.add(cv2.addWeighted(image, 1.0 - alpha, image, 0.0, 0.0), colour)  # type: ignore[call-overload]
+        blended = cv2.add(cv2.addWeighted(region, 1.0 - alpha, region, 0.0, 0.0), colour)  # type: ignore[call-overload]
     else:
-        blended = cv2.addWeighted(image, 1.0 - alpha, pal[labels], alpha, 0.0)
-    out = image.copy()
-    cv2.copyTo(blended, (labels > 0).view(np.uint8), out)
+        blended = cv2.addWeighted(region, 1.0 - alpha, pal[labels[y : y + h, x : x + w]], alpha, 0.0)
+    cv2.copyTo(blended, mask[y : y + h, x : x + w], region)
     return out
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 80) -> bytes:
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be 1..100, got {quality}")
+    # 4:2:0 chroma, like the H.264/MJPEG the frames were decoded from: nothing is lost that
+    # the source had, and it encodes about 1.8x faster than 4:4:4 at 720p.
     return simplejpeg.encode_jpeg(
-        np.ascontiguousarray(image), quality=quality, colorspace="RGB", fastdct=True
+        np.ascontiguousarray(image), quality=quality, colorspace="RGB", colorsubsampling="420", fastdct=True
     )
 
 
@@ -105,10 +112,19 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 
 
 def encode_png_labels(labels: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", labels, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    # Label maps are long runs of one value: no row filter and run-length deflate are ~4x
+    # faster than libpng's adaptive filters and give smaller files.
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(labels), _PNG_PARAMS)
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
+
+
+_PNG_PARAMS = [
+    cv2.IMWRITE_PNG_COMPRESSION, 1,
+    cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
+    cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE,
+]
 
 
 def decode_png_labels(data: bytes) -> np.ndarray:
@@ -120,7 +136,11 @@ def decode_png_labels(data: bytes) -> np.ndarray:
 
 def rle_counts(binary: np.ndarray) -> list[int]:
     """COCO uncompressed RLE counts: column-major runs, starting with a run of zeros."""
-    flat = np.asarray(binary, dtype=bool).ravel(order="F")
+    # Column-major order is the transpose's row-major order: one uint8 copy, then runs.
+    a = np.asarray(binary)
+    if a.dtype != bool:
+        a = a != 0
+    flat = np.ascontiguousarray(a.T).ravel()
     if flat.size == 0:
         return []
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
@@ -184,12 +204,16 @@ def rle_decode(counts: list[int], height: int, width: int) -> np.ndarray:
 def encode_rle(labels: np.ndarray, classes: tuple[str, ...]) -> list[dict[str, Any]]:
     """One COCO RLE object per class present in ``labels`` (background excluded)."""
     h, w = labels.shape
-    present = np.unique(labels)
+    top = int(labels.max()) if labels.size else 0
+    if top <= 1:  # binary models: no histogram needed
+        present = [top] if top else []
+    else:
+        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=top + 1)).tolist()
     out = []
-    for cls in present.tolist():
+    for cls in present:
         if cls == 0:
             continue
-        counts = rle_counts(labels == cls)
+        counts = rle_counts(labels if top == 1 else labels == cls)
         out.append(
             {
                 "class": int(cls),
