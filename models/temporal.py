@@ -9,25 +9,29 @@ The refiner keeps explicit per-stream state (in the spirit of recurrent video mo
     out, state = refiner.refine(plan, probs, state)
 
 Everything works on the model's input (normalised N x 3 x h x w) and its class
-probabilities (C x h x w), at model resolution or below, with plain torch ops, so it
-runs on whichever device holds the tensors and costs a small fraction of a forward pass.
+probabilities (C x h x w), at model resolution or below. Torch ops run on whichever device
+holds the tensors; float32 CPU tensors take a path through OpenCV with the same arithmetic,
+because a dozen small torch calls cost more than the refinement itself there.
 
 Modes:
 - ``off``: the model's probabilities pass through unchanged.
-- ``smooth``: a motion gate built from a downscaled, blurred colour residual. With
-  ``compensate`` (for moving cameras; off by default, since fixed cameras are the common
-  case and lose stability with it) the dominant translation between frames (a following or
-  shaking camera) is estimated by phase correlation on the thumbnails, and both the
-  residual and the previous output are taken after moving the previous frame by it, so
-  only what moves on its own opens the gate; the shift is kept only when it clearly
-  lowers the residual. Where the
-  residual is below ``motion_low`` the new probabilities are blended with the previous
-  output (weight ``blend``) and a small hysteresis keeps the previous label unless the
-  model disagrees with some confidence; above ``motion_high`` the new probabilities are
-  taken as they are, so moving edges never lag.
+- ``smooth``: a confidence-weighted fusion of the new probabilities with the previous
+  output. The previous output counts (up to ``blend``) where two things hold: the picture
+  did not change there (a motion gate from a downscaled, blurred colour residual, open from
+  ``motion_low``, fully open at ``motion_high``) and the model roughly agrees with it (the
+  weight falls with the squared difference of the probabilities, to zero at
+  ``agreement``). Small disagreements are the model's frame-to-frame noise and are averaged
+  away; a large one is a real change (something appeared, moved in, was wrong before) and
+  is taken at once, so edges do not lag and errors do not persist. Where the previous
+  output counts, ``hysteresis`` keeps its label unless the model disagrees by a margin.
+  With ``compensate`` (for moving cameras; off by default) the dominant translation
+  between frames is estimated by phase correlation on the thumbnails, and both the
+  residual and the previous output are taken after moving the previous frame by it; the
+  shift is kept only when it clearly lowers the residual.
 - ``keyframe``: the model runs only when the residual energy accumulated since the last
-  full segmentation exceeds ``keyframe_energy``, or after ``keyframe_max_gap`` frames; in
-  between the last mask is carried forward. Full passes are blended as in ``smooth``.
+  full segmentation exceeds ``keyframe_energy`` (residual below ``noise_floor`` does not
+  count), or after ``keyframe_max_gap`` frames; in between the last mask is carried
+  forward. Full passes are blended as in ``smooth``.
 
 State resets on an explicit discontinuity (reconnect, seek, loop), on a scene cut (mean
 residual above ``scene_cut_energy``) and after a gap of more than ``max_gap_reset``
@@ -39,6 +43,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -67,21 +73,23 @@ class TemporalParams:
     """Per-stream refinement settings. Field names match ``pipeline.config.TemporalConfig``."""
 
     mode: str = "off"
-    motion_low: float = 0.02  # residual below this: nothing moved here
-    motion_high: float = 0.08  # residual above this: something moved, take the new probabilities
-    blend: float = 0.7  # weight of the previous output where nothing moved
+    motion_low: float = 0.06  # residual below this: nothing moved here, the previous output counts
+    motion_high: float = 0.24  # residual above this: something moved, take the new probabilities
+    blend: float = 0.85  # weight of the previous output where nothing moved and the model agrees
     keyframe_energy: float = 0.015  # accumulated residual energy that forces a full pass
     keyframe_max_gap: int = 8  # a full pass at least every this many frames
     scene_cut_energy: float = 0.25  # mean residual above this = a new scene, state resets
-    hysteresis: float = 0.1  # bias toward the previous label where nothing moved
+    hysteresis: float = 0.05  # bias toward the previous label where the previous output counts
     max_gap_reset: int = 30  # more dropped frames than this in a row = a discontinuity
     motion_search: int = 0  # smooth: follow motion up to this many residual cells per frame (0: off)
     compensate: bool = False  # smooth: follow the dominant (camera) translation between frames
+    agreement: float = 0.6  # new vs previous probability gap at which the previous stops counting
+    noise_floor: float = 0.02  # keyframe: residual below this is sensor noise, not motion
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"temporal mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("motion_low", "motion_high", "blend", "scene_cut_energy"):
+        for name in ("motion_low", "motion_high", "blend", "scene_cut_energy", "noise_floor"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
@@ -97,6 +105,8 @@ class TemporalParams:
             raise ValueError(f"hysteresis must be in [0, 1), got {self.hysteresis!r}")
         if not 0 <= self.motion_search <= 8:
             raise ValueError(f"motion_search must be in [0, 8], got {self.motion_search!r}")
+        if not 0.0 < self.agreement <= 1.0:
+            raise ValueError(f"agreement must be in (0, 1], got {self.agreement!r}")
         if self.max_gap_reset < 0:
             raise ValueError(f"max_gap_reset must be >= 0, got {self.max_gap_reset!r}")
 
@@ -181,6 +191,8 @@ class TemporalRefiner:
         self.params = params
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
+        self._mean_np = np.asarray(self.mean, np.float32).reshape(3, 1, 1)
+        self._std_np = np.asarray(self.std, np.float32).reshape(3, 1, 1)
 
     @staticmethod
     def initial_state() -> TemporalState:
@@ -233,14 +245,14 @@ class TemporalRefiner:
         if float(step.mean()) > p.scene_cut_energy:
             return Plan(index, True, "scene_cut", thumb, None, 0.0, gap, True)
         if p.mode == "smooth":
-            energy = _energy(step, p.motion_low)
+            energy = _energy(step, p.noise_floor)
             return Plan(index, True, "motion", thumb, step, energy, gap, False, flow)
 
         # keyframe: compare with the frame the current mask came from, so slow drift adds up
         # while sensor noise (removed by the floor) does not.
         assert state.key_thumb is not None and state.key_index is not None
         since_key = _residual(thumb, state.key_thumb)
-        energy = _energy(since_key, p.motion_low)
+        energy = _energy(since_key, p.noise_floor)
         if energy > p.keyframe_energy:
             return Plan(index, True, "energy", thumb, since_key, energy, gap, False)
         if index - state.key_index >= p.keyframe_max_gap:
@@ -324,41 +336,125 @@ class TemporalRefiner:
         if x.dim() == 4 and x.shape[0] != 1:
             raise ValueError(f"plan takes one frame's input, got shape {tuple(x.shape)}")
         x = x if x.dim() == 4 else x.unsqueeze(0)
-        k = max(1, min(x.shape[-2:]) // _RESIDUAL_CELLS)
+        h, w = x.shape[-2:]
+        k = max(1, min(h, w) // _RESIDUAL_CELLS)
         # Averaging k x k blocks divides pixel noise by about k, well below the motion floor.
         # Pooling first is exact (normalisation is affine per channel) and 1/k^2 the work.
+        if x.device.type == "cpu":
+            # OpenCV on the three planes stacked as one image: several times cheaper than
+            # torch's pooling on a CPU. Bilinear resizing by k averages the middle 2 x 2 of
+            # each k x k block (no plane bleeds into the next): pixel noise halves, and the
+            # residual's blur takes it well below the motion floor.
+            hs, ws = -(-h // k), -(-w // k)
+            planes = x[0].detach().float().numpy()
+            if h % k == 0 and k > 1:
+                # Only the two middle rows of each block are read: a quarter of the memory
+                # traffic when k is 4, and that traffic is most of the cost.
+                rows = planes.reshape(3 * hs, k, w)[:, k // 2 - 1 : k // 2 + 1].reshape(6 * hs, w)
+                small = cv2.resize(rows, (ws, 3 * hs), interpolation=cv2.INTER_LINEAR)
+            else:
+                small = cv2.resize(planes.reshape(3 * h, w), (ws, 3 * hs), interpolation=cv2.INTER_LINEAR)
+            small = np.asarray(small, np.float32).reshape(3, hs, ws)
+            np.multiply(small, self._std_np, out=small)
+            np.add(small, self._mean_np, out=small)
+            # Colour, not just luma: an object can differ from what it covers only in hue.
+            return torch.from_numpy(np.clip(small, 0.0, 1.0, out=small))[None]
         if k > 1:
             x = F.avg_pool2d(x.float(), k, stride=k, ceil_mode=True)
-        # Colour, not just luma: an object can differ from what it covers only in hue.
         return rgb_from_input(x, self.mean, self.std)
 
     def _blend(
         self, new: torch.Tensor, prev: torch.Tensor, residual: torch.Tensor, gap: int
     ) -> torch.Tensor:
+        """Fuse the model's new probabilities with the previous output, pixel by pixel.
+
+        The previous output counts (up to ``blend``) only where two things hold: the picture
+        did not change there (residual below the motion gate) and the model roughly agrees
+        with it (probabilities within ``agreement``). Small disagreements are the model's
+        frame-to-frame noise and are averaged away; a large one is a real change (something
+        appeared, moved in, or was wrongly segmented before) and is taken at once, so the
+        output neither lags nor drifts. Where the previous output counts, ``hysteresis``
+        keeps its label unless the model disagrees by a margin.
+        """
         p = self.params
         # Missing frames hide motion we did not see: lower both thresholds and trust less.
         trust = 1.0 / (1 + gap)
         lo, hi = p.motion_low * trust, p.motion_high * trust
+        if (
+            new.shape[0] == 2
+            and p.blend > 0
+            and new.device.type == prev.device.type == residual.device.type == "cpu"
+            and new.dtype == prev.dtype == residual.dtype == torch.float32
+        ):
+            return _blend_binary_cpu(new, prev, residual, lo, hi, trust, p)
         # Dilate so the whole neighbourhood of a moving edge counts as moving (no lag there).
         moving = F.max_pool2d(residual, 3, stride=1, padding=1)
         still = (1.0 - ((moving - lo) / (hi - lo)).clamp(0.0, 1.0)) * trust
         still = F.interpolate(still, size=new.shape[-2:], mode="bilinear", align_corners=False)[0]
-        if new.shape[0] == 2:
-            # Binary models: the background channel is 1 - foreground, so half the work.
-            q = torch.lerp(new[1:], prev[1:], p.blend * still)
-            if p.hysteresis > 0:
-                bias = p.hysteresis * still
-                q = (q + bias * (prev[1:] >= 0.5).to(q.dtype)) / (1.0 + bias)
-            return torch.cat((1.0 - q, q))
-        out = torch.lerp(new, prev, p.blend * still)
+        binary = new.shape[0] == 2  # the background channel is 1 - foreground: half the work
+        a, b = (new[1:], prev[1:]) if binary else (new, prev)
+        diff = (a - b).square()
+        if not binary:
+            diff = diff.amax(0, keepdim=True)
+        # 1 for identical probabilities, falling to 0 at a difference of ``agreement``.
+        weight = still * (1.0 - diff / p.agreement**2).clamp(min=0.0)
+        out = torch.lerp(a, b, p.blend * weight)
         if p.hysteresis > 0:
-            # Favour the previous label where nothing moved: a pixel near the decision
-            # boundary must be won by a margin before it flips, which is what stops flicker.
-            # (amax, not argmax: argmax over the class dimension is very slow on CPU)
-            prev_label = (prev >= prev.amax(0, keepdim=True)).to(new.dtype)
-            bias = p.hysteresis * still
-            out = (out + bias * prev_label) / (1.0 + bias)
-        return out
+            # Favour the previous label: a pixel near the decision boundary must be won by a
+            # margin before it flips. (amax, not argmax: argmax over classes is slow on CPU)
+            label = (b >= 0.5) if binary else (b >= b.amax(0, keepdim=True))
+            bias = p.hysteresis * weight
+            out = (out + bias * label.to(out.dtype)) / (1.0 + bias)
+        return torch.cat((1.0 - out, out)) if binary else out
+
+
+_KERNEL3 = np.ones((3, 3), np.uint8)
+_BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
+
+
+def _blend_binary_cpu(
+    new: torch.Tensor,
+    prev: torch.Tensor,
+    residual: torch.Tensor,
+    lo: float,
+    hi: float,
+    trust: float,
+    p: TemporalParams,
+) -> torch.Tensor:
+    """``TemporalRefiner._blend`` for two-class float32 CPU tensors, with OpenCV.
+
+    The same arithmetic as the torch path on the foreground channel, in as few passes over
+    the full-resolution planes as possible: each pass costs about as much as a small torch
+    call, and there are half as many.
+    """
+    h, w = new.shape[-2:]
+    r = np.ascontiguousarray(residual.reshape(residual.shape[-2:]).numpy())
+    moving = cv2.dilate(r, _KERNEL3)
+    # still = (1 - clip((moving - lo) / (hi - lo), 0, 1)) * trust, here times blend as well
+    still = cv2.addWeighted(moving, -1.0 / (hi - lo), moving, 0.0, 1.0 + lo / (hi - lo))
+    np.clip(still, 0.0, 1.0, out=still)
+    np.multiply(still, np.float32(trust * p.blend), out=still)
+    weight = cv2.resize(still, (w, h), interpolation=cv2.INTER_LINEAR)  # half-pixel, as torch's
+    a = np.ascontiguousarray(new[1].numpy())
+    b = np.ascontiguousarray(prev[1].numpy())
+    out = torch.empty((2, h, w), dtype=torch.float32)
+    fg, bg = out[1].numpy(), out[0].numpy()
+    diff = cv2.subtract(b, a, dst=bg)  # the background plane is scratch space until the end
+    # weight *= 1 - min(1, (diff / agreement)^2), as weight - weight * min(...)
+    sq = cv2.multiply(diff, diff, scale=1.0 / p.agreement**2)
+    cv2.threshold(sq, 1.0, 1.0, cv2.THRESH_TRUNC, dst=sq)
+    cv2.subtract(weight, cv2.multiply(weight, sq, dst=sq), dst=weight)
+    np.copyto(fg, a)
+    cv2.accumulateProduct(diff, weight, fg)  # fg = a + (b - a) * weight
+    if p.hysteresis > 0:
+        # fg = (fg + bias * label) / (1 + bias), bias = hysteresis * weight (without blend)
+        label = cv2.threshold(b, _BELOW_HALF, 1.0, cv2.THRESH_BINARY)[1]  # b >= 0.5
+        bias = weight * np.float32(p.hysteresis / p.blend)
+        cv2.accumulateProduct(bias, label, fg)
+        bias += np.float32(1.0)
+        cv2.divide(fg, bias, dst=fg)
+    np.subtract(np.float32(1.0), fg, out=bg)
+    return out
 
 
 def _match(cur: torch.Tensor, ref: torch.Tensor, radius: int) -> torch.Tensor:
@@ -482,6 +578,10 @@ def _residual(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Blurring the signed difference (before taking its size) averages pixel noise away
     while a real change, coherent over neighbouring cells, keeps its size.
     """
+    if a.device.type == b.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and a.shape[0] == 1:
+        signed = (a[0] - b[0]).numpy()
+        planes = [np.abs(cv2.blur(c, (3, 3), borderType=cv2.BORDER_REPLICATE)) for c in signed]
+        return torch.from_numpy(np.maximum.reduce(planes))[None, None]
     d = F.avg_pool2d(a - b, 3, stride=1, padding=1, count_include_pad=False)
     return d.abs().amax(dim=1, keepdim=True)
 
@@ -492,5 +592,9 @@ def _energy(residual: torch.Tensor, floor: float) -> float:
     Noise contributes nothing; a small object moving fast counts as much as it would if it
     filled the frame, so its mask is never carried forward stale.
     """
+    if residual.device.type == "cpu" and residual.dtype == torch.float32:
+        r = residual.reshape(residual.shape[-2:]).numpy()
+        above = cv2.threshold(r, floor, 0.0, cv2.THRESH_TOZERO)[1]
+        return float(cv2.resize(above, (_ENERGY_GRID, _ENERGY_GRID), interpolation=cv2.INTER_AREA).max())
     moved = residual * (residual > floor)
     return float(F.adaptive_avg_pool2d(moved, _ENERGY_GRID).amax())

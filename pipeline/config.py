@@ -39,18 +39,21 @@ class ReconnectConfig(_Strict):
 
 class TemporalConfig(_Strict):
     mode: Literal["off", "smooth", "keyframe"] = "off"
-    # smooth: residual below `motion_low` blends fully with the previous probabilities
-    motion_low: float = Field(0.02, ge=0, le=1)
-    motion_high: float = Field(0.08, ge=0, le=1)
-    blend: float = Field(0.7, ge=0, le=1)
+    # smooth (and keyframe full passes): where the residual is below `motion_low` and the model
+    # agrees with the previous output (within `agreement`), blend with it (weight `blend`)
+    motion_low: float = Field(0.06, ge=0, le=1)
+    motion_high: float = Field(0.24, ge=0, le=1)
+    blend: float = Field(0.85, ge=0, le=1)
     # keyframe: run the model when accumulated residual energy exceeds this, or every K frames
     keyframe_energy: float = Field(0.015, ge=0)
     keyframe_max_gap: int = Field(8, ge=1)
     scene_cut_energy: float = Field(0.25, ge=0, le=1)
-    hysteresis: float = Field(0.1, ge=0, lt=1)  # bias toward the previous label where nothing moved
+    hysteresis: float = Field(0.05, ge=0, lt=1)  # bias toward the previous label where it counts
     max_gap_reset: int = Field(30, ge=0)  # more dropped frames than this in a row resets the state
     motion_search: int = Field(0, ge=0, le=8)  # smooth: follow motion this many residual cells (0: off)
     compensate: bool = False  # smooth, moving cameras: follow the dominant translation between frames
+    agreement: float = Field(0.6, gt=0, le=1)  # new/previous probability difference where blending stops
+    noise_floor: float = Field(0.02, ge=0, le=1)  # keyframe: residual below this is noise, not motion
 
 
 class RoiConfig(_Strict):
@@ -71,6 +74,8 @@ class RoiConfig(_Strict):
     feather: float = Field(0.08, ge=0, le=0.5)  # blend ramp at inner crop edges, share of the crop side
     seed_threshold: float = Field(0.2, gt=0, le=1)  # fg probability that starts tracking a region
     merge_overlap: float = Field(0.3, ge=0, le=1)  # crops sharing this much of the smaller one merge
+    budget: float = Field(1.5, ge=0)  # mean model inputs per frame (full passes + crops); 0: no limit
+    hold: float = Field(0.2, ge=0, le=1)  # keep last frame's crop while its side is within this share
 
 
 class StreamConfig(_Strict):
