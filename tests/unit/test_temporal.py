@@ -288,3 +288,58 @@ def test_smooth_compensation_keeps_the_gate_shut_on_a_pure_pan():
     _, plain, _ = run(pan, TemporalParams(mode="smooth"))  # fixed-camera default: no compensation
     assert comp[1].flow is not None and plain[1].flow is None
     assert float(comp[1].residual.mean()) < 0.5 * float(plain[1].residual.mean())
+
+
+def test_cpu_fast_path_matches_the_torch_path():
+    from models.temporal import _blend_binary_cpu
+
+    g = torch.Generator().manual_seed(1)
+    fg_new, fg_prev = torch.rand(1, 48, 40, generator=g), torch.rand(1, 48, 40, generator=g)
+    new, prev = torch.cat((1 - fg_new, fg_new)), torch.cat((1 - fg_prev, fg_prev))
+    residual = 0.08 * torch.rand(1, 1, 12, 10, generator=g)
+    params = TemporalParams(mode="smooth", hysteresis=0.2)
+    refiner = TemporalRefiner(params)
+    fast = _blend_binary_cpu(new, prev, residual, 0.03, 0.12, 0.5, params)
+    # float64 takes the torch path
+    ref = refiner._blend(new.double(), prev.double(), residual.double(), gap=1).float()
+    assert torch.allclose(fast, ref, atol=1e-5)
+    assert not torch.allclose(fast, new, atol=1e-2)  # it did blend somewhere
+
+
+def test_smooth_takes_a_large_disagreement_at_once():
+    refiner = TemporalRefiner(TemporalParams(mode="smooth", hysteresis=0.0))
+    still = torch.zeros(1, 1, 8, 8)
+    prev_fg = torch.full((1, 32, 32), 0.1)
+    new_fg = prev_fg.clone()
+    new_fg[:, :16] = 0.9  # the model now sees an object in the top half; the picture did not change
+    new_fg[:, 16:] = 0.2  # and is a little less sure about the bottom half
+    out = refiner._blend(torch.cat((1 - new_fg, new_fg)), torch.cat((1 - prev_fg, prev_fg)), still, gap=0)
+    assert torch.allclose(out[1, :16], new_fg[:, :16])  # 0.8 apart: beyond `agreement`, no lag
+    assert torch.all(out[1, 16:] < 0.2) and torch.all(out[1, 16:] > 0.1)  # noise: averaged
+
+
+def test_smooth_on_a_panning_camera_lowers_flicker_without_lag():
+    """A moving disc over a background that pans by 1 px per frame (a following camera).
+
+    Much of the flicker here follows the disc's motion and cannot be removed without lag;
+    the model's noise on top of it can.
+    """
+    rng = np.random.default_rng(3)
+    wide = rng.integers(0, 256, (H // 8, 2 * W // 8, 3)).astype(np.float32)
+    wide = np.kron(wide, np.ones((8, 8, 1), np.float32))
+    wide[..., 0] *= 0.35
+    yy, xx = np.mgrid[0:H, 0:W]
+    frames, masks = [], []
+    for t in range(24):
+        img = wide[:, t : t + W].copy()
+        disc = (xx - (10 + 2 * t)) ** 2 + (yy - 30) ** 2 < 9**2
+        img[disc] = (210, 50, 60)
+        img += rng.normal(0.0, 4.0, img.shape).astype(np.float32)
+        frames.append(np.clip(img, 0, 255).astype(np.uint8))
+        masks.append(disc)
+    off, _, _ = run(frames, TemporalParams(mode="off"))
+    smooth, _, _ = run(frames, TemporalParams(mode="smooth"))
+    assert flicker(smooth, masks) <= 0.85 * flicker(off, masks)
+    for t in range(1, len(frames)):
+        near = (np.abs(yy - 30) < 14) & (np.abs(xx - (10 + 2 * t)) < 14)
+        assert iou(smooth[t] & near, masks[t] & near) >= iou(off[t] & near, masks[t] & near) - 0.05, t
