@@ -33,6 +33,37 @@ def letterbox_box(src: tuple[int, int], dst: tuple[int, int]) -> tuple[int, int,
     return (dst[0] - h) // 2, (dst[1] - w) // 2, h, w
 
 
+def input_box(spec: ModelSpec, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of an image of ``size`` inside the model's input."""
+    th, tw = spec.input_size
+    if spec.resize == "letterbox":
+        return letterbox_box(size, (th, tw))
+    return 0, 0, th, tw
+
+
+def _shrink(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """N x 3 x H x W resized to ``size``: bilinear with antialiasing, which matters when shrinking
+    camera frames 4-8x; the CPU kernel also takes uint8 directly."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def prepare_image(spec: ModelSpec, image: np.ndarray) -> np.ndarray:
+    """``image`` (RGB uint8 HxWx3) shrunk to the part of the model input it fills, on the CPU.
+
+    Exactly what :meth:`Segmenter.preprocess` does to it on the CPU before normalising, so a
+    capture thread can do it beside the engine: ``preprocess`` then leaves the result as it is,
+    and ``postprocess`` is still given the original frame size.
+    """
+    _, _, bh, bw = input_box(spec, (int(image.shape[0]), int(image.shape[1])))
+    if image.shape[:2] == (bh, bw):
+        return image
+    x = torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        return _shrink(x, (bh, bw))[0].permute(1, 2, 0).contiguous().numpy()
+
+
 def _resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,12 +145,6 @@ class Segmenter:
             t = t.pin_memory().to(self.device, non_blocking=True)
         return t.permute(0, 3, 1, 2)  # N×3×H×W view of NHWC memory (channels_last)
 
-    def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        if tuple(x.shape[-2:]) == size:
-            return x
-        # Antialiasing matters when shrinking camera frames 4-8×; the CPU kernel also takes uint8 directly.
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         if len(images) == 0:
             raise ValueError("preprocess needs at least one image")
@@ -135,14 +160,9 @@ class Segmenter:
         for (h, w), idx in groups.items():
             batch = images[idx[0]][None] if len(idx) == 1 else np.stack([images[i] for i in idx])
             x = self._to_device(batch)  # a single frame is viewed, not copied
-            if self.spec.resize == "letterbox":
-                top, left, bh, bw = letterbox_box((h, w), (th, tw))
-            else:
-                top, left, bh, bw = 0, 0, th, tw
-            if self.device.type == "cpu":
-                x = self._resize(x, (bh, bw)).float()
-            else:
-                x = self._resize(x.float(), (bh, bw))
+            top, left, bh, bw = input_box(self.spec, (h, w))
+            # uint8 in on the CPU (its kernel takes it); float on devices
+            x = _shrink(x, (bh, bw)).float() if self.device.type == "cpu" else _shrink(x.float(), (bh, bw))
             x = x * self._scale + self._shift
             index = torch.tensor(idx, device=self.device)
             if (bh, bw) == (th, tw):

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from models.segmenter import input_box
 from models.temporal import Plan, TemporalParams, TemporalRefiner, TemporalState
 from pipeline.batcher import Batch, Batcher, Lane
 from pipeline.config import EngineConfig, RoiConfig, TemporalConfig
@@ -95,6 +96,17 @@ class _StreamCtx:
     temporal_state: TemporalState | None = None
     refiner: TemporalRefiner | None = None
     roi_state: Any = None
+
+
+def _input_image(seg: SegmenterLike, frame: Frame) -> np.ndarray:
+    """The frame as the segmenter should get it: shrunk already by the capture thread when
+    that was done for this model's input, else the full picture (preprocess resizes it)."""
+    small = frame.model_input
+    if small is not None:
+        _, _, bh, bw = input_box(seg.spec, (frame.height, frame.width))
+        if small.shape[:2] == (bh, bw):
+            return small
+    return frame.image
 
 
 class Engine:
@@ -240,7 +252,7 @@ class Engine:
             # ROI frames contribute their crops (and full frame, when due) to the same batch.
             roi = self._roi_begin(seg, batch.frames)
             frames = [f for i, f in enumerate(batch.frames) if i not in roi]
-            images = [f.image for f in frames] + [im for _, _, ims in roi.values() for im in ims]
+            images = [_input_image(seg, f) for f in frames] + [im for _, _, ims in roi.values() for im in ims]
             x = seg.preprocess(images) if images else None
             plans = self._plan(seg, x, frames)
             run = [i for i, p in enumerate(plans) if p is None or p.run_model]
@@ -396,6 +408,8 @@ class Engine:
             "queue": max(0.0, (taken_at - frame.captured_at) * 1000.0),
             **timings,
         }
+        if frame.prepare_ms:  # the capture thread did part of the preprocessing
+            latency["preprocess"] = latency.get("preprocess", 0.0) + frame.prepare_ms
         result = SegmentationResult(
             frame=frame,
             labels=labels,

@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from pipeline.config import ReconnectConfig
 from pipeline.slot import FrameSlot
 from pipeline.sources import SourceSpec
@@ -71,7 +73,10 @@ class StreamWorker:
         realtime: bool = True,
         max_pixels: int | None = None,
         on_status: Callable[[StreamStatus], None] | None = None,
+        prepare: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
+        """``prepare``, when given, shrinks each frame for the model on this thread (see
+        ``Frame.model_input``); it may be replaced or cleared at any time."""
         if max_pixels is not None and max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
         self.stream_id = stream_id
@@ -81,6 +86,7 @@ class StreamWorker:
         self.realtime = realtime
         self.max_pixels = max_pixels
         self._on_status = on_status
+        self.prepare = prepare
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -345,14 +351,25 @@ class StreamWorker:
                 f"source is {w}x{h} ({w * h} pixels), above the limit of {self.max_pixels} pixels",
                 retryable=False,
             )
+        captured_at = now()
+        prepare, model_input, prepare_ms = self.prepare, None, 0.0
+        if prepare is not None:
+            t0 = time.perf_counter()
+            try:
+                model_input = prepare(image)
+            except Exception as e:  # noqa: BLE001 - the engine resizes the frame itself instead
+                log.debug("stream %s: preparing frame for the model failed: %s", self.stream_id, e)
+            prepare_ms = (time.perf_counter() - t0) * 1000.0
         frame = Frame(
             stream_id=self.stream_id,
             index=self._next_index,
             pts=raw.pts,
-            captured_at=now(),
+            captured_at=captured_at,
             image=image,
             discontinuity=discontinuity or raw.discontinuity,
             decode_ms=raw.decode_ms,
+            model_input=model_input,
+            prepare_ms=prepare_ms,
         )
         self._next_index += 1
         while not self.slot.put(frame, timeout=_PUT_POLL_S):

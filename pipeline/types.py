@@ -72,7 +72,9 @@ class Frame:
     time in seconds (None when the source has none, e.g. a webcam). ``captured_at`` is
     the wall-clock time the decoder handed the frame over. ``discontinuity`` marks the
     first frame after a (re)connect, a seek or a loop restart: temporal state must not
-    carry across it.
+    carry across it. ``model_input``, when set, is ``image`` already shrunk for the stream's
+    model by the capture thread (``models.segmenter.prepare_image``, taking ``prepare_ms``),
+    so the engine thread does not resize full frames.
     """
 
     stream_id: str
@@ -82,6 +84,8 @@ class Frame:
     image: np.ndarray
     discontinuity: bool = False
     decode_ms: float = 0.0
+    model_input: np.ndarray | None = None
+    prepare_ms: float = 0.0
 
     @property
     def height(self) -> int:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.registry import DEFAULT_MODEL, build_model, get_spec, list_models
-from models.segmenter import Segmenter, letterbox_box
+from models.segmenter import Segmenter, input_box, letterbox_box, prepare_image
 
 TORCHVISION = {
     "deeplabv3_resnet50",
@@ -102,3 +102,28 @@ def test_bf16_autocast_on_cpu_keeps_float32_probabilities() -> None:
     seg = Segmenter(module, spec, device="cpu", precision="bf16", channels_last=True)
     probs = seg.infer(seg.preprocess([np.zeros((64, 64, 3), np.uint8)]))
     assert probs.dtype == torch.float32 and probs.shape == (1, 2, 256, 256)
+
+
+@pytest.mark.parametrize("name", ["selfie", "resnet18_fpn"])  # stretch and letterbox
+def test_frames_prepared_on_a_capture_thread_give_the_same_input_and_masks(name: str) -> None:
+    spec = get_spec(name)
+    seg = Segmenter(spec.builder().eval(), spec, device="cpu", optimize=False)
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, size, dtype=np.uint8) for size in [(720, 1280, 3), (300, 200, 3)]]
+    small = [prepare_image(spec, f) for f in frames]
+    for f, s in zip(frames, small, strict=True):
+        _, _, bh, bw = input_box(spec, f.shape[:2])
+        assert s.shape == (bh, bw, 3) and s.dtype == np.uint8 and s.flags.c_contiguous
+    # preprocess leaves a prepared frame as it is: bit-identical model input, same masks
+    assert torch.equal(seg.preprocess(small), seg.preprocess(frames))
+    sizes = [f.shape[:2] for f in frames]
+    ours = seg.postprocess(seg.infer(seg.preprocess(small)), sizes)
+    ref = seg.postprocess(seg.infer(seg.preprocess(frames)), sizes)
+    for (a, _), (b, _) in zip(ours, ref, strict=True):
+        assert a.shape == b.shape and np.array_equal(a, b)
+    # a frame already at the model's size is passed through, and read-only frames work
+    ro = rng.integers(0, 256, (*spec.input_size, 3), dtype=np.uint8)
+    assert prepare_image(spec, ro) is ro
+    ro2 = frames[0].copy()
+    ro2.flags.writeable = False
+    assert np.array_equal(prepare_image(spec, ro2), small[0])
