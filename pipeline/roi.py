@@ -28,7 +28,7 @@ there); where the window is below 1 the base shows through (the full pass, or ba
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -99,6 +99,30 @@ def square_box(cx: float, cy: float, side: float, frame: tuple[int, int]) -> Box
     return Box(x0, y0, x0 + sw, y0 + sh)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Patch:
+    """A crop's result kept for later frames: probabilities at ``box``'s size, made at frame
+    ``index``, pasted ``(vx, vy)`` px per frame further on in frames that do not re-run the crop."""
+
+    box: Box
+    probs: torch.Tensor  # C' x box.height x box.width
+    index: int
+    vx: float = 0.0
+    vy: float = 0.0
+
+    def at(self, index: int, frame: tuple[int, int]) -> tuple[Box, torch.Tensor] | None:
+        """Where the patch lands in frame ``index`` (cut at the frame edges), or None if outside."""
+        h, w = frame
+        dx = int(round(self.vx * (index - self.index)))
+        dy = int(round(self.vy * (index - self.index)))
+        b = self.box
+        x0, y0, x1, y1 = max(0, b.x0 + dx), max(0, b.y0 + dy), min(w, b.x1 + dx), min(h, b.y1 + dy)
+        if x1 <= x0 or y1 <= y0:
+            return None
+        probs = self.probs[:, y0 - b.y0 - dy:y1 - b.y0 - dy, x0 - b.x0 - dx:x1 - b.x0 - dx]
+        return Box(x0, y0, x1, y1), probs
+
+
 @dataclass(frozen=True, slots=True)
 class Region:
     """One tracked connected component: tight box, pixel area, centroid, velocity (px/frame)."""
@@ -112,6 +136,9 @@ class Region:
     # Seen through a crop last frame. A region only the full frame saw has a coarse mask, so its
     # first crop may legitimately move or shrink it: no jump/collapse test against it.
     cropped: bool = False
+    # The crop result this region's mask came from; a region with one may skip its crop in a
+    # frame over the compute budget (the patch is pasted where the motion puts it instead).
+    patch: Patch | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +150,8 @@ class RoiState:
     last_full_index: int | None = None
     pending: str | None = None  # why the next frame must have a full pass
     thumb: np.ndarray | None = None
+    last_boxes: tuple[Box, ...] = ()  # last frame's crop boxes, kept while their regions still fit
+    credit: float = 0.0  # model inputs the budget still allows (spent ahead when negative)
     frames: int = 0
     full_passes: int = 0
     crops: int = 0
@@ -147,6 +176,10 @@ class RoiPlan:
     gap: int = 1
     reset: bool = False
     thumb: np.ndarray | None = None
+    # Crops over the budget this frame: their boxes, and the patches pasted for them instead.
+    deferred: tuple[Box, ...] = ()
+    held: tuple[Patch, ...] = ()
+    credit: float = 0.0  # the budget's credit after this frame
 
     @property
     def inputs(self) -> int:
@@ -175,9 +208,11 @@ def _merged(a: tuple[Box, tuple[Region, ...]], b: tuple[Box, tuple[Region, ...]]
 
 
 def region_boxes(
-    regions: tuple[Region, ...], frame: tuple[int, int], cfg: RoiConfig, gap: int = 1
+    regions: tuple[Region, ...], frame: tuple[int, int], cfg: RoiConfig, gap: int = 1,
+    held: tuple[Box, ...] = (),
 ) -> list[tuple[Box, tuple[Region, ...]]]:
-    """Square crop boxes for ``regions`` ``gap`` frames later: margin, prediction, merge, cap."""
+    """Square crop boxes for ``regions`` ``gap`` frames later: margin, prediction, merge, cap,
+    and last frame's boxes (``held``) kept where they still fit."""
     short = min(frame)
     boxes: list[tuple[Box, tuple[Region, ...]]] = []
     for r in regions:
@@ -190,8 +225,12 @@ def region_boxes(
             for j in range(i + 1, len(boxes)):
                 # Boxes that mostly overlap become one crop; a slight overlap stays two crops
                 # (blended where they meet) so two people side by side keep their resolution.
+                # A merge that would cover most of the frame is not made: the two crops keep more
+                # resolution than one frame-sized crop (or the full pass it would turn into).
                 a, b = boxes[i][0], boxes[j][0]
-                if a.intersection_area(b) > cfg.merge_overlap * min(a.area, b.area):
+                if a.intersection_area(b) > cfg.merge_overlap * min(a.area, b.area) and (
+                    _merged(boxes[i], boxes[j], frame)[0].area < cfg.full_area * frame[0] * frame[1]
+                ):
                     boxes[i] = _merged(boxes[i], boxes[j], frame)
                     del boxes[j]
                     merged = True
@@ -203,7 +242,47 @@ def region_boxes(
         i, j = min(pairs, key=lambda p: _merged(boxes[p[0]], boxes[p[1]], frame)[0].area)
         boxes[i] = _merged(boxes[i], boxes[j], frame)
         del boxes[j]
+    if held and cfg.hold > 0:
+        boxes = _hold(boxes, held, frame, cfg, gap)
     return boxes
+
+
+def _side_of(b: Box) -> int:
+    return max(b.width, b.height)
+
+
+def _hold(
+    boxes: list[tuple[Box, tuple[Region, ...]]], held: tuple[Box, ...], frame: tuple[int, int],
+    cfg: RoiConfig, gap: int,
+) -> list[tuple[Box, tuple[Region, ...]]]:
+    """Keep last frame's crop box where it still fits: the same crop gives the same pixels.
+
+    A box is kept while its side is within ``hold`` of the wanted side and it still holds the
+    regions' predicted tight boxes with at least half the margin on every side (less where the
+    frame ends), so a slowly moving person does not make the crop jitter by a pixel per frame.
+    """
+    h, w = frame
+    used: set[int] = set()
+    out = []
+    for want, members in boxes:
+        ext = max(max(r.box.width, r.box.height) for r in members)
+        pad = 0.5 * cfg.margin * ext
+        x0 = min(r.box.x0 + r.vx * gap for r in members) - pad
+        y0 = min(r.box.y0 + r.vy * gap for r in members) - pad
+        x1 = max(r.box.x1 + r.vx * gap for r in members) + pad
+        y1 = max(r.box.y1 + r.vy * gap for r in members) + pad
+        x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
+        best, best_k = want, -1
+        for k, b in enumerate(held):
+            if k in used or abs(_side_of(b) - _side_of(want)) > cfg.hold * _side_of(want):
+                continue
+            fits = b.x0 <= x0 and b.y0 <= y0 and b.x1 >= x1 and b.y1 >= y1
+            if fits and (best_k < 0 or b.intersection_area(want) > best.intersection_area(want)):
+                best, best_k = b, k
+        if best_k >= 0:
+            used.add(best_k)
+        out.append((best, members))
+    return out
 
 
 def plan_rois(
@@ -222,10 +301,11 @@ def plan_rois(
     elif _change(state.thumb, thumb) > cfg.scene_cut:
         reset = "scene_cut"
     if reset is not None:
-        return RoiPlan(index, (h, w), True, (), reset, reset=True, thumb=thumb)
+        credit = min(state.credit + cfg.budget, cfg.budget + 1.0) - 1.0 if cfg.budget > 0 else 0.0
+        return RoiPlan(index, (h, w), True, (), reset, reset=True, thumb=thumb, credit=credit)
     assert state.last_index is not None
     gap = index - state.last_index
-    made = region_boxes(state.regions, (h, w), cfg, gap)
+    made = region_boxes(state.regions, (h, w), cfg, gap, state.last_boxes)
     boxes = tuple(b for b, _ in made)
     members = tuple(m for _, m in made)
     due = state.last_full_index is None or index - state.last_full_index >= cfg.full_every
@@ -238,9 +318,46 @@ def plan_rois(
         boxes = tuple(boxes[k] for k in keep)
         members = tuple(members[k] for k in keep)
         full_reason = full_reason or "large"
-    if full_reason is not None:
-        return RoiPlan(index, (h, w), True, boxes, full_reason, members, gap, thumb=thumb)
-    return RoiPlan(index, (h, w), False, boxes, "track" if boxes else "idle", members, gap, thumb=thumb)
+    full = full_reason is not None
+    credit, run = _schedule(state, cfg, boxes, members, full)
+    deferred = tuple(boxes[k] for k in range(len(boxes)) if k not in run)
+    held = tuple({id(r.patch): r.patch for k in range(len(boxes)) if k not in run
+                  for r in members[k] if r.patch is not None}.values())
+    boxes = tuple(boxes[k] for k in run)
+    members = tuple(members[k] for k in run)
+    reason = full_reason or ("track" if boxes or held else "idle")
+    return RoiPlan(index, (h, w), full, boxes, reason, members, gap, thumb=thumb,
+                   deferred=deferred, held=held, credit=credit)
+
+
+def _schedule(
+    state: RoiState, cfg: RoiConfig, boxes: tuple[Box, ...], members: tuple[tuple[Region, ...], ...],
+    full: bool,
+) -> tuple[float, list[int]]:
+    """Which crops run under the budget, and the credit left: (credit, box indexes).
+
+    Every frame adds ``budget`` model inputs of credit (at most one frame's worth is saved up
+    beyond it); a full pass and each crop spend one. Crops whose regions all have a patch from
+    an earlier crop may wait, oldest patch first, while the credit is short; the rest always
+    run (a region nobody has cropped yet has nothing to paste), spending ahead when they must.
+    """
+    n = len(boxes)
+    if cfg.budget <= 0:
+        return 0.0, list(range(n))
+    credit = min(state.credit + cfg.budget, cfg.budget + 1.0) - float(full)
+    can_wait = [all(r.patch is not None for r in members[k]) for k in range(n)]
+    run = [k for k in range(n) if not can_wait[k]]
+    credit -= len(run)
+
+    def age(k: int) -> int:
+        return -min(r.patch.index for r in members[k] if r.patch is not None)
+
+    for k in sorted((k for k in range(n) if can_wait[k]), key=lambda k: (-age(k), -boxes[k].area)):
+        if credit < 1.0:
+            break
+        run.append(k)
+        credit -= 1.0
+    return credit, sorted(run)
 
 
 def crop_images(image: np.ndarray, plan: RoiPlan) -> list[np.ndarray]:
@@ -286,24 +403,35 @@ def crop_window(box: Box, frame: tuple[int, int], feather: float, device: Any = 
 
 
 def compose(
-    plan: RoiPlan, spec: Any, full: torch.Tensor | None, crops: list[torch.Tensor], feather: float
+    plan: RoiPlan, spec: Any, full: torch.Tensor | None, crops: list[torch.Tensor], feather: float,
+    held: list[tuple[Box, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """Paste crop probabilities (already fitted to their boxes) over the base: C' x H x W."""
+    """Paste crop probabilities (already fitted to their boxes) over the base: C' x H x W.
+
+    ``held``: earlier crops' results where they land this frame, pasted first (under this
+    frame's crops)."""
     h, w = plan.size
     if full is not None:
         base = full
     else:
-        ref = crops[0] if crops else None
+        ref = crops[0] if crops else held[0][1] if held else None
         channels = 1 if spec.binary else len(spec.classes)
         base = torch.zeros((channels, h, w), dtype=torch.float32, device=None if ref is None else ref.device)
         if not spec.binary:
             base[0] = 1.0  # background is class 0
+    if held:
+        base = _paste(base, [b for b, _ in held], [p for _, p in held], feather)
+    return _paste(base, list(plan.boxes), crops, feather)
+
+
+def _paste(base: torch.Tensor, boxes: list[Box], crops: list[torch.Tensor], feather: float) -> torch.Tensor:
     if not crops:
         return base
+    h, w = base.shape[-2:]
     acc = torch.zeros_like(base)
     wsum = torch.zeros((1, h, w), dtype=base.dtype, device=base.device)
     alpha = torch.zeros_like(wsum)
-    for box, p in zip(plan.boxes, crops, strict=True):
+    for box, p in zip(boxes, crops, strict=True):
         win = crop_window(box, (h, w), feather, base.device)
         sl = (slice(None), slice(box.y0, box.y1), slice(box.x0, box.x1))
         acc[sl] += win * p
@@ -363,15 +491,18 @@ def _health(
 
 
 def update_state(
-    state: RoiState, plan: RoiPlan, mask: np.ndarray, crop_fg: list[np.ndarray], cfg: RoiConfig
+    state: RoiState, plan: RoiPlan, mask: np.ndarray, crop_fg: list[np.ndarray], cfg: RoiConfig,
+    crop_probs: list[torch.Tensor] | None = None,
 ) -> tuple[RoiState, str | None]:
-    """The state after ``plan``'s frame produced ``mask`` (bool H x W); also the problem found."""
+    """The state after ``plan``'s frame produced ``mask`` (bool H x W); also the problem found.
+
+    ``crop_probs``: the crops' fitted probabilities, kept as patches for frames over the budget."""
     h, w = plan.size
     if plan.reset:
         state = RoiState(frames=state.frames, full_passes=state.full_passes, crops=state.crops,
-                         resets=state.resets + (plan.reason != "first"))
+                         resets=state.resets + (plan.reason != "first"), credit=state.credit)
     problem = None
-    velocity: list[tuple[Box, tuple[float, float]]] = []
+    sources: list[tuple[Box, Patch]] = []  # where each region may inherit motion and a patch from
     for k, fg in enumerate(crop_fg):
         issue, v = _health(plan, k, fg, cfg)
         problem = problem or issue
@@ -379,13 +510,20 @@ def update_state(
             old = plan.members[k]
             a = sum(r.area for r in old)
             ovx, ovy = sum(r.vx * r.area for r in old) / a, sum(r.vy * r.area for r in old) / a
-            velocity.append((plan.boxes[k], (0.5 * (ovx + v[0]), 0.5 * (ovy + v[1]))))
+            vx, vy = 0.5 * (ovx + v[0]), 0.5 * (ovy + v[1])
+            probs = crop_probs[k] if crop_probs is not None else torch.empty(0)
+            sources.append((plan.boxes[k], Patch(plan.boxes[k], probs, plan.index, vx, vy)))
+    for patch in plan.held:
+        landed = patch.at(plan.index, plan.size)
+        if landed is not None:
+            sources.append((landed[0], patch))
     regions = []
     for r in sorted(components(mask, cfg.min_area * h * w), key=lambda r: -r.area):
         cx, cy = r.box.center
-        for box, (vx, vy) in velocity:  # a component inherits the motion of the crop it sits in
+        for box, patch in sources:  # a component inherits the motion of the crop it sits in
             if box.x0 <= cx < box.x1 and box.y0 <= cy < box.y1:
-                r = replace(r, vx=vx, vy=vy, cropped=True)
+                keep = patch if crop_probs is not None and patch.probs.numel() else None
+                r = replace(r, vx=patch.vx, vy=patch.vy, cropped=True, patch=keep)
                 break
         regions.append(r)
     return replace(
@@ -398,6 +536,8 @@ def update_state(
         frames=state.frames + 1,
         full_passes=state.full_passes + int(plan.full),
         crops=state.crops + len(plan.boxes),
+        last_boxes=plan.boxes + plan.deferred,
+        credit=plan.credit,
     ), problem
 
 
@@ -435,7 +575,8 @@ class RoiTracker:
             crop_rows = rows[int(plan.full):]
             pairs = zip(crop_rows, plan.boxes, strict=True)
             crops = [fit_probs(p, (b.height, b.width), self.spec) for p, b in pairs]
-            canvas = compose(plan, self.spec, full, crops, self.cfg.feather)
+            held = [x for x in (p.at(plan.index, plan.size) for p in plan.held) if x is not None]
+            canvas = compose(plan, self.spec, full, crops, self.cfg.feather, held)
             if self.spec.binary:
                 fg_t = canvas[0]
                 labels = (fg_t > 0.5).to(torch.uint8).cpu().numpy() * np.uint8(self.fg_class)
@@ -455,8 +596,12 @@ class RoiTracker:
                 fg = None
                 crop_fg = [(c.argmax(dim=0) == self.fg_class).cpu().numpy() for c in crops]
                 seeds = labels == self.fg_class
-        self.state, problem = update_state(self.state, plan, seeds, crop_fg, self.cfg)
-        info = {"crops": len(plan.boxes), "full": plan.full, "reason": plan.reason, "inputs": plan.inputs}
+        self.state, problem = update_state(self.state, plan, seeds, crop_fg, self.cfg, crops)
+        info: dict[str, Any] = {
+            "crops": len(plan.boxes), "full": plan.full, "reason": plan.reason, "inputs": plan.inputs
+        }
+        if plan.held:
+            info["held"] = len(plan.held)
         if problem is not None:
             info["problem"] = problem
         return RoiOutput(labels, fg, info)

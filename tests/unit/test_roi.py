@@ -311,3 +311,81 @@ def test_finish_checks_the_number_of_maps():
     with pytest.raises(ValueError, match="1 model inputs, got 0"):
         tr.finish(plan, None)
 
+
+
+# -- compute budget, held patches, stable boxes ----------------------------------------------
+
+
+def test_budget_caps_mean_inputs_and_crops_take_turns_without_losing_anyone():
+    seg = RedSegmenter()
+    cfg = RoiConfig(enabled=True, full_every=100, budget=1.5)
+    tr = RoiTracker(cfg, seg.spec)
+    blobs = [(10, 10, 12, 20), (90, 60, 12, 20), (170, 20, 12, 20)]  # three people, far apart
+    img, mask = scene(blobs)
+    inputs, held = [], []
+    for i in range(20):
+        plan, out = step(tr, seg, img, i)
+        inputs.append(plan.inputs)
+        held.append(len(plan.held))
+        if i >= 1:
+            assert iou(out.labels == 1, mask) > 0.9, i  # everyone keeps a mask every frame
+    assert sum(inputs) / len(inputs) <= 1.5
+    assert tr.state.inputs_per_frame <= 1.5
+    assert max(held) >= 1  # some frames paste an earlier crop instead of running it
+    # frame 1 crops all three new regions (nothing to paste for them yet), spending ahead; frame 2
+    # pays that back with patches only; afterwards someone is refreshed every frame
+    assert inputs[:3] == [1, 3, 0] and min(inputs[3:]) >= 1
+    # unlimited: one input per region every frame
+    tr = RoiTracker(RoiConfig(enabled=True, full_every=100, budget=0), seg.spec)
+    plans = [step(tr, seg, img, i)[0] for i in range(4)]
+    assert [p.inputs for p in plans[2:]] == [3, 3] and not plans[3].held
+
+
+def test_a_held_patch_moves_with_its_region():
+    seg = RedSegmenter()
+    # two objects, budget for one crop per frame: each is refreshed every other frame
+    cfg = RoiConfig(enabled=True, full_every=100, budget=1.0, hold=0.0, min_crop=0.0)
+    tr = RoiTracker(cfg, seg.spec)
+    for i in range(12):
+        img, mask = scene([(20 + 4 * i, 40, 16, 24), (150, 70, 16, 24)])
+        plan, out = step(tr, seg, img, i)
+        if i >= 4:
+            assert plan.inputs == 1 and len(plan.held) == 1
+            assert iou(out.labels == 1, mask) > 0.8, i  # the held one is pasted where it moved
+    assert tr.state.inputs_per_frame <= 1.1
+
+
+def test_patch_lands_shifted_and_cut_at_the_frame_edge():
+    from pipeline.roi import Patch
+
+    probs = torch.arange(100, dtype=torch.float32).reshape(1, 10, 10)
+    p = Patch(Box(0, 0, 10, 10), probs, index=3, vx=2.0, vy=1.0)
+    box, cut = p.at(5, (H, W))
+    assert (box.x0, box.y0, box.x1, box.y1) == (4, 2, 14, 12) and torch.equal(cut, probs)
+    left = Patch(Box(2, 0, 12, 10), probs, index=0, vx=-5.0).at(1, (H, W))
+    assert left is not None
+    box, cut = left
+    assert (box.x0, box.x1) == (0, 7) and torch.equal(cut, probs[:, :, 3:])
+    assert Patch(Box(0, 0, 10, 10), probs, index=0, vx=-20.0).at(1, (H, W)) is None
+
+
+def test_the_crop_box_holds_still_while_the_region_fits():
+    cfg = RoiConfig(enabled=True, min_crop=0.0, margin=0.5, motion_margin=0.0)
+    first = region_boxes((region(80, 40, 20, 30),), (H, W), cfg)[0][0]
+    moved = region_boxes((region(82, 41, 20, 31),), (H, W), cfg, held=(first,))[0][0]
+    assert moved == first  # a small move keeps the same crop (same pixels, no jitter)
+    fresh = region_boxes((region(82, 41, 20, 31),), (H, W), cfg)[0][0]
+    assert fresh != first
+    far = region_boxes((region(95, 41, 20, 30),), (H, W), cfg, held=(first,))[0][0]
+    assert far != first and far.x1 >= 95 + 20 + 5  # out of the held box's inner margin: re-centred
+    grown = region_boxes((region(80, 40, 20, 45),), (H, W), cfg, held=(first,))[0][0]
+    assert grown != first  # much larger than the held box: a new one
+
+
+def test_no_merge_into_a_frame_sized_crop():
+    cfg = RoiConfig(enabled=True, min_crop=0.0, margin=0.25, merge_overlap=0.1, full_area=0.7)
+    big = (region(5, 10, 95, 100), region(95, 10, 100, 100))  # merged, they would span the frame
+    boxes = region_boxes(big, (H, W), cfg)
+    assert len(boxes) == 2
+    small = (region(20, 20, 20, 30), region(45, 25, 20, 30))
+    assert len(region_boxes(small, (H, W), cfg)) == 1

@@ -88,11 +88,17 @@ def make_sequence(n=8):
 def test_evaluate_roi_reports_compute_and_beats_full_frame_on_small_objects():
     frames, masks = make_sequence()
     full = evaluate(frames, masks, RedSegmenter(), TemporalParams())
-    roi = evaluate(frames, masks, RedSegmenter(), TemporalParams(), roi=RoiConfig(enabled=True, full_every=4))
+    cfg = RoiConfig(enabled=True, full_every=4, budget=0, hold=0)  # every crop runs, boxes follow
+    roi = evaluate(frames, masks, RedSegmenter(), TemporalParams(), roi=cfg)
     assert roi["roi"] and roi["frames"] == 8
     assert roi["miou"] > full["miou"] + 0.2
     assert roi["full_frames"] == 2  # frame 0 and the periodic pass at 4, which finds the newcomer
     assert roi["inputs_per_frame"] == pytest.approx((2 + 1 + 1 + 1 + 1 + 2 + 2 + 2) / 8)
+    # with the default budget (1.5 model inputs per frame on average) the two crops take turns
+    default = RoiConfig(enabled=True, full_every=4)
+    capped = evaluate(frames, masks, RedSegmenter(), TemporalParams(), roi=default)
+    assert capped["inputs_per_frame"] <= 1.5
+    assert capped["miou"] > full["miou"] + 0.15
 
 
 def test_evaluate_roi_refuses_temporal():
