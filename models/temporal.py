@@ -346,6 +346,16 @@ class TemporalRefiner:
             # each k x k block (no plane bleeds into the next): pixel noise halves, and the
             # residual's blur takes it well below the motion floor.
             hs, ws = -(-h // k), -(-w // k)
+            hwc = x[0].detach().float().permute(1, 2, 0)
+            if hwc.is_contiguous():
+                # Channels-last input (the CPU segmenter's layout): resize the picture as it is
+                # in memory, with no planar copy of the whole input first.
+                small = cv2.resize(hwc.numpy(), (ws, hs), interpolation=cv2.INTER_LINEAR)
+                small = np.asarray(small, np.float32).reshape(hs, ws, 3)
+                small = np.ascontiguousarray(small.transpose(2, 0, 1))
+                np.multiply(small, self._std_np, out=small)
+                np.add(small, self._mean_np, out=small)
+                return torch.from_numpy(np.clip(small, 0.0, 1.0, out=small))[None]
             planes = x[0].detach().float().numpy()
             if h % k == 0 and k > 1:
                 # Only the two middle rows of each block are read: a quarter of the memory
