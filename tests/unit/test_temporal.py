@@ -343,3 +343,15 @@ def test_smooth_on_a_panning_camera_lowers_flicker_without_lag():
     for t in range(1, len(frames)):
         near = (np.abs(yy - 30) < 14) & (np.abs(xx - (10 + 2 * t)) < 14)
         assert iou(smooth[t] & near, masks[t] & near) >= iou(off[t] & near, masks[t] & near) - 0.05, t
+
+
+def test_thumbnail_is_the_same_for_channels_last_and_planar_input() -> None:
+    # the CPU segmenter hands over channels-last tensors; eval and tests often planar ones
+    refiner = TemporalRefiner(TemporalParams(mode="smooth"), mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))
+    for h, w in [(256, 256), (250, 190), (144, 256)]:
+        x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h))
+        planar = refiner.plan(x, refiner.initial_state(), index=0).thumb
+        x_nhwc = x.contiguous(memory_format=torch.channels_last)
+        nhwc = refiner.plan(x_nhwc, refiner.initial_state(), index=0).thumb
+        assert planar is not None and nhwc is not None
+        assert planar.shape == nhwc.shape and torch.allclose(planar, nhwc, atol=1e-6)
