@@ -2,6 +2,7 @@
 
     python -m bench.roi                       # real clips (when present) + a composed scene
     python -m bench.roi --media ../shared/media --model selfie --frames 40
+    python -m bench.roi --oracle              # upper bound: crops around the true person box
 
 Real clips: ``MEDIA/<clip>/video.mp4`` + ``masks/`` (DAVIS layout, see ``segstream eval``);
 missing clips are skipped. Their masks include paraglider lines and kite gear the person
@@ -30,7 +31,7 @@ import torch
 from models.temporal import TemporalParams
 from pipeline.config import RoiConfig
 from pipeline.evaluate import EvalInputError, evaluate, load_sequence
-from pipeline.roi import RoiTracker
+from pipeline.roi import RoiTracker, fit_probs, square_box
 
 ASTRONAUT = Path(__file__).resolve().parents[1] / "pipeline" / "assets" / "astronaut.jpg"
 CLIPS = ("paragliding-launch", "kite-surf")
@@ -72,6 +73,45 @@ def bench_clips(seg: Any, media: Path, cfg: RoiConfig, limit: int | None) -> lis
             r = _timed_eval(frames, masks, seg, roi)
             b = evaluate(frames, bodies, seg, TemporalParams(), roi=roi)
             rows.append(_row(clip, mode, r, f"{b['miou']:.3f}"))
+    return rows
+
+
+def oracle_clips(seg: Any, media: Path, scales: tuple[float, ...], limit: int | None) -> list[str]:
+    """Upper bound for ROI mode on the real clips: each frame segmented through one square crop
+    around the true person (the body mask's box) grown ``scale`` times, nothing outside it."""
+    rows = []
+    for clip in CLIPS:
+        d = media / clip
+        try:
+            seq = load_sequence(d / "video.mp4", d / "masks")
+        except EvalInputError as e:
+            print(f"(skipping {clip}: {e})")
+            continue
+        frames = list(seq.frames())[:limit]
+        masks = [np.asarray(m) != 0 for m in list(seq.masks())[: len(frames)]]
+        scores: dict[str, list[tuple[float, float]]] = {}
+        for img, gt in zip(frames, masks, strict=True):
+            body = body_mask(gt)
+            full = seg([img])[0][0] == seg.spec.foreground_class
+            scores.setdefault("full frame", []).append((_iou(full, gt), _iou(full, body)))
+            ys, xs = np.nonzero(body)
+            if xs.size == 0:
+                continue
+            x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+            for scale in scales:
+                b = square_box((x0 + x1) / 2, (y0 + y1) / 2, scale * max(x1 - x0, y1 - y0), gt.shape)
+                crop = np.ascontiguousarray(img[b.y0:b.y1, b.x0:b.x1])
+                p = fit_probs(seg.infer(seg.preprocess([crop]))[0], (b.height, b.width), seg.spec)
+                pred = np.zeros_like(gt)
+                if seg.spec.binary:
+                    pred[b.y0:b.y1, b.x0:b.x1] = p[0].numpy() > 0.5
+                else:
+                    pred[b.y0:b.y1, b.x0:b.x1] = (p.argmax(0) == seg.spec.foreground_class).numpy()
+                key = f"oracle crop {scale:g}x box"
+                scores.setdefault(key, []).append((_iou(pred, gt), _iou(pred, body)))
+        for mode, v in scores.items():
+            a = np.asarray(v).mean(axis=0)
+            rows.append(f"| {clip} | {mode} | {a[0]:.3f} | {a[1]:.3f} |")
     return rows
 
 
@@ -172,13 +212,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scene-frames", type=int, default=40)
     ap.add_argument("--full-every", type=int, default=RoiConfig().full_every)
     ap.add_argument("--no-clips", action="store_true")
+    ap.add_argument("--oracle", action="store_true", help="only the upper bound: crops around the true box")
     args = ap.parse_args(argv)
     from models.segmenter import Segmenter
 
     seg = Segmenter.from_name(args.model, device=args.device)
+    if args.oracle:
+        print(f"model {args.model}: one square crop around the true person box, scaled; IoU raw / body\n")
+        print("| clip | mode | mIoU | mIoU body |\n|---|---|---|---|")
+        with torch.inference_mode():
+            rows = oracle_clips(seg, Path(args.media), (1.0, 1.2, 1.5, 1.8, 2.0, 2.5, 3.0), args.frames)
+        print("\n".join(rows))
+        return 0
     cfg = RoiConfig(enabled=True, full_every=args.full_every)
     print(f"model {args.model}, device {args.device}, ROI full_every={cfg.full_every}, "
-          f"max_regions={cfg.max_regions}, torch threads {torch.get_num_threads()}\n")
+          f"max_regions={cfg.max_regions}, budget={cfg.budget}, margin={cfg.margin}, "
+          f"torch threads {torch.get_num_threads()}\n")
     print("| scene | mode | mIoU | mIoU body | flicker | model inputs/frame | crops/frame | ms/frame |")
     print("|---|---|---|---|---|---|---|---|")
     with torch.inference_mode():
