@@ -20,6 +20,12 @@ after a crop's mask collapsed, jumped or touched an inner crop border. A full pa
 with the crops of the known regions: the crops keep their resolution, the full frame finds
 whoever is new. Without a full pass nothing outside the crops is foreground.
 
+Compute budget (``budget``, mean model inputs per frame): every frame earns ``budget`` inputs of
+credit, a full pass and each crop spend one. Over it, crops take turns (oldest result first);
+a crop that waits has its last result (a :class:`Patch`) pasted where its motion puts it. A
+region nobody has cropped yet always runs. Last frame's box is kept while the region still fits
+in it (``hold``), so a crop does not jitter by a pixel per frame.
+
 Pasting (:func:`compose`): each crop's probabilities are resized to its box and blended with a
 window that ramps down toward the box's inner edges (not at frame edges, so pasting is exact
 there); where the window is below 1 the base shows through (the full pass, or background).
