@@ -8,6 +8,7 @@ after normalisation) with the padding cropped away again on the way out.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -49,19 +50,44 @@ def _shrink(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-def prepare_image(spec: ModelSpec, image: np.ndarray) -> np.ndarray:
-    """``image`` (RGB uint8 HxWx3) shrunk to the part of the model input it fills, on the CPU.
+def _normalisation(spec: ModelSpec, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), 1 x 3 x 1 x 1 float32: ``(x / 255 - mean) / std`` as one multiply-add."""
+    if str(device) == "cpu":
+        return _cpu_normalisation(tuple(spec.mean), tuple(spec.std))
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return 1.0 / (255.0 * std), -mean / std
 
-    Exactly what :meth:`Segmenter.preprocess` does to it on the CPU before normalising, so a
-    capture thread can do it beside the engine: ``preprocess`` then leaves the result as it is,
-    and ``postprocess`` is still given the original frame size.
+
+@functools.lru_cache(maxsize=32)
+def _cpu_normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return 1.0 / (255.0 * s), -m / s  # shared by every caller: never written to
+
+
+def prepare_input(spec: ModelSpec, image: np.ndarray) -> np.ndarray:
+    """The model's input for one frame (RGB uint8 HxWx3), made on the CPU by any thread.
+
+    float32 th x tw x 3 (channels-last), shrunk, normalised and letterboxed exactly as
+    :meth:`Segmenter.preprocess` does on a CPU, bit for bit: a capture thread makes it beside
+    the engine, and :meth:`Segmenter.from_prepared` turns a batch of them into the network's
+    input without another pass over the pixels.
     """
-    _, _, bh, bw = input_box(spec, (int(image.shape[0]), int(image.shape[1])))
-    if image.shape[:2] == (bh, bw):
-        return image
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected RGB uint8 HxWx3, got {image.dtype} {image.shape}")
+    th, tw = spec.input_size
+    top, left, bh, bw = input_box(spec, (int(image.shape[0]), int(image.shape[1])))
+    scale, shift = _normalisation(spec)
     x = torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)[None]
     with torch.inference_mode():
-        return _shrink(x, (bh, bw))[0].permute(1, 2, 0).contiguous().numpy()
+        x = _shrink(x, (bh, bw)).float() * scale + shift
+    hwc = x[0].permute(1, 2, 0).numpy()
+    if (bh, bw) == (th, tw):
+        return np.ascontiguousarray(hwc)
+    out = np.zeros((th, tw, 3), np.float32)  # padding: the mean colour, zero after normalising
+    out[top : top + bh, left : left + bw] = hwc
+    return out
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -104,11 +130,7 @@ class Segmenter:
         if channels_last:
             module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.module: nn.Module = torch.compile(module) if compile else module  # type: ignore[assignment]
-        mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        # (x / 255 - mean) / std as one multiply-add
-        self._scale = 1.0 / (255.0 * std)
-        self._shift = -mean / std
+        self._scale, self._shift = _normalisation(spec, self.device)
 
     @classmethod
     def from_name(
@@ -172,6 +194,25 @@ class Segmenter:
                 canvas[:, :, top : top + bh, left : left + bw] = x
                 out.index_copy_(0, index, canvas)
         return out
+
+    def from_prepared(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
+        """The network's input (N x 3 x th x tw, channels-last memory) from :func:`prepare_input`
+        arrays: one stack (none for a single frame), then a view."""
+        if len(inputs) == 0:
+            raise ValueError("from_prepared needs at least one input")
+        th, tw = self.spec.input_size
+        for i, a in enumerate(inputs):
+            if a.shape != (th, tw, 3) or a.dtype != np.float32:
+                raise ValueError(f"input {i}: expected float32 {th}x{tw}x3, got {a.dtype} {a.shape}")
+        batch = inputs[0][None] if len(inputs) == 1 else np.stack(inputs)
+        if not batch.flags.writeable or not batch.flags.c_contiguous:
+            batch = np.array(batch, order="C")
+        t = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        elif self.device.type != "cpu":
+            t = t.to(self.device)
+        return t.permute(0, 3, 1, 2)
 
     # -- inference -----------------------------------------------------------------------
     def infer(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,7 +19,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from models.segmenter import input_box
 from models.temporal import Plan, TemporalParams, TemporalRefiner, TemporalState
 from pipeline.batcher import Batch, Batcher, Lane
 from pipeline.config import EngineConfig, RoiConfig, TemporalConfig
@@ -35,6 +35,8 @@ class SegmenterLike(Protocol):
     spec: Any
 
     def preprocess(self, images: Sequence[np.ndarray]) -> Any: ...
+
+    def from_prepared(self, inputs: Sequence[np.ndarray]) -> Any: ...
 
     def infer(self, x: Any) -> Any: ...
 
@@ -98,15 +100,84 @@ class _StreamCtx:
     roi_state: Any = None
 
 
-def _input_image(seg: SegmenterLike, frame: Frame) -> np.ndarray:
-    """The frame as the segmenter should get it: shrunk already by the capture thread when
-    that was done for this model's input, else the full picture (preprocess resizes it)."""
-    small = frame.model_input
-    if small is not None:
-        _, _, bh, bw = input_box(seg.spec, (frame.height, frame.width))
-        if small.shape[:2] == (bh, bw):
-            return small
-    return frame.image
+def _model_input(seg: SegmenterLike, frames: Sequence[Frame], crops: Sequence[np.ndarray]) -> Any:
+    """The batch's network input: the plain frames' rows, then the ROI crops' rows.
+
+    Frames whose capture thread already made their input (``Frame.model_input``) are only
+    stacked; anything else is preprocessed here.
+    """
+    ready = [f.model_input for f in frames if f.model_input is not None]
+    parts = []
+    if frames:
+        if ready and len(ready) == len(frames) and all(
+            a.shape == (*seg.spec.input_size, 3) for a in ready
+        ):
+            parts.append(seg.from_prepared(ready))
+        else:
+            parts.append(seg.preprocess([f.image for f in frames]))
+    if crops:
+        parts.append(seg.preprocess(crops))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@dataclass
+class _Finish:
+    """What is left of a batch after the network: sizing masks and emitting results."""
+
+    seg: SegmenterLike
+    batch: Batch
+    frames: list[Frame]
+    plans: list[Plan | None]
+    plain: Any  # refined probabilities of the plain (non-ROI) frames
+    roi_outs: dict[int, RoiOutput]
+    timings: dict[str, float]
+
+
+class _Finisher:
+    """One thread that finishes batches in the order they were submitted.
+
+    At most ``depth`` batches wait: when it falls behind, ``submit`` blocks the engine
+    rather than letting results pile up (latency must not grow under overload).
+    """
+
+    def __init__(self, work: Callable[[_Finish], None], depth: int = 2) -> None:
+        self._work = work
+        self._jobs: deque[_Finish | None] = deque()
+        self._cond = threading.Condition()
+        self._depth = depth
+        self._thread = threading.Thread(target=self._run, name="engine-finish", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Finish) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._jobs) < self._depth)
+            self._jobs.append(job)
+            self._cond.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Finish what was submitted, then end the thread; False if it did not end in time."""
+        with self._cond:
+            self._jobs.append(None)
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._jobs))
+                job = self._jobs[0]
+            if job is None:
+                return
+            try:
+                self._work(job)
+            except Exception:  # a broken consumer must not end the thread
+                log.exception("engine: finishing a batch failed")
+            with self._cond:
+                self._jobs.popleft()
+                self._cond.notify_all()
 
 
 class Engine:
@@ -140,6 +211,7 @@ class Engine:
         self._segmenters: dict[str, SegmenterLike] = {}
         self._streams: dict[str, _StreamCtx] = {}
         self._streams_lock = threading.Lock()
+        self._finisher: _Finisher | None = None
         self.stats = EngineStats()
 
     # -- registration (any thread) -------------------------------------------------
@@ -189,6 +261,7 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("engine already started")
+        self._finisher = _Finisher(self._finish)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
         self.stats.started = True
@@ -199,6 +272,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             alive = self._thread.is_alive()
+            if not alive and self._finisher is not None:
+                alive = not self._finisher.close(timeout)
             self.stats.started = alive
             return not alive
         return True
@@ -252,29 +327,22 @@ class Engine:
             # ROI frames contribute their crops (and full frame, when due) to the same batch.
             roi = self._roi_begin(seg, batch.frames)
             frames = [f for i, f in enumerate(batch.frames) if i not in roi]
-            images = [_input_image(seg, f) for f in frames] + [im for _, _, ims in roi.values() for im in ims]
-            x = seg.preprocess(images) if images else None
+            crops = [im for _, _, ims in roi.values() for im in ims]
+            x = _model_input(seg, frames, crops)
+            n_images = len(frames) + len(crops)
             plans = self._plan(seg, x, frames)
             run = [i for i, p in enumerate(plans) if p is None or p.run_model]
-            rows = run + list(range(len(frames), len(images)))
+            rows = run + list(range(len(frames), n_images))
             t1 = time.perf_counter()
             probs = None
             if rows and x is not None:
-                probs = seg.infer(x if len(rows) == len(images) else x[rows])
+                probs = seg.infer(x if len(rows) == n_images else x[rows])
             t2 = time.perf_counter()
             plain = self._refine(plans, run, probs if not roi or probs is None else probs[: len(run)], frames)
-            outs = seg.postprocess(plain, [(f.height, f.width) for f in frames]) if frames else []
             roi_outs = self._roi_finish(roi, probs, len(run))
             t3 = time.perf_counter()
         except Exception as e:
-            msg = f"model {batch.group!r} failed on a batch of {size}: {type(e).__name__}: {e}"
-            log.exception("engine: %s", msg)
-            self.stats.errors += 1
-            self.stats.last_error = msg
-            for lane in batch.lanes:
-                lane.slot.drops.add(DropCause.ERROR)
-                if self._on_error is not None:
-                    self._on_error(lane.stream_id, msg)
+            self._fail(batch, e)
             return
         timings = {
             "preprocess": (t1 - t0) * 1000.0,
@@ -289,15 +357,36 @@ class Engine:
             per_frame_infer = timings["infer"] / len(rows)
             a = 0.1 if self.stats.infer_ms_ema else 1.0
             self.stats.infer_ms_ema = (1 - a) * self.stats.infer_ms_ema + a * per_frame_infer
+        job = _Finish(seg, batch, frames, plans, plain, roi_outs, timings)
+        on_device = isinstance(plain, torch.Tensor) and plain.device.type != "cpu"
+        if self._finisher is not None and not on_device:
+            # Resizing masks to frame size and handing results on overlaps the next batch's
+            # network pass. Device tensors never leave this thread, so GPU batches finish here.
+            self._finisher.submit(job)
+        else:
+            self._finish(job)
+
+    def _finish(self, job: _Finish) -> None:
+        """Masks at frame size for the plain frames, then results, in batch order."""
+        t0 = time.perf_counter()
+        batch, frames = job.batch, job.frames
+        try:
+            sizes = [(f.height, f.width) for f in frames]
+            outs = job.seg.postprocess(job.plain, sizes) if frames else []
+        except Exception as e:
+            self._fail(batch, e)
+            return
+        post_ms = job.timings["postprocess"] + (time.perf_counter() - t0) * 1000.0
+        timings = {**job.timings, "postprocess": post_ms}
         if self._on_batch is not None:
-            self._on_batch(batch.group, size, timings)
+            self._on_batch(batch.group, len(batch.frames), timings)
         done = now()
-        classes = tuple(seg.spec.classes)
-        plain_iter = iter(zip(plans, outs, strict=True))
+        classes = tuple(job.seg.spec.classes)
+        plain_iter = iter(zip(job.plans, outs, strict=True))
         for i, frame in enumerate(batch.frames):
             info: dict[str, Any]
-            if i in roi:
-                r = roi_outs[i]
+            if i in job.roi_outs:
+                r = job.roi_outs[i]
                 labels, fg, full_pass, info = r.labels, r.fg, bool(r.info["full"]), {"roi": r.info}
             else:
                 plan, (labels, fg) = next(plain_iter)
@@ -315,6 +404,16 @@ class Engine:
                 full_pass=full_pass,
                 info=info,
             )
+
+    def _fail(self, batch: Batch, e: Exception) -> None:
+        msg = f"model {batch.group!r} failed on a batch of {len(batch.frames)}: {type(e).__name__}: {e}"
+        log.error("engine: %s", msg, exc_info=e)
+        self.stats.errors += 1
+        self.stats.last_error = msg
+        for lane in batch.lanes:
+            lane.slot.drops.add(DropCause.ERROR)
+            if self._on_error is not None:
+                self._on_error(lane.stream_id, msg)
 
     # -- temporal refinement: per-stream state, decided before the model runs ---------
     def _ctx(self, stream_id: str) -> _StreamCtx | None:
@@ -408,7 +507,7 @@ class Engine:
             "queue": max(0.0, (taken_at - frame.captured_at) * 1000.0),
             **timings,
         }
-        if frame.prepare_ms:  # the capture thread did part of the preprocessing
+        if frame.prepare_ms:  # the capture thread did (part of) the preprocessing
             latency["preprocess"] = latency.get("preprocess", 0.0) + frame.prepare_ms
         result = SegmentationResult(
             frame=frame,

@@ -20,7 +20,7 @@ import cv2
 import torch
 
 from models.registry import build_model, get_spec
-from models.segmenter import Segmenter, prepare_image
+from models.segmenter import Segmenter, prepare_input
 from models.temporal import TemporalParams
 from pipeline.config import AppConfig, RoiConfig, StreamConfig, TemporalConfig
 from pipeline.engine import Engine
@@ -183,13 +183,13 @@ class StreamManager:
         return seg
 
     def _prepare_for(self, model: str, roi: RoiConfig) -> Callable[[Any], Any] | None:
-        """What a stream's capture thread does to each frame for the engine: on the CPU, shrink
-        it to the model's input, in parallel with the engine instead of on its thread (the
-        engine would do exactly the same). On a GPU the device resizes faster than a CPU core;
-        ROI streams crop full frames, so neither gets a prepared input."""
+        """What a stream's capture thread does to each frame for the engine: on the CPU, make
+        the model's input (shrink, normalise) in parallel with the engine instead of on its
+        thread; the engine would compute exactly the same. On a GPU the device does that faster
+        than a CPU core; ROI streams crop full frames, so neither gets a prepared input."""
         if self.device != "cpu" or roi.enabled:
             return None
-        return functools.partial(prepare_image, self.load_model(model))
+        return functools.partial(prepare_input, self.load_model(model))
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:

@@ -72,9 +72,9 @@ class Frame:
     time in seconds (None when the source has none, e.g. a webcam). ``captured_at`` is
     the wall-clock time the decoder handed the frame over. ``discontinuity`` marks the
     first frame after a (re)connect, a seek or a loop restart: temporal state must not
-    carry across it. ``model_input``, when set, is ``image`` already shrunk for the stream's
-    model by the capture thread (``models.segmenter.prepare_image``, taking ``prepare_ms``),
-    so the engine thread does not resize full frames.
+    carry across it. ``model_input``, when set, is the stream's model input for this frame,
+    made by the capture thread (``models.segmenter.prepare_input``, taking ``prepare_ms``),
+    so the engine thread does not resize or normalise full frames.
     """
 
     stream_id: str

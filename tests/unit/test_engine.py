@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.config import EngineConfig
 from pipeline.engine import Engine
-from pipeline.slot import FrameSlot
+from pipeline.slot import DropPolicy, FrameSlot
 from pipeline.types import DropCause, Frame, now
 
 
@@ -243,3 +243,68 @@ def test_keyframe_mode_skips_the_model_on_a_static_stream_and_resets_on_disconti
     assert all(r.labels[:, :3].all() and not r.labels[:, 3:].any() for r in carried)  # mask carried forward
     assert col.results[10].info["temporal"] == "discontinuity"
     assert eng.stop(2)
+
+
+class FailingPost(ThresholdSegmenter):
+    """Fails to size the masks of its ``fail_post``-th batch."""
+
+    def __init__(self, name: str, fail_post: int) -> None:
+        super().__init__(name)
+        self.fail_post = fail_post
+        self.posts = 0
+
+    def postprocess(self, probs, sizes):
+        self.posts += 1
+        if self.posts == self.fail_post:
+            raise ValueError("bad size")
+        return super().postprocess(probs, sizes)
+
+
+def test_a_failure_after_the_network_is_reported_and_the_engine_goes_on():
+    seg = FailingPost("m", fail_post=1)
+    eng, col = start_engine({"m": seg}, max_wait_ms=0)
+    slot = FrameSlot(on_put=eng.notify)
+    eng.add_stream("a", slot, model="m")
+    slot.put(frame("a", 0))
+    col.wait(lambda c: len(c.errors) == 1)
+    assert col.errors[0][0] == "a" and "bad size" in col.errors[0][1]
+    assert slot.drops.snapshot() == {DropCause.ERROR.value: 1}
+    slot.put(frame("a", 1))
+    col.wait(lambda c: len(c.results) == 1)
+    assert col.results[0].frame.index == 1 and eng.alive
+    assert eng.stop(2)
+
+
+def test_results_leave_in_frame_order_while_the_next_batch_runs():
+    seg = ThresholdSegmenter("m", delay=0.002)
+    eng, col = start_engine({"m": seg}, max_wait_ms=0)
+    slot = FrameSlot(capacity=4, on_put=eng.notify, policy=DropPolicy.BLOCK)
+    eng.add_stream("a", slot, model="m")
+    for i in range(40):
+        assert slot.put(frame("a", i), timeout=2.0)
+    col.wait(lambda c: len(c.results) == 40)
+    assert [r.frame.index for r in col.results] == list(range(40))
+    assert eng.stop(2)
+
+
+def test_finisher_keeps_order_holds_back_when_full_and_drains_on_close():
+    from pipeline.engine import _Finisher
+
+    done: list[int] = []
+    gate = threading.Event()
+
+    def work(job):
+        gate.wait(5)
+        done.append(job)
+
+    fin = _Finisher(work, depth=2)
+    fin.submit(1)
+    fin.submit(2)
+    blocked = threading.Thread(target=fin.submit, args=(3,))
+    blocked.start()
+    blocked.join(0.2)
+    assert blocked.is_alive()  # two jobs waiting: the third submit blocks the engine
+    gate.set()
+    blocked.join(5)
+    assert fin.close(5)
+    assert done == [1, 2, 3]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.registry import DEFAULT_MODEL, build_model, get_spec, list_models
-from models.segmenter import Segmenter, input_box, letterbox_box, prepare_image
+from models.segmenter import Segmenter, letterbox_box, prepare_input
 
 TORCHVISION = {
     "deeplabv3_resnet50",
@@ -105,25 +105,24 @@ def test_bf16_autocast_on_cpu_keeps_float32_probabilities() -> None:
 
 
 @pytest.mark.parametrize("name", ["selfie", "resnet18_fpn"])  # stretch and letterbox
-def test_frames_prepared_on_a_capture_thread_give_the_same_input_and_masks(name: str) -> None:
+def test_inputs_prepared_on_a_capture_thread_are_bit_identical_to_preprocess(name: str) -> None:
     spec = get_spec(name)
     seg = Segmenter(spec.builder().eval(), spec, device="cpu", optimize=False)
     rng = np.random.default_rng(3)
     frames = [rng.integers(0, 256, size, dtype=np.uint8) for size in [(720, 1280, 3), (300, 200, 3)]]
-    small = [prepare_image(spec, f) for f in frames]
-    for f, s in zip(frames, small, strict=True):
-        _, _, bh, bw = input_box(spec, f.shape[:2])
-        assert s.shape == (bh, bw, 3) and s.dtype == np.uint8 and s.flags.c_contiguous
-    # preprocess leaves a prepared frame as it is: bit-identical model input, same masks
-    assert torch.equal(seg.preprocess(small), seg.preprocess(frames))
-    sizes = [f.shape[:2] for f in frames]
-    ours = seg.postprocess(seg.infer(seg.preprocess(small)), sizes)
-    ref = seg.postprocess(seg.infer(seg.preprocess(frames)), sizes)
-    for (a, _), (b, _) in zip(ours, ref, strict=True):
-        assert a.shape == b.shape and np.array_equal(a, b)
-    # a frame already at the model's size is passed through, and read-only frames work
-    ro = rng.integers(0, 256, (*spec.input_size, 3), dtype=np.uint8)
-    assert prepare_image(spec, ro) is ro
-    ro2 = frames[0].copy()
-    ro2.flags.writeable = False
-    assert np.array_equal(prepare_image(spec, ro2), small[0])
+    ready = [prepare_input(spec, f) for f in frames]
+    for a in ready:
+        assert a.shape == (*spec.input_size, 3) and a.dtype == np.float32 and a.flags.c_contiguous
+    x = seg.from_prepared(ready)
+    ref = seg.preprocess(frames)
+    assert torch.equal(x, ref)  # same bits: same masks whichever thread prepared the input
+    assert x.is_contiguous(memory_format=torch.channels_last)  # the frozen graphs' layout
+    assert torch.equal(seg.from_prepared(ready[1:]), seg.preprocess(frames[1:]))  # a lone frame
+    # read-only frames are fine; wrong shapes are refused with a clear message
+    ro = frames[0].copy()
+    ro.flags.writeable = False
+    assert np.array_equal(prepare_input(spec, ro), ready[0])
+    with pytest.raises(ValueError, match="expected float32"):
+        seg.from_prepared([np.zeros((8, 8, 3), np.float32)])
+    with pytest.raises(ValueError, match="RGB uint8"):
+        prepare_input(spec, np.zeros((8, 8), np.uint8))

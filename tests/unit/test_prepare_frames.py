@@ -37,8 +37,8 @@ def test_capture_thread_prepares_model_input_except_for_roi_streams() -> None:
         results = _collect(manager, 5)
         for r in results:
             small = r.frame.model_input
-            # the null model's input is 32x32 (stretch): the full frame was shrunk beside the engine
-            assert small is not None and small.shape == (32, 32, 3) and small.dtype == np.uint8
+            # the null model's input is 32x32: made beside the engine, ready to stack
+            assert small is not None and small.shape == (32, 32, 3) and small.dtype == np.float32
             assert r.frame.prepare_ms > 0.0
             assert r.latency_ms["preprocess"] >= r.frame.prepare_ms  # reported as preprocessing
             assert r.labels.shape == r.frame.image.shape[:2]  # masks still come at frame size
