@@ -7,6 +7,7 @@ comparable within a run.
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -46,8 +47,15 @@ class Run:
         return make_clip(path, width=width, height=height, fps=fps, frames=max(2, int(fps * seconds)))
 
 
-def _decode_fps(path: Path, min_s: float) -> float:
-    n, t0 = 0, time.perf_counter()
+def cpu_s() -> float:
+    """CPU seconds used by this process so far, all threads (FFmpeg's included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _decode_fps(path: Path, min_s: float) -> tuple[float, float]:
+    """(frames/s, CPU ms per frame) of PyAV decoding ``path`` to rgb24 arrays, as the file source does."""
+    n, t0, c0 = 0, time.perf_counter(), cpu_s()
     while time.perf_counter() - t0 < min_s:
         with av.open(str(path)) as c:
             stream = c.streams.video[0]
@@ -55,19 +63,23 @@ def _decode_fps(path: Path, min_s: float) -> float:
             for frame in c.decode(stream):
                 frame.to_ndarray(format="rgb24")
                 n += 1
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), 1000.0 * (cpu_s() - c0) / max(1, n)
 
 
 def decode_fps(run: Run) -> float:
     if "decode_fps" not in run.cache:
-        run.cache["decode_fps"] = _decode_fps(run.clip(*HD, fps=30), run.seconds(4.0, 2.0))
+        run.cache["decode_fps"], run.cache["decode_cpu_ms"] = _decode_fps(
+            run.clip(*HD, fps=30), run.seconds(4.0, 2.0)
+        )
     return float(run.cache["decode_fps"])
 
 
 def bench_decode(run: Run) -> Table:
-    t = Table("decode", "1. Decode only (PyAV, 720p H.264, rgb24 frames)", ["clip", "frames/s"])
-    t.add("1280x720 30 fps H.264", decode_fps(run))
+    t = Table("decode", "1. Decode only (PyAV, 720p H.264, rgb24 frames)",
+              ["clip", "frames/s", "CPU ms/frame"])
+    t.add("1280x720 30 fps H.264", decode_fps(run), run.cache["decode_cpu_ms"])
     t.data["fps"] = decode_fps(run)
+    t.data["cpu_ms_per_frame"] = run.cache["decode_cpu_ms"]
     return t
 
 
@@ -75,10 +87,15 @@ def _throughput(run: Run, model: str, fmt: str, *, threads: int | None = None) -
     """One unpaced 720p stream through the real service (blocking slot: nothing is decoded in vain)."""
     engine = EngineConfig(threads=threads)
     dur = run.seconds(8.0, 4.0)
+    cpu: list[float] = []  # process CPU seconds at the start and the end of the measured window
     with Service(model=model, engine=engine, realtime=False, policy=DropPolicy.BLOCK) as svc:
         svc.add(run.clip(*HD, fps=30), stream_id="hd")
         with clients(svc, [("hd", {"format": fmt}, 0.0)], WARMUP_S + dur) as recs:
             start = time.time() + WARMUP_S
+            time.sleep(WARMUP_S)
+            cpu.append(cpu_s())
+            time.sleep(dur)
+            cpu.append(cpu_s())
         rec = recs[0]
         stats = svc.manager.engine.stats.snapshot()
     end = start + dur
@@ -87,8 +104,11 @@ def _throughput(run: Run, model: str, fmt: str, *, threads: int | None = None) -
         for s in ("decode", "queue", "preprocess", "infer", "postprocess", "encode", "send")
     }
     sizes = stats["batch_sizes"]
+    frames = rec.fps(start, end) * dur
     return {
         "fps": rec.fps(start, end),
+        # everything in this process: decode, engine, encoding, server and the client
+        "cpu_ms_per_frame": 1000.0 * (cpu[1] - cpu[0]) / frames if frames else None,
         "stages_ms": stages,
         "batch": max(sizes, key=sizes.get) if sizes else None,
         "error": rec.error,
@@ -100,18 +120,21 @@ def bench_null_pipeline(run: Run) -> Table:
         "null_pipeline",
         "2. Full pipeline, identity model (`null`), 720p → websocket client",
         ["client format", "frames/s", "decode-only frames/s", "ratio", "goal ≥ 0.9",
-         "pre ms", "post ms", "encode ms"],
+         "CPU ms/frame", "decode-only CPU ms/frame", "pre ms", "post ms", "encode ms"],
     )
     dec = decode_fps(run)
     for fmt in ("overlay", "raw"):
         r = _throughput(run, "null", fmt)
         q = ratio(r["fps"], dec)
         st = r["stages_ms"]
-        t.add(fmt, r["fps"], dec, q, verdict(q, 0.9), st["preprocess"], st["postprocess"], st["encode"])
+        t.add(fmt, r["fps"], dec, q, verdict(q, 0.9), r["cpu_ms_per_frame"], run.cache["decode_cpu_ms"],
+              st["preprocess"], st["postprocess"], st["encode"])
         t.data[fmt] = {**r, "ratio": q}
         if r["error"]:
             t.notes.append(f"{fmt} client: {r['error']}")
     t.notes.append("stage columns: medians per result (preprocess/postprocess are per batch)")
+    t.notes.append("CPU ms/frame: all of this process's threads (decoder, engine, encoders, server, "
+                   "client) over the frames the client received")
     return t
 
 
@@ -163,17 +186,21 @@ def sustained_fps(run: Run) -> float:
 
 
 def bench_e2e(run: Run) -> Table:
-    t = Table("e2e", f"4. End to end, `{run.model}`, one unpaced 720p stream → websocket client (overlay)",
-              ["frames/s", "batch used", "model-only frames/s at that batch", "ratio", "goal ≥ 0.85"])
-    fps = sustained_fps(run)
-    r = run.cache["e2e"]
+    t = Table("e2e", f"4. End to end, `{run.model}`, one unpaced 720p stream → websocket client",
+              ["client format", "frames/s", "batch used", "model-only frames/s at that batch", "ratio",
+               "goal ≥ 0.85", "CPU ms/frame"])
+    sustained_fps(run)
     mo = model_only(run)
-    base = mo.get(r["batch"] or 1)
-    q = ratio(fps, base)
-    t.add(fps, r["batch"], base, q, verdict(q, 0.85))
-    t.notes.append("median stage ms: " + ", ".join(
-        f"{k} {v:.1f}" for k, v in r["stages_ms"].items() if v is not None))
-    t.data = {**r, "model_only": base, "ratio": q}
+    # overlay: what a browser viewer gets (JPEG per frame); rle: what a program acting on the
+    # masks gets (no image encoding)
+    rows = {"overlay": run.cache["e2e"], "rle": _throughput(run, run.model, "rle")}
+    for fmt, r in rows.items():
+        base = mo.get(r["batch"] or 1)
+        q = ratio(r["fps"], base)
+        t.add(fmt, r["fps"], r["batch"], base, q, verdict(q, 0.85), r["cpu_ms_per_frame"])
+        t.notes.append(f"{fmt}: median stage ms " + ", ".join(
+            f"{k} {v:.1f}" for k, v in r["stages_ms"].items() if v is not None))
+        t.data[fmt] = {**r, "model_only": base, "ratio": q}
     return t
 
 
