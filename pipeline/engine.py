@@ -1,9 +1,13 @@
 """The engine thread: the one owner of the models and the device.
 
 It gathers frames from every stream's slot into batches (``pipeline.batcher``), runs
-preprocessing, the network and postprocessing on the device, applies per-stream
-temporal refinement and hands ``SegmentationResult`` values to a callback. No other
-thread touches a device tensor.
+preprocessing, the network and per-stream temporal refinement / ROI on the device, and
+hands ``SegmentationResult`` values to a callback. No other thread touches a device tensor.
+
+On the CPU the stages either side of the network run beside it: capture threads make each
+frame's model input (``Frame.model_input``), so the engine only stacks them, and a finisher
+thread sizes the masks back to the frames and emits the results, in order, while the next
+batch runs (at most two batches wait for it; then the engine waits too).
 """
 
 from __future__ import annotations
