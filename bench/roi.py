@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,8 @@ def _timed_eval(frames, masks, seg, roi):
     return r
 
 
-def bench_clips(seg: Any, media: Path, cfg: RoiConfig, limit: int | None) -> list[str]:
-    rows = []
+def real_clips(media: Path, limit: int | None) -> Iterator[tuple[str, list[np.ndarray], list[np.ndarray]]]:
+    """(name, frames, masks) of each real clip present under ``media``; missing ones are skipped."""
     for clip in CLIPS:
         d = media / clip
         try:
@@ -67,7 +68,12 @@ def bench_clips(seg: Any, media: Path, cfg: RoiConfig, limit: int | None) -> lis
             print(f"(skipping {clip}: {e})")
             continue
         frames = list(seq.frames())[:limit]
-        masks = list(seq.masks())[: len(frames)]
+        yield clip, frames, list(seq.masks())[: len(frames)]
+
+
+def bench_clips(seg: Any, media: Path, cfg: RoiConfig, limit: int | None) -> list[str]:
+    rows = []
+    for clip, frames, masks in real_clips(media, limit):
         bodies = [body_mask(m) for m in masks]
         for mode, roi in (("full frame", None), ("ROI", cfg)):
             r = _timed_eval(frames, masks, seg, roi)
@@ -80,15 +86,8 @@ def oracle_clips(seg: Any, media: Path, scales: tuple[float, ...], limit: int | 
     """Upper bound for ROI mode on the real clips: each frame segmented through one square crop
     around the true person (the body mask's box) grown ``scale`` times, nothing outside it."""
     rows = []
-    for clip in CLIPS:
-        d = media / clip
-        try:
-            seq = load_sequence(d / "video.mp4", d / "masks")
-        except EvalInputError as e:
-            print(f"(skipping {clip}: {e})")
-            continue
-        frames = list(seq.frames())[:limit]
-        masks = [np.asarray(m) != 0 for m in list(seq.masks())[: len(frames)]]
+    for clip, frames, raw in real_clips(media, limit):
+        masks = [np.asarray(m) != 0 for m in raw]
         scores: dict[str, list[tuple[float, float]]] = {}
         for img, gt in zip(frames, masks, strict=True):
             body = body_mask(gt)

@@ -5,6 +5,7 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from pipeline.config import EngineConfig
 from pipeline.engine import Engine
@@ -35,6 +36,21 @@ class ThresholdSegmenter:
 
     def postprocess(self, probs, sizes):
         return [(p.astype(np.uint8), p.astype(np.float32)) for p in probs]
+
+
+class FailingPost(ThresholdSegmenter):
+    """Fails to size the masks of its ``fail_post``-th batch."""
+
+    def __init__(self, name: str, fail_post: int) -> None:
+        super().__init__(name)
+        self.fail_post = fail_post
+        self.posts = 0
+
+    def postprocess(self, probs, sizes):
+        self.posts += 1
+        if self.posts == self.fail_post:
+            raise ValueError("bad size")
+        return super().postprocess(probs, sizes)
 
 
 def image(red: int) -> np.ndarray:
@@ -125,14 +141,21 @@ def test_mixed_models_are_batched_separately():
     assert eng.stop(2)
 
 
-def test_a_failing_batch_is_reported_on_its_streams_and_the_engine_goes_on():
-    seg = ThresholdSegmenter("m", fail_on={1})
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: ThresholdSegmenter("m", fail_on={1}), "boom"),  # the network fails
+        (lambda: FailingPost("m", fail_post=1), "bad size"),  # sizing the masks fails, after it
+    ],
+)
+def test_a_failing_batch_is_reported_on_its_streams_and_the_engine_goes_on(make, message):
+    seg = make()
     eng, col = start_engine({"m": seg}, max_wait_ms=0)
     slot = FrameSlot(on_put=eng.notify)
     eng.add_stream("a", slot, model="m")
     slot.put(frame("a", 0))
     col.wait(lambda c: len(c.errors) == 1)
-    assert col.errors[0][0] == "a" and "boom" in col.errors[0][1]
+    assert col.errors[0][0] == "a" and message in col.errors[0][1]
     assert slot.drops.snapshot() == {DropCause.ERROR.value: 1}
     slot.put(frame("a", 1))
     col.wait(lambda c: len(c.results) == 1)
@@ -242,36 +265,6 @@ def test_keyframe_mode_skips_the_model_on_a_static_stream_and_resets_on_disconti
     carried = [r for r in col.results if not r.full_pass]
     assert all(r.labels[:, :3].all() and not r.labels[:, 3:].any() for r in carried)  # mask carried forward
     assert col.results[10].info["temporal"] == "discontinuity"
-    assert eng.stop(2)
-
-
-class FailingPost(ThresholdSegmenter):
-    """Fails to size the masks of its ``fail_post``-th batch."""
-
-    def __init__(self, name: str, fail_post: int) -> None:
-        super().__init__(name)
-        self.fail_post = fail_post
-        self.posts = 0
-
-    def postprocess(self, probs, sizes):
-        self.posts += 1
-        if self.posts == self.fail_post:
-            raise ValueError("bad size")
-        return super().postprocess(probs, sizes)
-
-
-def test_a_failure_after_the_network_is_reported_and_the_engine_goes_on():
-    seg = FailingPost("m", fail_post=1)
-    eng, col = start_engine({"m": seg}, max_wait_ms=0)
-    slot = FrameSlot(on_put=eng.notify)
-    eng.add_stream("a", slot, model="m")
-    slot.put(frame("a", 0))
-    col.wait(lambda c: len(c.errors) == 1)
-    assert col.errors[0][0] == "a" and "bad size" in col.errors[0][1]
-    assert slot.drops.snapshot() == {DropCause.ERROR.value: 1}
-    slot.put(frame("a", 1))
-    col.wait(lambda c: len(c.results) == 1)
-    assert col.results[0].frame.index == 1 and eng.alive
     assert eng.stop(2)
 
 
