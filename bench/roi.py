@@ -202,6 +202,19 @@ def bench_scene(seg: Any, cfg: RoiConfig, n: int) -> tuple[list[str], list[str]]
     return rows, notes
 
 
+def bench_filled(seg: Any, cfg: RoiConfig, n: int) -> list[str]:
+    """A person filling the frame (the astronaut photo, 448 px crops of it panning 1 px a frame):
+    ROI mode must not lose accuracy where there is nothing to zoom into."""
+    from bench.temporal import astronaut_clip
+
+    clip = astronaut_clip(seg, "pan", n)
+    if clip is None:
+        return []
+    frames, masks = clip
+    return [_row("fills the frame (pan)", mode, _timed_eval(frames, masks, seg, roi), "n/a")
+            for mode, roi in (("full frame", None), ("ROI", cfg))]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.roi", description=__doc__.split("\n\n")[0])
     ap.add_argument("--media", default=str(Path(__file__).resolve().parents[2] / "shared" / "media"))
@@ -234,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(row)
         rows, notes = bench_scene(seg, cfg, args.scene_frames)
+        rows += bench_filled(seg, cfg, args.scene_frames)
     for row in rows:
         print(row)
     print()
