@@ -180,6 +180,7 @@ def test_overlapping_crops_blend_and_a_full_pass_fills_the_rest():
     assert torch.all((mid > 0) & (mid < 1))
     assert torch.all(mid[1:] <= mid[:-1])  # a smooth hand-over, no seam
     assert float(canvas[100, 150]) == 0.25
+    assert torch.equal(base, torch.full((1, H, W), 0.25))  # the full pass's map is not written to
 
 
 def test_multiclass_background_outside_crops():
