@@ -226,7 +226,7 @@ def region_boxes(
     and last frame's boxes (``held``) kept where they still fit."""
     short = min(frame)
     boxes: list[tuple[Box, tuple[Region, ...]]] = []
-    for r in regions:
+    for r in (part for region in regions for part in _split(region, cfg, gap, short)):
         cx, cy = r.box.center
         boxes.append((square_box(cx + r.vx * gap, cy + r.vy * gap, _side(r, cfg, gap, short), frame), (r,)))
     merged = True
@@ -238,9 +238,10 @@ def region_boxes(
                 # (blended where they meet) so two people side by side keep their resolution.
                 # A merge that would cover most of the frame is not made: the two crops keep more
                 # resolution than one frame-sized crop (or the full pass it would turn into).
+                # Nor one wider than the frame is tall: it would no longer be square.
                 a, b = boxes[i][0], boxes[j][0]
                 if a.intersection_area(b) > cfg.merge_overlap * min(a.area, b.area) and (
-                    _merged(boxes[i], boxes[j], frame)[0].area < cfg.full_area * frame[0] * frame[1]
+                    _fits_square(_merged(boxes[i], boxes[j], frame)[0], frame, cfg)
                 ):
                     boxes[i] = _merged(boxes[i], boxes[j], frame)
                     del boxes[j]
@@ -256,6 +257,25 @@ def region_boxes(
     if held and cfg.hold > 0:
         boxes = _hold(boxes, held, frame, cfg, gap)
     return boxes
+
+
+def _fits_square(b: Box, frame: tuple[int, int], cfg: RoiConfig) -> bool:
+    return b.area < cfg.full_area * frame[0] * frame[1] and _side_of(b) <= min(frame)
+
+
+def _split(r: Region, cfg: RoiConfig, gap: int, short: int) -> tuple[Region, ...]:
+    """A region too wide for one square crop (people side by side, touching, in one component)
+    as side-by-side slices, one crop each, so each keeps a crop's resolution; others as they are."""
+    w, h = r.box.width, r.box.height
+    if _side(r, cfg, gap, short) <= short or w <= 1.25 * h:
+        return (r,)
+    k = max(2, math.ceil(w / max(h, 1)))
+    edges = [r.box.x0 + round(i * w / k) for i in range(k + 1)]
+    parts = []
+    for x0, x1 in zip(edges[:-1], edges[1:], strict=True):
+        box = Box(x0, r.box.y0, x1, r.box.y1)
+        parts.append(replace(r, box=box, area=max(1, r.area // k), cx=(x0 + x1) / 2.0))
+    return tuple(parts)
 
 
 def _side_of(b: Box) -> int:

@@ -118,6 +118,22 @@ def test_overlapping_regions_merge_and_distant_ones_do_not():
     assert len(far) == 2
 
 
+def test_a_region_too_wide_for_one_square_crop_gets_side_by_side_crops():
+    # people touching side by side: one component 150 px wide, 60 px tall in a 120 x 200 frame
+    cfg = RoiConfig(enabled=True, min_crop=0.0, full_area=0.95)
+    wide = region(20, 30, 150, 60)
+    boxes = region_boxes((wide,), (H, W), cfg)
+    assert len(boxes) >= 2  # not one frame-wide rectangle, which would lose the crops' resolution
+    for box, _ in boxes:
+        assert box.width == box.height <= H  # square crops
+    covered = np.zeros(W, bool)
+    for box, _ in boxes:
+        covered[box.x0 : box.x1] = True
+    assert covered[20:170].all()  # together they hold the whole region
+    # a region that fits one square crop is left whole
+    assert len(region_boxes((region(20, 30, 60, 60),), (H, W), cfg)) == 1
+
+
 def test_cap_merges_the_closest_regions_and_keeps_everyone_covered():
     cfg = RoiConfig(enabled=True, min_crop=0.0, margin=0.0, max_regions=2)
     regs = (region(0, 0, 10, 10), region(14, 0, 10, 10), region(180, 100, 10, 10), region(100, 0, 10, 10))
