@@ -516,15 +516,16 @@ def _health(
     """Check crop ``k``'s own mask against the regions it was made for: (problem, velocity)."""
     box, members = plan.boxes[k], plan.members[k]
     h, w = plan.size
-    ys, xs = np.nonzero(fg)
+    m = cv2.moments(np.ascontiguousarray(fg, dtype=np.uint8), binaryImage=True)  # count and centroid
+    count = m["m00"]
     prev_area = sum(r.area for r in members)
     checked = all(r.cropped for r in members)
-    if ys.size == 0 or ys.size < cfg.collapse * prev_area:
+    if count == 0 or count < cfg.collapse * prev_area:
         # An unconfirmed seed that comes out empty is a false alarm: it just drops out.
         return ("collapse" if checked else None), None
     pcx = sum(r.cx * r.area for r in members) / prev_area
     pcy = sum(r.cy * r.area for r in members) / prev_area
-    cx, cy = box.x0 + float(xs.mean()), box.y0 + float(ys.mean())
+    cx, cy = box.x0 + m["m10"] / count, box.y0 + m["m01"] / count
     v = ((cx - pcx) / plan.gap, (cy - pcy) / plan.gap)
     mvx = sum(r.vx * r.area for r in members) / prev_area
     mvy = sum(r.vy * r.area for r in members) / prev_area
