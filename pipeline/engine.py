@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -513,6 +513,9 @@ class Engine:
         }
         if frame.prepare_ms:  # the capture thread did (part of) the preprocessing
             latency["preprocess"] = latency.get("preprocess", 0.0) + frame.prepare_ms
+        if frame.model_input is not None:
+            # Results live on in encoders and client slots: they need not hold the model input.
+            frame = replace(frame, model_input=None)
         result = SegmentationResult(
             frame=frame,
             labels=labels,
