@@ -104,6 +104,11 @@ class _StreamCtx:
     roi_state: Any = None
 
 
+def _on_cpu(device: str) -> bool:
+    """Whether an engine configured for ``device`` runs its models on the CPU."""
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
 def _model_input(seg: SegmenterLike, frames: Sequence[Frame], crops: Sequence[np.ndarray]) -> Any:
     """The batch's network input: the plain frames' rows, then the ROI crops' rows.
 
@@ -265,7 +270,9 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("engine already started")
-        self._finisher = _Finisher(self._finish)
+        if _on_cpu(self.config.device):
+            # On a GPU the engine thread finishes its own batches: device tensors never leave it.
+            self._finisher = _Finisher(self._finish)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
         self.stats.started = True
@@ -362,10 +369,9 @@ class Engine:
             a = 0.1 if self.stats.infer_ms_ema else 1.0
             self.stats.infer_ms_ema = (1 - a) * self.stats.infer_ms_ema + a * per_frame_infer
         job = _Finish(seg, batch, frames, plans, plain, roi_outs, timings)
-        on_device = isinstance(plain, torch.Tensor) and plain.device.type != "cpu"
-        if self._finisher is not None and not on_device:
+        if self._finisher is not None:
             # Resizing masks to frame size and handing results on overlaps the next batch's
-            # network pass. Device tensors never leave this thread, so GPU batches finish here.
+            # network pass.
             self._finisher.submit(job)
         else:
             self._finish(job)

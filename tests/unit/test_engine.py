@@ -301,3 +301,23 @@ def test_finisher_keeps_order_holds_back_when_full_and_drains_on_close():
     blocked.join(5)
     assert fin.close(5)
     assert done == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("device", "thread"), [("cpu", "engine-finish"), ("cuda", "engine")])
+def test_cpu_engines_finish_batches_on_their_own_thread_and_device_engines_do_not(device, thread):
+    seen: list[str] = []
+    eng = Engine(
+        config=EngineConfig(max_wait_ms=0, device=device),
+        segmenter_factory=lambda name: ThresholdSegmenter(name),
+        on_result=lambda r: seen.append(threading.current_thread().name),
+    )
+    eng.start()
+    slot = FrameSlot(on_put=eng.notify)
+    eng.add_stream("a", slot, model="m")
+    slot.put(frame("a", 0))
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert eng.stop(2)
+    # device tensors never leave the engine thread; on the CPU results are emitted beside it
+    assert seen == [thread]
