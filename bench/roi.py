@@ -257,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-every", type=int, default=RoiConfig().full_every)
     ap.add_argument("--no-clips", action="store_true")
     ap.add_argument("--oracle", action="store_true", help="only the upper bound: crops around the true box")
+    ap.add_argument("--quick", action="store_true", help="at most 30 frames per clip, one timing round")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.frames = min(args.frames or 30, 30)
     from models.segmenter import Segmenter
 
     cv2.setNumThreads(1)  # as in the service (pipeline.manager)
@@ -286,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(notes))
     print("\nmodel inputs/frame = compute relative to full-frame mode (1.00); ms/frame includes scoring.")
-    print(f"\nWall ms per frame on the composed scene ({args.scene_frames} frames x 3, means, no scoring):\n")
-    print("\n".join(bench_cost(seg, cfg, args.scene_frames)))
+    print(f"\nWall ms per frame on the composed scene ({args.scene_frames} frames, means, no scoring):\n")
+    print("\n".join(bench_cost(seg, cfg, args.scene_frames, reps=1 if args.quick else 3)))
     return 0
 
 
