@@ -514,7 +514,8 @@ class Engine:
     ) -> None:
         latency = {
             "decode": frame.decode_ms,
-            "queue": max(0.0, (taken_at - frame.captured_at) * 1000.0),
+            # the capture thread's share of preprocessing happened before the slot: not queueing
+            "queue": max(0.0, (taken_at - frame.captured_at) * 1000.0 - frame.prepare_ms),
             **timings,
         }
         if frame.prepare_ms:  # the capture thread did (part of) the preprocessing

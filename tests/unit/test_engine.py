@@ -2,6 +2,7 @@
 
 import threading
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -321,3 +322,17 @@ def test_cpu_engines_finish_batches_on_their_own_thread_and_device_engines_do_no
     assert eng.stop(2)
     # device tensors never leave the engine thread; on the CPU results are emitted beside it
     assert seen == [thread]
+
+
+def test_capture_thread_preprocessing_counts_once_as_preprocess_not_as_queueing():
+    eng, col = start_engine({"m": ThresholdSegmenter("m")}, max_wait_ms=0)
+    slot = FrameSlot(on_put=eng.notify)
+    eng.add_stream("a", slot, model="m")
+    # decoded 60 ms ago, of which the capture thread spent 50 ms preparing the model input
+    f = replace(frame("a", 0, t=now() - 0.060), prepare_ms=50.0)
+    slot.put(f)
+    col.wait(lambda c: len(c.results) == 1)
+    lat = col.results[0].latency_ms
+    assert lat["preprocess"] >= 50.0
+    assert 0.0 <= lat["queue"] < 40.0  # ~10 ms in the slot, not 60
+    assert eng.stop(2)
