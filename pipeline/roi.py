@@ -196,7 +196,7 @@ def _thumb(image: np.ndarray) -> np.ndarray:
     # Every 4th pixel of every 4th row still puts dozens of samples in each cell of the tiny
     # thumbnail, at a sixteenth of the reading; then shrink, then average the channels (both
     # averages, so the order does not matter; numpy's mean over 3 values is slow on a frame).
-    sparse = np.ascontiguousarray(image[::4, ::4]) if min(image.shape[:2]) >= 4 * _THUMB[1] else image
+    sparse = image[::4, ::4] if min(image.shape[:2]) >= 4 * _THUMB[1] else image
     small = cv2.resize(np.ascontiguousarray(sparse), _THUMB, interpolation=cv2.INTER_AREA).astype(np.float32)
     grey = small.mean(axis=2) if small.ndim == 3 else small
     return grey / 255.0
@@ -332,7 +332,7 @@ def plan_rois(
     elif _change(state.thumb, thumb) > cfg.scene_cut:
         reset = "scene_cut"
     if reset is not None:
-        credit = min(state.credit + cfg.budget, cfg.budget + 1.0) - 1.0 if cfg.budget > 0 else 0.0
+        credit = _earned(state, cfg) - 1.0 if cfg.budget > 0 else 0.0
         return RoiPlan(index, (h, w), True, (), reset, reset=True, thumb=thumb, credit=credit)
     assert state.last_index is not None
     gap = index - state.last_index
@@ -361,21 +361,26 @@ def plan_rois(
                    deferred=deferred, held=held, credit=credit)
 
 
+def _earned(state: RoiState, cfg: RoiConfig) -> float:
+    """This frame's credit before spending: ``budget`` more, at most one frame's worth saved up."""
+    return min(state.credit + cfg.budget, cfg.budget + 1.0)
+
+
 def _schedule(
     state: RoiState, cfg: RoiConfig, boxes: tuple[Box, ...], members: tuple[tuple[Region, ...], ...],
     full: bool,
 ) -> tuple[float, list[int]]:
     """Which crops run under the budget, and the credit left: (credit, box indexes).
 
-    Every frame adds ``budget`` model inputs of credit (at most one frame's worth is saved up
-    beyond it); a full pass and each crop spend one. Crops whose regions all have a patch from
+    Every frame adds ``budget`` model inputs of credit (:func:`_earned`); a full pass and each
+    crop spend one. Crops whose regions all have a patch from
     an earlier crop may wait, oldest patch first, while the credit is short; the rest always
     run (a region nobody has cropped yet has nothing to paste), spending ahead when they must.
     """
     n = len(boxes)
     if cfg.budget <= 0:
         return 0.0, list(range(n))
-    credit = min(state.credit + cfg.budget, cfg.budget + 1.0) - float(full)
+    credit = _earned(state, cfg) - float(full)
     can_wait = [all(r.patch is not None for r in members[k]) for k in range(n)]
     run = [k for k in range(n) if not can_wait[k]]
     credit -= len(run)
@@ -453,7 +458,7 @@ def compose(
             base[0] = 1.0  # background is class 0
     if held:
         base = _paste(base, [b for b, _ in held], [p for _, p in held], feather, owned)
-        owned = owned or bool(held)
+        owned = True  # _paste's result is a tensor of its own
     return _paste(base, list(plan.boxes), crops, feather, owned)
 
 

@@ -75,7 +75,7 @@ class StreamWorker:
         on_status: Callable[[StreamStatus], None] | None = None,
         prepare: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
-        """``prepare``, when given, shrinks each frame for the model on this thread (see
+        """``prepare``, when given, makes each frame's model input on this thread (see
         ``Frame.model_input``); it may be replaced or cleared at any time."""
         if max_pixels is not None and max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
