@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, WebSocket
 
 from models.registry import UnknownModelError, WeightsError
 from pipeline.config import StreamConfig
@@ -39,6 +39,7 @@ from server.ws import (
     CLOSE_TOO_MANY,
     CLOSE_UNAUTHORISED,
     ParamError,
+    receive,
 )
 
 log = logging.getLogger("segstream.ingest")
@@ -145,13 +146,7 @@ async def _pump(ws: WebSocket, app: Any, feed: PushFeed, handle: Any, max_fps: f
     limits = app.state.config.limits
     min_gap = 1.0 / max_fps
     last_ack = 0.0
-    while True:
-        try:
-            message = await ws.receive()
-        except WebSocketDisconnect:
-            return
-        if message["type"] == "websocket.disconnect":
-            return
+    while (message := await receive(ws)) is not None:
         if app.state.manager.find(handle.id) is not handle:
             await _close(ws, CLOSE_STREAM_REMOVED, f"stream {handle.id!r} was removed")
             return

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -74,6 +75,15 @@ def parse_settings(values: dict[str, Any], *, partial: bool) -> dict[str, Any]:
             raise ParamError(f"quality must be 1..100, got {q}")
         out["quality"] = q
     return out
+
+
+async def receive(ws: WebSocket) -> MutableMapping[str, Any] | None:
+    """The client's next message, or None once it has disconnected."""
+    try:
+        message = await ws.receive()
+    except WebSocketDisconnect:
+        return None
+    return None if message["type"] == "websocket.disconnect" else message
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
@@ -148,13 +158,7 @@ async def _send_loop(ws: WebSocket, hub: Hub, client: Client) -> None:
 
 async def _receive_loop(ws: WebSocket, client: Client) -> None:
     """Control messages: JSON objects changing format, max_fps or quality."""
-    while True:
-        try:
-            message = await ws.receive()
-        except WebSocketDisconnect:
-            return
-        if message["type"] == "websocket.disconnect":
-            return
+    while (message := await receive(ws)) is not None:
         text = message.get("text")
         size = len(text.encode("utf-8") if text is not None else message.get("bytes") or b"")
         if size > MAX_CONTROL_BYTES:
