@@ -50,6 +50,14 @@ def _shrink(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
+def _scaled(x: torch.Tensor, size: tuple[int, int], scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """uint8 N x 3 x H x W shrunk to ``size`` and normalised: the one definition of the model's
+    input, shared by :meth:`Segmenter.preprocess` and :func:`prepare_input` (so they agree bit for
+    bit). The CPU kernel shrinks uint8 directly; devices shrink float."""
+    x = _shrink(x, size).float() if x.device.type == "cpu" else _shrink(x.float(), size)
+    return x * scale + shift
+
+
 def _normalisation(spec: ModelSpec, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift), 1 x 3 x 1 x 1 float32: ``(x / 255 - mean) / std`` as one multiply-add."""
     if str(device) == "cpu":
@@ -81,7 +89,7 @@ def prepare_input(spec: ModelSpec, image: np.ndarray) -> np.ndarray:
     scale, shift = _normalisation(spec)
     x = torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)[None]
     with torch.inference_mode():
-        x = _shrink(x, (bh, bw)).float() * scale + shift
+        x = _scaled(x, (bh, bw), scale, shift)
     hwc = x[0].permute(1, 2, 0).numpy()
     if (bh, bw) == (th, tw):
         return np.ascontiguousarray(hwc)
@@ -183,9 +191,7 @@ class Segmenter:
             batch = images[idx[0]][None] if len(idx) == 1 else np.stack([images[i] for i in idx])
             x = self._to_device(batch)  # a single frame is viewed, not copied
             top, left, bh, bw = input_box(self.spec, (h, w))
-            # uint8 in on the CPU (its kernel takes it); float on devices
-            x = _shrink(x, (bh, bw)).float() if self.device.type == "cpu" else _shrink(x.float(), (bh, bw))
-            x = x * self._scale + self._shift
+            x = _scaled(x, (bh, bw), self._scale, self._shift)
             index = torch.tensor(idx, device=self.device)
             if (bh, bw) == (th, tw):
                 out.index_copy_(0, index, x)
