@@ -24,6 +24,8 @@ Modes:
   away; a large one is a real change (something appeared, moved in, was wrong before) and
   is taken at once, so edges do not lag and errors do not persist. Where the previous
   output counts, ``hysteresis`` keeps its label unless the model disagrees by a margin.
+  Pixels both maps are sure of (within 0.02 of 0 or 1) keep the new value: no label can
+  change there, so on the CPU the fusion runs only inside the box around the unsure ones.
   With ``compensate`` (for moving cameras; off by default) the dominant translation
   between frames is estimated by phase correlation on the thumbnails, and both the
   residual and the previous output are taken after moving the previous frame by it; the
@@ -149,7 +151,7 @@ class Plan:
     reason: str  # off | first | discontinuity | scene_cut | gap | energy | max_gap | motion | carry
     thumb: torch.Tensor | None  # 1 x 3 x h' x w' low-resolution RGB (None in mode off)
     residual: torch.Tensor | None  # blurred |thumb - reference|, same grid; None after a reset
-    energy: float  # mean residual above the noise floor, against the last frame the model saw
+    energy: float  # keyframe: residual above the noise floor since the last frame the model saw (smooth: 0)
     gap: int  # frames missing between the previous update and this one
     reset: bool  # the previous state is dropped before this frame
     flow: torch.Tensor | None = None  # 1 x 2 x h'' x w'': where each block was in the previous frame
@@ -191,8 +193,9 @@ class TemporalRefiner:
         self.params = params
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        self._mean_np = np.asarray(self.mean, np.float32).reshape(3, 1, 1)
-        self._std_np = np.asarray(self.std, np.float32).reshape(3, 1, 1)
+        self._mean_hwc = np.asarray(self.mean, np.float32).reshape(1, 1, 3)
+        self._std_hwc = np.asarray(self.std, np.float32).reshape(1, 1, 3)
+        self._identity = self.mean == (0.0, 0.0, 0.0) and self.std == (1.0, 1.0, 1.0)
 
     @staticmethod
     def initial_state() -> TemporalState:
@@ -238,15 +241,14 @@ class TemporalRefiner:
             if shift is not None and _cells(shift, thumb) >= _MIN_SHIFT:
                 step = _residual(thumb, ref)
                 step_moved = _residual(thumb, _warp(ref, shift))
-                if float(step_moved.mean()) < _GAIN * float(step.mean()):
+                if _mean(step_moved) < _GAIN * _mean(step):
                     flow, step = shift, step_moved
         if step is None:
             step = _residual(thumb, ref)
-        if float(step.mean()) > p.scene_cut_energy:
+        if _mean(step) > p.scene_cut_energy:
             return Plan(index, True, "scene_cut", thumb, None, 0.0, gap, True)
         if p.mode == "smooth":
-            energy = _energy(step, p.noise_floor)
-            return Plan(index, True, "motion", thumb, step, energy, gap, False, flow)
+            return Plan(index, True, "motion", thumb, step, 0.0, gap, False, flow)
 
         # keyframe: compare with the frame the current mask came from, so slow drift adds up
         # while sensor noise (removed by the floor) does not.
@@ -333,6 +335,11 @@ class TemporalRefiner:
     # -- internals ---------------------------------------------------------------------
 
     def _thumbnail(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual's low-resolution picture of a frame: RGB in [0, 1], blurred 3 x 3.
+
+        Blurring each thumbnail once is the same as blurring the signed difference of two
+        (the blur is linear), and it leaves the residual a single absolute difference.
+        """
         if x.dim() == 4 and x.shape[0] != 1:
             raise ValueError(f"plan takes one frame's input, got shape {tuple(x.shape)}")
         x = x if x.dim() == 4 else x.unsqueeze(0)
@@ -341,37 +348,39 @@ class TemporalRefiner:
         # Averaging k x k blocks divides pixel noise by about k, well below the motion floor.
         # Pooling first is exact (normalisation is affine per channel) and 1/k^2 the work.
         if x.device.type == "cpu":
-            # OpenCV on the three planes stacked as one image: several times cheaper than
-            # torch's pooling on a CPU. Bilinear resizing by k averages the middle 2 x 2 of
-            # each k x k block (no plane bleeds into the next): pixel noise halves, and the
-            # residual's blur takes it well below the motion floor.
+            # OpenCV, several times cheaper than torch's pooling on a CPU. Bilinear resizing by
+            # k averages the middle 2 x 2 of each k x k block: pixel noise halves, and the blur
+            # takes it well below the motion floor. The thumbnail is kept as height x width x
+            # colour in memory (a channels-last tensor), so each OpenCV call takes all three
+            # colours at once.
             hs, ws = -(-h // k), -(-w // k)
             hwc = x[0].detach().float().permute(1, 2, 0)
             if hwc.is_contiguous():
                 # Channels-last input (the CPU segmenter's layout): resize the picture as it is
                 # in memory, with no planar copy of the whole input first.
                 small = cv2.resize(hwc.numpy(), (ws, hs), interpolation=cv2.INTER_LINEAR)
-                small = np.asarray(small, np.float32).reshape(hs, ws, 3)
-                small = np.ascontiguousarray(small.transpose(2, 0, 1))
-                np.multiply(small, self._std_np, out=small)
-                np.add(small, self._mean_np, out=small)
-                return torch.from_numpy(np.clip(small, 0.0, 1.0, out=small))[None]
-            planes = x[0].detach().float().numpy()
-            if h % k == 0 and k > 1:
-                # Only the two middle rows of each block are read: a quarter of the memory
-                # traffic when k is 4, and that traffic is most of the cost.
-                rows = planes.reshape(3 * hs, k, w)[:, k // 2 - 1 : k // 2 + 1].reshape(6 * hs, w)
-                small = cv2.resize(rows, (ws, 3 * hs), interpolation=cv2.INTER_LINEAR)
             else:
-                small = cv2.resize(planes.reshape(3 * h, w), (ws, 3 * hs), interpolation=cv2.INTER_LINEAR)
-            small = np.asarray(small, np.float32).reshape(3, hs, ws)
-            np.multiply(small, self._std_np, out=small)
-            np.add(small, self._mean_np, out=small)
+                planes = x[0].detach().float().numpy()
+                if h % k == 0 and k > 1:
+                    # Only the two middle rows of each block are read: a quarter of the memory
+                    # traffic when k is 4, and that traffic is most of the cost.
+                    rows = planes.reshape(3 * hs, k, w)[:, k // 2 - 1 : k // 2 + 1].reshape(6 * hs, w)
+                    small = cv2.resize(rows, (ws, 3 * hs), interpolation=cv2.INTER_LINEAR)
+                else:
+                    small = cv2.resize(planes.reshape(3 * h, w), (ws, 3 * hs), interpolation=cv2.INTER_LINEAR)
+                small = cv2.merge(list(np.asarray(small, np.float32).reshape(3, hs, ws)))
+            small = np.asarray(small, np.float32).reshape(hs, ws, 3)
+            if not self._identity:
+                np.multiply(small, self._std_hwc, out=small)
+                np.add(small, self._mean_hwc, out=small)
             # Colour, not just luma: an object can differ from what it covers only in hue.
-            return torch.from_numpy(np.clip(small, 0.0, 1.0, out=small))[None]
+            np.clip(small, 0.0, 1.0, out=small)
+            small = cv2.blur(small, (3, 3), borderType=cv2.BORDER_REPLICATE)
+            return torch.from_numpy(small).permute(2, 0, 1)[None]
         if k > 1:
             x = F.avg_pool2d(x.float(), k, stride=k, ceil_mode=True)
-        return rgb_from_input(x, self.mean, self.std)
+        rgb = rgb_from_input(x, self.mean, self.std)
+        return F.avg_pool2d(F.pad(rgb, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
 
     def _blend(
         self, new: torch.Tensor, prev: torch.Tensor, residual: torch.Tensor, gap: int
@@ -404,10 +413,15 @@ class TemporalRefiner:
         binary = new.shape[0] == 2  # the background channel is 1 - foreground: half the work
         a, b = (new[1:], prev[1:]) if binary else (new, prev)
         diff = (a - b).square()
-        if not binary:
+        if binary:
+            unsure = ((a >= _SURE) & (a <= 1.0 - _SURE)) | ((b >= _SURE) & (b <= 1.0 - _SURE))
+        else:
             diff = diff.amax(0, keepdim=True)
-        # 1 for identical probabilities, falling to 0 at a difference of ``agreement``.
-        weight = still * (1.0 - diff / p.agreement**2).clamp(min=0.0)
+            unsure = (a.amax(0, keepdim=True) <= 1.0 - _SURE) | (b.amax(0, keepdim=True) <= 1.0 - _SURE)
+        # 1 for identical probabilities, falling to 0 at a difference of ``agreement``; 0 where
+        # both maps are sure of the pixel (they agree, and no label can change, or they are
+        # far apart and the new one counts anyway).
+        weight = still * (1.0 - diff / p.agreement**2).clamp(min=0.0) * unsure
         out = torch.lerp(a, b, p.blend * weight)
         if p.hysteresis > 0:
             # Favour the previous label: a pixel near the decision boundary must be won by a
@@ -419,6 +433,9 @@ class TemporalRefiner:
 
 
 _KERNEL3 = np.ones((3, 3), np.uint8)
+# A probability within this of 0 or 1 is sure: where both maps are sure of a pixel, the new
+# value is taken as it is (they agree on its label, or they are far apart and it counts anyway).
+_SURE = 0.02
 _BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
 
 
@@ -433,38 +450,52 @@ def _blend_binary_cpu(
 ) -> torch.Tensor:
     """``TemporalRefiner._blend`` for two-class float32 CPU tensors, with OpenCV.
 
-    The same arithmetic as the torch path on the foreground channel, in as few passes over
-    the full-resolution planes as possible: each pass costs about as much as a small torch
-    call, and there are half as many.
+    The same arithmetic as the torch path on the foreground channel. The fusion only runs
+    inside the bounding box of the pixels that either map is unsure of (a person's outline,
+    typically a few percent of the picture); everywhere else the new probabilities are
+    taken as they are, which is what the torch path computes there too.
     """
     h, w = new.shape[-2:]
-    r = np.ascontiguousarray(residual.reshape(residual.shape[-2:]).numpy())
-    moving = cv2.dilate(r, _KERNEL3)
-    # still = (1 - clip((moving - lo) / (hi - lo), 0, 1)) * trust, here times blend as well
-    still = cv2.addWeighted(moving, -1.0 / (hi - lo), moving, 0.0, 1.0 + lo / (hi - lo))
-    np.clip(still, 0.0, 1.0, out=still)
-    np.multiply(still, np.float32(trust * p.blend), out=still)
-    weight = cv2.resize(still, (w, h), interpolation=cv2.INTER_LINEAR)  # half-pixel, as torch's
-    a = np.ascontiguousarray(new[1].numpy())
-    b = np.ascontiguousarray(prev[1].numpy())
-    out = torch.empty((2, h, w), dtype=torch.float32)
-    fg, bg = out[1].numpy(), out[0].numpy()
-    diff = cv2.subtract(b, a, dst=bg)  # the background plane is scratch space until the end
-    # weight *= 1 - min(1, (diff / agreement)^2), as weight - weight * min(...)
-    sq = cv2.multiply(diff, diff, scale=1.0 / p.agreement**2)
-    cv2.threshold(sq, 1.0, 1.0, cv2.THRESH_TRUNC, dst=sq)
-    cv2.subtract(weight, cv2.multiply(weight, sq, dst=sq), dst=weight)
-    np.copyto(fg, a)
-    cv2.accumulateProduct(diff, weight, fg)  # fg = a + (b - a) * weight
-    if p.hysteresis > 0:
-        # fg = (fg + bias * label) / (1 + bias), bias = hysteresis * weight (without blend)
-        label = cv2.threshold(b, _BELOW_HALF, 1.0, cv2.THRESH_BINARY)[1]  # b >= 0.5
-        bias = weight * np.float32(p.hysteresis / p.blend)
-        cv2.accumulateProduct(bias, label, fg)
-        bias += np.float32(1.0)
-        cv2.divide(fg, bias, dst=fg)
-    np.subtract(np.float32(1.0), fg, out=bg)
-    return out
+    out = np.array(new.numpy())  # the new probabilities, changed only inside the box below
+    a, b = out[1], np.ascontiguousarray(prev.numpy()[1])
+    unsure = cv2.bitwise_or(cv2.inRange(a, _SURE, 1.0 - _SURE), cv2.inRange(b, _SURE, 1.0 - _SURE))
+    x0, y0, bw, bh = cv2.boundingRect(unsure)
+    if bw and bh:
+        box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
+        r = np.ascontiguousarray(residual.reshape(residual.shape[-2:]).numpy())
+        moving = cv2.dilate(r, _KERNEL3)
+        # still = (1 - clip((moving - lo) / (hi - lo), 0, 1)) * trust, here times blend as well,
+        # and over 255 for the unsure mask's scale
+        scale = trust * p.blend / 255.0
+        still = cv2.addWeighted(moving, -scale / (hi - lo), moving, 0.0, scale * (1.0 + lo / (hi - lo)))
+        np.clip(still, 0.0, scale, out=still)
+        # half-pixel, as torch's; the whole picture, so the box's values do not depend on the box
+        weight = cv2.resize(still, (w, h), interpolation=cv2.INTER_LINEAR)[box]
+        ab, bb = a[box], b[box]
+        diff = cv2.subtract(bb, ab)
+        # weight *= 1 - min(1, (diff / agreement)^2), as weight - weight * min(...)
+        sq = cv2.multiply(diff, diff, scale=1.0 / p.agreement**2)
+        cv2.threshold(sq, 1.0, 1.0, cv2.THRESH_TRUNC, dst=sq)
+        weight = cv2.subtract(weight, cv2.multiply(weight, sq, dst=sq))
+        np.multiply(weight, unsure[box], out=weight)  # the mask is 0 or 255
+        fb = np.array(ab)
+        cv2.accumulateProduct(diff, weight, fb)  # fg = a + (b - a) * weight
+        if p.hysteresis > 0:
+            # fg = (fg + bias * label) / (1 + bias), bias = hysteresis * weight (without blend)
+            label = cv2.threshold(bb, _BELOW_HALF, 1.0, cv2.THRESH_BINARY)[1]  # b >= 0.5
+            bias = weight * np.float32(p.hysteresis / p.blend)
+            cv2.accumulateProduct(bias, label, fb)
+            bias += np.float32(1.0)
+            cv2.divide(fb, bias, dst=fb)
+        out[1][box] = fb
+        np.subtract(np.float32(1.0), fb, out=out[0][box])
+    return torch.from_numpy(out)
+
+
+def _mean(t: torch.Tensor) -> float:
+    if t.device.type == "cpu" and t.dtype == torch.float32:
+        return float(cv2.mean(t.reshape(t.shape[-2:]).numpy())[0])  # one call, not torch's several
+    return float(t.mean())
 
 
 def _match(cur: torch.Tensor, ref: torch.Tensor, radius: int) -> torch.Tensor:
@@ -583,17 +614,22 @@ def _warp(t: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
 
 
 def _residual(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Largest per-channel difference after a small blur.
+    """Largest per-channel difference of two (blurred) thumbnails, 1 x 1 x h x w.
 
-    Blurring the signed difference (before taking its size) averages pixel noise away
-    while a real change, coherent over neighbouring cells, keeps its size.
+    The thumbnails are blurred before the difference is taken (see ``_thumbnail``): that
+    averages pixel noise away while a real change, coherent over neighbouring cells, keeps
+    its size.
     """
     if a.device.type == b.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and a.shape[0] == 1:
-        signed = (a[0] - b[0]).numpy()
-        planes = [np.abs(cv2.blur(c, (3, 3), borderType=cv2.BORDER_REPLICATE)) for c in signed]
-        return torch.from_numpy(np.maximum.reduce(planes))[None, None]
-    d = F.avg_pool2d(a - b, 3, stride=1, padding=1, count_include_pad=False)
-    return d.abs().amax(dim=1, keepdim=True)
+        h, w = a.shape[-2:]
+        d = cv2.absdiff(_hwc(a), _hwc(b)).reshape(h * w, 3)
+        return torch.from_numpy(cv2.reduce(d, 1, cv2.REDUCE_MAX).reshape(h, w))[None, None]
+    return (a - b).abs().amax(dim=1, keepdim=True)
+
+
+def _hwc(t: torch.Tensor) -> np.ndarray:
+    """A 1 x 3 x h x w CPU thumbnail as an h x w x 3 array (no copy for ``_thumbnail``'s own)."""
+    return np.ascontiguousarray(t[0].permute(1, 2, 0).numpy())
 
 
 def _energy(residual: torch.Tensor, floor: float) -> float:

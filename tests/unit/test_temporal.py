@@ -306,6 +306,29 @@ def test_cpu_fast_path_matches_the_torch_path():
     assert not torch.allclose(fast, new, atol=1e-2)  # it did blend somewhere
 
 
+@pytest.mark.parametrize("hysteresis", [0.0, 0.2])
+def test_cpu_fast_path_blends_only_where_a_map_is_unsure(hysteresis: float) -> None:
+    """Sure background around an unsure outline: the fast path works on the outline's box
+    only, and agrees with the torch path everywhere, inside the box and out."""
+    from models.temporal import _SURE, _blend_binary_cpu
+
+    g = torch.Generator().manual_seed(2)
+    fg_new = torch.rand(1, 64, 80, generator=g) * 0.01  # sure background ...
+    fg_prev = torch.rand(1, 64, 80, generator=g) * 0.01
+    fg_new[:, 20:40, 30:50] = 0.3 + 0.4 * torch.rand(1, 20, 20, generator=g)  # ... an unsure patch
+    fg_prev[:, 22:44, 28:46] = 0.3 + 0.4 * torch.rand(1, 22, 18, generator=g)
+    fg_new[:, 50:60, 5:15] = 0.995  # sure of an object the previous frame was sure was not there
+    new, prev = torch.cat((1 - fg_new, fg_new)), torch.cat((1 - fg_prev, fg_prev))
+    residual = torch.zeros(1, 1, 16, 20)  # nothing moved: the previous output counts wherever allowed
+    params = TemporalParams(mode="smooth", hysteresis=hysteresis)
+    fast = _blend_binary_cpu(new, prev, residual, 0.03, 0.12, 1.0, params)
+    ref = TemporalRefiner(params)._blend(new.double(), prev.double(), residual.double(), gap=0).float()
+    assert torch.allclose(fast, ref, atol=1e-5)
+    unsure = ((fg_new >= _SURE) & (fg_new <= 1 - _SURE)) | ((fg_prev >= _SURE) & (fg_prev <= 1 - _SURE))
+    assert torch.equal(fast[:, ~unsure[0]], new[:, ~unsure[0]])  # sure pixels: the new values as they are
+    assert not torch.allclose(fast[1][unsure[0]], fg_new[unsure], atol=1e-2)  # the outline was blended
+
+
 def test_smooth_takes_a_large_disagreement_at_once():
     refiner = TemporalRefiner(TemporalParams(mode="smooth", hysteresis=0.0))
     still = torch.zeros(1, 1, 8, 8)
