@@ -21,7 +21,8 @@ frame over one model pass, measured in the same run with the engine's torch thre
 A note per DAVIS clip gives the flicker of a reference mask that follows the ground truth's
 motion exactly but is 3 px wider (the person only, lines and kite removed by an opening):
 flicker that comes from an outline moving with the person, which no filter removes without
-lagging behind it.
+lagging behind it. A second note splits ``off``'s flicker by how soon each label change is
+undone (1, 2, 4 frames): only the quickly undone part is noise a filter can remove at once.
 """
 
 from __future__ import annotations
@@ -117,6 +118,37 @@ def motion_floor(masks: list, widen: int = 3) -> float:
     return changed / steady if steady else 0.0
 
 
+def undone_shares(preds: list, masks: list, within: tuple[int, ...] = (1, 2, 4)) -> dict[int, float]:
+    """Of the flicker of ``preds`` (label changes where the ground truth is steady), the share
+    that is undone within k frames (the pixel returns to its old label), for each k.
+
+    Changes undone within a frame or two are noise a filter can remove without lag; one
+    that holds for longer is how the outline moves, which a filter can only hold back.
+    """
+    preds = [np.asarray(p, bool) for p in preds]
+    masks = [np.asarray(m) != 0 for m in masks]
+    total, undone = 0, dict.fromkeys(within, 0)
+    for t in range(1, len(preds)):
+        flips = (preds[t] != preds[t - 1]) & (masks[t] == masks[t - 1])
+        total += int(np.count_nonzero(flips))
+        back = np.zeros_like(flips)  # changed back by frame t + d
+        for d in range(1, max(within) + 1):
+            if t + d < len(preds):
+                back |= preds[t + d] == preds[t - 1]
+            if d in undone:
+                undone[d] += int(np.count_nonzero(flips & back))
+    return {k: undone[k] / total if total else 0.0 for k in within}
+
+
+def _predictions(segmenter: Any, frames: list) -> list:
+    fg = segmenter.spec.foreground_class
+    out = []
+    for f in frames:
+        labels, _ = segmenter([f])[0]
+        out.append(labels == fg if fg is not None else labels != 0)
+    return out
+
+
 def _clips(segmenter: Any, media: Path, n_generated: int) -> Iterator[tuple[str, Any, Any]]:
     for name in DAVIS_CLIPS:
         video, masks = media / name / "video.mp4", media / name / "masks"
@@ -153,6 +185,12 @@ def run(quick: bool = False, *, model: str = "selfie", media: Path = MEDIA, devi
                 table.notes.append(
                     f"{name}: a mask following the ground truth exactly, 3 px wider, flickers "
                     f"{1000 * motion_floor(masks):.2f}"
+                )
+                shares = undone_shares(_predictions(segmenter, frames), masks)
+                table.notes.append(
+                    f"{name}: of `off`'s flicker, label changes undone within "
+                    + " / ".join(f"{k}" for k in shares) + " frames: "
+                    + " / ".join(f"{100 * v:.0f}%" for v in shares.values())
                 )
             for mode, settings in ROWS.items():
                 seg = EmaSegmenter(segmenter) if mode == "ema" else segmenter

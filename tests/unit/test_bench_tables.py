@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from bench.tables import Table, percentile, ratio, skipped, verdict, write_json
@@ -59,3 +60,19 @@ def test_skipped_section_and_json_round_trip(tmp_path):
     path = tmp_path / "r" / "gpu.json"
     write_json(path, t.to_json())
     assert json.loads(path.read_text())["data"] == {"skipped": "no CUDA"}
+
+
+def test_undone_shares_split_flicker_by_how_soon_a_change_is_undone() -> None:
+    from bench.temporal import undone_shares
+
+    steady = [np.zeros((2, 4), bool)] * 7  # the ground truth never changes
+    preds = [np.zeros((2, 4), bool) for _ in range(7)]
+    preds[1][0, 0] = True  # a one-frame blip: two changes (on at 1, off at 2), the first undone at once
+    for t in (3, 4, 5):
+        preds[t][1, 1] = True  # on for three frames: on at 3 is undone after 3 frames
+    preds[6][1, 3] = True  # on at the last frame: never seen undone
+    shares = undone_shares(preds, steady, within=(1, 2, 4))
+    # 5 changes: (0,0) on and off, (1,1) on and off, (1,3) on; undone within 1: the blip's "on";
+    # within 4: also (1,1)'s "on" (back at frame 6). The "off" changes are never reverted.
+    assert shares == {1: 1 / 5, 2: 1 / 5, 4: 2 / 5}
+    assert undone_shares(preds, preds) == {1: 0.0, 2: 0.0, 4: 0.0}  # no steady pixel changed
