@@ -216,6 +216,7 @@ class Engine:
         self._cond = threading.Condition()
         self._pending = False
         self._stop = threading.Event()
+        self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._segmenters: dict[str, SegmenterLike] = {}
         self._streams: dict[str, _StreamCtx] = {}
@@ -293,6 +294,11 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the preloaded models to be built and warmed up.
+        True once they are, or when the engine is not running (nothing to wait for then)."""
+        return self._ready.wait(timeout) or not self.alive
+
     @property
     def loaded_models(self) -> tuple[str, ...]:
         """Names of the models built and warmed up on the device (for readiness checks)."""
@@ -320,6 +326,7 @@ class Engine:
                 self.stats.last_error = f"loading model {name!r}: {e}"
                 log.error("engine: %s", self.stats.last_error)
         self.stats.ready = True
+        self._ready.set()
         while not self._stop.is_set():
             batch = self._batcher.poll(self._wait)
             if batch is None:

@@ -262,6 +262,7 @@ class StreamManager:
                 max_pixels=self.config.limits.max_source_pixels,
                 on_status=functools.partial(self._on_status, sid),
                 prepare=self._prepare_for(model, sc.roi),
+                ready=self.engine.wait_ready,
             )
             handle = StreamHandle(
                 id=sid,

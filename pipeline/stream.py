@@ -74,9 +74,12 @@ class StreamWorker:
         max_pixels: int | None = None,
         on_status: Callable[[StreamStatus], None] | None = None,
         prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+        ready: Callable[[float], bool] | None = None,
     ) -> None:
         """``prepare``, when given, makes each frame's model input on this thread (see
-        ``Frame.model_input``); it may be replaced or cleared at any time."""
+        ``Frame.model_input``); it may be replaced or cleared at any time. ``ready(timeout)``,
+        when given, is asked before the source is first opened, until it says True: a file
+        served live is not played (and dropped) while the engine is still warming up."""
         if max_pixels is not None and max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
         self.stream_id = stream_id
@@ -87,6 +90,7 @@ class StreamWorker:
         self.max_pixels = max_pixels
         self._on_status = on_status
         self.prepare = prepare
+        self._ready = ready
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -209,6 +213,10 @@ class StreamWorker:
 
     def _run(self) -> None:
         try:
+            if self._ready is not None:
+                while not self._ready(0.1):
+                    if self._stop.is_set():
+                        return
             self._loop()
         except Exception as e:  # a bug here must surface as FAILED, never as a silently dead thread
             log.exception("stream %s: source thread crashed", self.stream_id)

@@ -336,3 +336,27 @@ def test_capture_thread_preprocessing_counts_once_as_preprocess_not_as_queueing(
     assert lat["preprocess"] >= 50.0
     assert 0.0 <= lat["queue"] < 40.0  # ~10 ms in the slot, not 60
     assert eng.stop(2)
+
+
+def test_wait_ready_holds_until_the_preloaded_models_are_warm():
+    release = threading.Event()
+    seg = ThresholdSegmenter("m")
+
+    def slow_factory(name):
+        release.wait(5)  # building and warming up the model
+        return seg
+
+    col = Collector()
+    eng = Engine(
+        config=EngineConfig(max_wait_ms=0),
+        segmenter_factory=slow_factory,
+        on_result=col.on_result,
+        preload=["m"],
+    )
+    assert eng.wait_ready(0.01), "an engine that is not running has nothing to wait for"
+    eng.start()
+    assert not eng.wait_ready(0.1) and eng.loaded_models == ()
+    release.set()
+    assert eng.wait_ready(2) and eng.loaded_models == ("m",)
+    assert eng.stop(2)
+    assert eng.wait_ready(0.01)

@@ -159,6 +159,33 @@ def test_offline_file_delivers_every_frame_then_stops(clip: Path) -> None:
     assert worker.stop(1)
 
 
+def test_served_file_waits_for_the_engine_then_plays_from_its_first_frame(clip: Path) -> None:
+    """While the engine warms up, a file served live is not opened, so nothing is dropped."""
+    warm = threading.Event()
+    asked: list[float] = []
+
+    def ready(timeout: float) -> bool:
+        asked.append(timeout)
+        return warm.wait(timeout)
+
+    worker, slot, _ = run(parse_source(str(clip)), ready=ready)
+    time.sleep(0.4)
+    assert len(asked) >= 2 and worker.status().frames == 0 and len(slot) == 0
+    assert worker.status().state is S.CONNECTING
+    warm.set()
+    frames = drain(slot, worker, until=100)
+    assert [f.index for f in frames] == list(range(20)) and frames[0].discontinuity
+    assert worker.wait_state({S.STOPPED}, timeout=3) is S.STOPPED and worker.status().frames == 20
+
+
+def test_stop_while_waiting_for_the_engine_is_prompt(clip: Path) -> None:
+    worker, _, _ = run(parse_source(str(clip)), ready=lambda timeout: time.sleep(timeout) or False)
+    time.sleep(0.15)
+    t0 = time.monotonic()
+    assert worker.stop(2) and time.monotonic() - t0 < 0.5
+    assert worker.status().frames == 0 and worker.status().state is S.STOPPED
+
+
 def test_looping_file_keeps_numbering_and_marks_each_restart(clip: Path) -> None:
     worker, slot, _ = run(parse_source(f"{clip}?loop=1"), realtime=False)
     frames = drain(slot, worker, until=50)
