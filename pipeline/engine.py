@@ -207,7 +207,11 @@ class Engine:
         self._on_result = on_result
         self._on_error = on_error
         self._on_batch = on_batch
-        self._preload = list(preload)
+        # Models to build and warm up on the engine thread before their streams' first frame:
+        # the preloaded ones at start, and each stream's when it is added.
+        self._wanted: list[str] = list(preload)
+        self._settled: set[str] = set()  # wanted models built (or failed to build)
+        self._models_cond = threading.Condition()
         self._batcher = Batcher(
             max_batch=config.max_batch,
             max_wait_s=config.max_wait_ms / 1000.0,
@@ -216,7 +220,6 @@ class Engine:
         self._cond = threading.Condition()
         self._pending = False
         self._stop = threading.Event()
-        self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._segmenters: dict[str, SegmenterLike] = {}
         self._streams: dict[str, _StreamCtx] = {}
@@ -294,10 +297,19 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def wait_ready(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for the preloaded models to be built and warmed up.
-        True once they are, or when the engine is not running (nothing to wait for then)."""
-        return self._ready.wait(timeout) or not self.alive
+    def want(self, name: str) -> None:
+        """Have the engine thread build and warm up model ``name`` now, ahead of its first frame."""
+        with self._models_cond:
+            if name in self._settled or name in self._wanted:
+                return
+            self._wanted.append(name)
+        self.notify()
+
+    def wait_model(self, name: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a wanted model to be built and warmed up. True once
+        it is (or failed: its streams then get the error), or when the engine is not running."""
+        with self._models_cond:
+            return self._models_cond.wait_for(lambda: name in self._settled or not self.alive, timeout)
 
     @property
     def loaded_models(self) -> tuple[str, ...]:
@@ -318,24 +330,41 @@ class Engine:
             self._segmenters[name] = seg
         return seg
 
-    def _run(self) -> None:
-        for name in self._preload:
+    def _build_wanted(self) -> None:
+        while True:
+            with self._models_cond:
+                name = next((n for n in self._wanted if n not in self._settled), None)
+            if name is None:
+                return
             try:
                 self._segmenter(name)
             except Exception as e:  # reported, the engine still serves other models
                 self.stats.last_error = f"loading model {name!r}: {e}"
                 log.error("engine: %s", self.stats.last_error)
-        self.stats.ready = True
-        self._ready.set()
-        while not self._stop.is_set():
-            batch = self._batcher.poll(self._wait)
-            if batch is None:
-                self._wait(0.05)
-                continue
-            for lane, frame in batch.stale:
-                log.debug("engine: dropped stale frame %s/%d", lane.stream_id, frame.index)
-            if batch.frames:
-                self._process(batch)
+            with self._models_cond:
+                self._settled.add(name)
+                self._models_cond.notify_all()
+
+    def _run(self) -> None:
+        try:
+            self._build_wanted()  # the preloaded models
+            self.stats.ready = True
+            while not self._stop.is_set():
+                self._build_wanted()
+                self._step()
+        finally:
+            with self._models_cond:  # nobody waits for a model from a stopped engine
+                self._models_cond.notify_all()
+
+    def _step(self) -> None:
+        batch = self._batcher.poll(self._wait)
+        if batch is None:
+            self._wait(0.05)
+            return
+        for lane, frame in batch.stale:
+            log.debug("engine: dropped stale frame %s/%d", lane.stream_id, frame.index)
+        if batch.frames:
+            self._process(batch)
 
     def _process(self, batch: Batch) -> None:
         size = len(batch.frames)

@@ -262,7 +262,7 @@ class StreamManager:
                 max_pixels=self.config.limits.max_source_pixels,
                 on_status=functools.partial(self._on_status, sid),
                 prepare=self._prepare_for(model, sc.roi),
-                ready=self.engine.wait_ready,
+                ready=functools.partial(self.engine.wait_model, model),
             )
             handle = StreamHandle(
                 id=sid,
@@ -277,6 +277,7 @@ class StreamManager:
             )
             self._streams[sid] = handle
             self.engine.add_stream(sid, slot, model=model, temporal=sc.temporal, roi=sc.roi)
+            self.engine.want(model)  # built and warmed up before the source is opened
         worker.start()
         log.info("stream %s: added source=%s model=%s", sid, spec.display, model)
         return handle

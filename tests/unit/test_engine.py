@@ -338,13 +338,17 @@ def test_capture_thread_preprocessing_counts_once_as_preprocess_not_as_queueing(
     assert eng.stop(2)
 
 
-def test_wait_ready_holds_until_the_preloaded_models_are_warm():
+def test_wanted_models_are_built_before_their_first_frame():
     release = threading.Event()
-    seg = ThresholdSegmenter("m")
+    built = []
 
     def slow_factory(name):
-        release.wait(5)  # building and warming up the model
-        return seg
+        if name == "big":
+            release.wait(5)  # building and warming up a large model
+        if name == "broken":
+            raise ValueError("no such weights")
+        built.append(name)
+        return ThresholdSegmenter(name)
 
     col = Collector()
     eng = Engine(
@@ -353,10 +357,16 @@ def test_wait_ready_holds_until_the_preloaded_models_are_warm():
         on_result=col.on_result,
         preload=["m"],
     )
-    assert eng.wait_ready(0.01), "an engine that is not running has nothing to wait for"
+    assert eng.wait_model("m", 0.01), "an engine that is not running has nothing to wait for"
     eng.start()
-    assert not eng.wait_ready(0.1) and eng.loaded_models == ()
+    assert eng.wait_model("m", 2) and eng.loaded_models == ("m",)
+    eng.want("big")
+    assert not eng.wait_model("big", 0.2) and "big" not in eng.loaded_models
     release.set()
-    assert eng.wait_ready(2) and eng.loaded_models == ("m",)
+    assert eng.wait_model("big", 2) and eng.loaded_models == ("m", "big")
+    eng.want("broken")  # a model that fails to build ends the wait too; its streams get the error
+    assert eng.wait_model("broken", 2) and "broken" in (eng.stats.last_error or "")
+    eng.want("m")
+    assert built == ["m", "big"], "a model is built once"
     assert eng.stop(2)
-    assert eng.wait_ready(0.01)
+    assert eng.wait_model("never", 0.01)
