@@ -228,7 +228,7 @@ def sustained_fps(run: Run) -> float:
 def bench_e2e(run: Run) -> Table:
     t = Table("e2e", f"4. End to end, `{run.model}`, one unpaced 720p stream → websocket client",
               ["client format", "frames/s", "batch used", "model-only frames/s at that batch", "ratio",
-               "goal ≥ 0.85", "CPU ms/frame"])
+               "goal ≥ 0.85", "÷ model beside a decoder", "CPU ms/frame"])
     sustained_fps(run)
     mo = model_only(run)
     loaded = model_only_beside_decode(run)
@@ -243,10 +243,13 @@ def bench_e2e(run: Run) -> Table:
     for fmt, r in rows.items():
         base = mo.get(r["batch"] or 1)
         q = ratio(r["fps"], base)
-        t.add(fmt, r["fps"], r["batch"], base, q, verdict(q, 0.85), r["cpu_ms_per_frame"])
+        # against the batch-1 ceiling: what the pipeline makes of what the network can do while
+        # the decoder runs (only meaningful at batch 1)
+        ceiling = ratio(r["fps"], loaded) if (r["batch"] or 1) == 1 else None
+        t.add(fmt, r["fps"], r["batch"], base, q, verdict(q, 0.85), ceiling, r["cpu_ms_per_frame"])
         t.notes.append(f"{fmt}: median stage ms " + ", ".join(
             f"{k} {v:.1f}" for k, v in r["stages_ms"].items() if v is not None))
-        t.data[fmt] = {**r, "model_only": base, "ratio": q}
+        t.data[fmt] = {**r, "model_only": base, "ratio": q, "of_ceiling": ceiling}
     return t
 
 
