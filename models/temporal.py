@@ -78,7 +78,7 @@ class TemporalParams:
     motion_low: float = 0.06  # residual below this: nothing moved here, the previous output counts
     motion_high: float = 0.24  # residual above this: something moved, take the new probabilities
     blend: float = 0.85  # weight of the previous output where nothing moved and the model agrees
-    keyframe_energy: float = 0.015  # accumulated residual energy that forces a full pass
+    keyframe_energy: float = 0.02  # accumulated residual energy that forces a full pass
     keyframe_max_gap: int = 8  # a full pass at least every this many frames
     scene_cut_energy: float = 0.25  # mean residual above this = a new scene, state resets
     hysteresis: float = 0.05  # bias toward the previous label where the previous output counts

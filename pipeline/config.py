@@ -45,7 +45,7 @@ class TemporalConfig(_Strict):
     motion_high: float = Field(0.24, ge=0, le=1)
     blend: float = Field(0.85, ge=0, le=1)
     # keyframe: run the model when accumulated residual energy exceeds this, or every K frames
-    keyframe_energy: float = Field(0.015, ge=0)
+    keyframe_energy: float = Field(0.02, ge=0)
     keyframe_max_gap: int = Field(8, ge=1)
     scene_cut_energy: float = Field(0.25, ge=0, le=1)
     hysteresis: float = Field(0.05, ge=0, lt=1)  # bias toward the previous label where it counts
