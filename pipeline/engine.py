@@ -32,6 +32,14 @@ from pipeline.types import DropCause, Frame, SegmentationResult, now
 
 log = logging.getLogger("segstream.engine")
 
+# A model that failed to build is not tried again for this long: its streams' frames fail at
+# once with the reason, instead of rebuilding (and logging a traceback) on every batch.
+MODEL_RETRY_S = 30.0
+
+
+class ModelUnavailable(RuntimeError):
+    """The model failed to build a moment ago; raised for its batches until the retry is due."""
+
 
 class SegmenterLike(Protocol):
     """What the engine needs of a segmenter (``models.segmenter.Segmenter`` is one)."""
@@ -222,6 +230,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._segmenters: dict[str, SegmenterLike] = {}
+        self._failed: dict[str, tuple[str, float]] = {}  # model -> (reason, monotonic time)
         self._streams: dict[str, _StreamCtx] = {}
         self._streams_lock = threading.Lock()
         self._finisher: _Finisher | None = None
@@ -325,9 +334,18 @@ class Engine:
 
     def _segmenter(self, name: str) -> SegmenterLike:
         seg = self._segmenters.get(name)
-        if seg is None:
+        if seg is not None:
+            return seg
+        failed = self._failed.get(name)
+        if failed is not None and time.monotonic() - failed[1] < MODEL_RETRY_S:
+            raise ModelUnavailable(f"could not be built: {failed[0]} (next try in {MODEL_RETRY_S:.0f} s)")
+        try:
             seg = self._factory(name)
-            self._segmenters[name] = seg
+        except Exception as e:
+            self._failed[name] = (f"{type(e).__name__}: {e}", time.monotonic())
+            raise
+        self._failed.pop(name, None)
+        self._segmenters[name] = seg
         return seg
 
     def _build_wanted(self) -> None:
@@ -453,7 +471,10 @@ class Engine:
 
     def _fail(self, batch: Batch, e: Exception) -> None:
         msg = f"model {batch.group!r} failed on a batch of {len(batch.frames)}: {type(e).__name__}: {e}"
-        log.error("engine: %s", msg, exc_info=e)
+        if isinstance(e, ModelUnavailable):
+            log.debug("engine: %s", msg)  # its build failure was logged with the traceback
+        else:
+            log.error("engine: %s", msg, exc_info=e)
         self.stats.errors += 1
         self.stats.last_error = msg
         for lane in batch.lanes:

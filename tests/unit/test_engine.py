@@ -192,6 +192,36 @@ def test_a_model_that_fails_to_load_only_hurts_its_streams():
     assert eng.stop(2)
 
 
+def test_a_model_that_failed_to_build_is_not_rebuilt_for_every_batch(monkeypatch):
+    import pipeline.engine as engine_mod
+
+    calls = []
+
+    def factory(name):
+        calls.append(name)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory")
+        return ThresholdSegmenter(name)
+
+    col = Collector()
+    eng = Engine(config=EngineConfig(max_wait_ms=0), segmenter_factory=factory,
+                 on_result=col.on_result, on_error=col.on_error)
+    eng.start()
+    slot = FrameSlot(on_put=eng.notify)
+    eng.add_stream("a", slot, model="m")
+    for i in range(3):
+        slot.put(frame("a", i))
+        col.wait(lambda c, n=i + 1: len(c.errors) == n)
+    assert calls == ["m"], "one build attempt while the retry is not due"
+    assert all("CUDA out of memory" in msg for _, msg in col.errors)
+    assert "next try in" in col.errors[-1][1]
+    monkeypatch.setattr(engine_mod, "MODEL_RETRY_S", 0.0)  # the retry is due: built, frames flow
+    slot.put(frame("a", 3))
+    col.wait(lambda c: len(c.results) == 1)
+    assert calls == ["m", "m"] and col.results[0].frame.index == 3
+    assert eng.stop(2)
+
+
 def test_stale_frames_never_reach_the_model():
     seg = ThresholdSegmenter("m")
     eng, col = start_engine({"m": seg}, latency_budget_ms=100)
