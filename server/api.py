@@ -111,6 +111,8 @@ def patch_stream(stream_id: str, body: StreamPatch, request: Request) -> dict[st
         return describe(request, stream_id)
     except (StreamNotFoundError, KeyError):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown stream {stream_id!r}") from None
+    except ValueError as e:  # settings that are valid one by one but not together
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from None
 
 
 @router.delete(

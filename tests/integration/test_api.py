@@ -32,6 +32,11 @@ def test_stream_lifecycle_and_models(live_server, null_config) -> None:
         assert [s["id"] for s in http.get("/api/streams").json()] == ["cam"]
         r = http.patch("/api/streams/cam", json={"temporal": "off"})
         assert r.status_code == 200 and r.json()["temporal"] == "off"
+        # each threshold is in range, but not together: a 400 that says why, the stream untouched
+        bad = {"temporal": {"mode": "smooth", "motion_low": 0.5, "motion_high": 0.1}}
+        r = http.patch("/api/streams/cam", json=bad)
+        assert r.status_code == 400 and "motion_high must be above motion_low" in r.json()["detail"], r.text
+        assert http.get("/api/streams/cam").json()["temporal"] == "off"
         models = {m["name"]: m for m in http.get("/api/models").json()}
         assert models["null"]["default"] and models["null"]["classes"] == ["background", "person"]
         assert len(models["null"]["colours"]) == 2
