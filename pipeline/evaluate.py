@@ -309,12 +309,11 @@ def add_eval_parser(subparsers: Any) -> None:
     defaults = TemporalParams()
     for name in _PARAM_FLAGS:
         default = getattr(defaults, name)
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            type=type(default),
-            default=default,
-            help=f"temporal {name} (default: {default})",
-        )
+        flag, text = "--" + name.replace("_", "-"), f"temporal {name} (default: {default})"
+        if isinstance(default, bool):  # --compensate / --no-compensate (type=bool reads any word as True)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=text)
     p.set_defaults(func=run_eval, handler=run_eval)
 
 

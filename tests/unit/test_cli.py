@@ -87,3 +87,18 @@ def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--port", "notanumber"])
     assert e.value.code == 2
+
+
+def test_eval_switch_flags_parse_as_switches():
+    from server.cli import build_parser
+
+    def parsed(*flags):
+        return build_parser().parse_args(["eval", "frames", "masks", *flags])
+
+    assert parsed().compensate is False
+    assert parsed("--compensate").compensate is True
+    assert parsed("--compensate", "--no-compensate").compensate is False
+    with pytest.raises(SystemExit):  # "--compensate false" used to read as True
+        parsed("--compensate", "false")
+    args = parsed("--agreement", "0.4", "--noise-floor", "0.03", "--keyframe-energy", "0.05")
+    assert (args.agreement, args.noise_floor, args.keyframe_energy) == (0.4, 0.03, 0.05)
