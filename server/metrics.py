@@ -288,6 +288,20 @@ class _StateCollector:
         yield CounterMetricFamily(
             "segstream_engine_errors", "Batches the model failed on", value=stats["errors"]
         )
+        yield CounterMetricFamily(
+            "segstream_engine_model_inputs",
+            "Network inputs run: full frames and ROI crops (÷ frames = compute against full-frame mode)",
+            value=stats["model_inputs"],
+        )
+        roi = stats["roi"]
+        yield CounterMetricFamily(
+            "segstream_engine_roi_frames", "Frames of ROI-mode streams", value=roi["frames"]
+        )
+        yield CounterMetricFamily("segstream_engine_roi_crops", "ROI crops run", value=roi["crops"])
+        yield CounterMetricFamily(
+            "segstream_engine_roi_full_passes", "Full-frame passes of ROI-mode streams",
+            value=roi["full_passes"],
+        )
         yield GaugeMetricFamily(
             "segstream_engine_infer_seconds_per_frame",
             "Moving average of model time per frame",

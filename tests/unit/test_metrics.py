@@ -142,12 +142,17 @@ def test_stage_latency_histograms_and_removed_streams_are_forgotten() -> None:
 def test_engine_batch_histogram_and_counters() -> None:
     mgr = FakeManager([])
     mgr.engine.stats = EngineStats(
-        batches=5, frames=11, errors=1, batch_sizes={1: 2, 3: 2, 3000: 1}, ready=True
+        batches=5, frames=11, errors=1, batch_sizes={1: 2, 3: 2, 3000: 1}, ready=True,
+        model_inputs=14, roi_frames=4, roi_crops=6, roi_full=1,
     )
     m = Metrics(mgr, FakeHub(), process=False)
     s = samples(m)
     assert s[("segstream_engine_batches_total", ())] == 5
     assert s[("segstream_engine_errors_total", ())] == 1
+    assert s[("segstream_engine_model_inputs_total", ())] == 14
+    assert s[("segstream_engine_roi_frames_total", ())] == 4
+    assert s[("segstream_engine_roi_crops_total", ())] == 6
+    assert s[("segstream_engine_roi_full_passes_total", ())] == 1
     assert s[("segstream_engine_ready", ())] == 1
     assert s[("segstream_engine_batch_size_bucket", (("le", "1.0"),))] == 2
     assert s[("segstream_engine_batch_size_bucket", (("le", "4.0"),))] == 4
