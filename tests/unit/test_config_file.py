@@ -7,7 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import AppConfig, ConfigError, build_config, load_config_file
+from pipeline.config import (
+    AppConfig,
+    ConfigError,
+    EngineConfig,
+    LimitsConfig,
+    ReconnectConfig,
+    RoiConfig,
+    ServerConfig,
+    SourceOptions,
+    StreamConfig,
+    TemporalConfig,
+    build_config,
+    load_config_file,
+)
 from server.cli import _config_from_args, build_parser
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "segstream.toml"
@@ -33,7 +46,24 @@ def test_example_file_is_valid_and_documents_the_defaults() -> None:
     assert cfg.server.model_dump(exclude={"host"}) == defaults.server.model_dump(exclude={"host"})
     assert [s.id for s in cfg.streams] == ["door", "lobby-file"]
     assert cfg.streams[0].temporal.mode == "smooth"
+    temporal = cfg.streams[0].temporal.model_dump(exclude={"mode"})
+    assert temporal == TemporalConfig().model_dump(exclude={"mode"})
+    assert cfg.streams[0].options.model_dump() == SourceOptions().model_dump()
+    assert cfg.streams[1].roi == RoiConfig()
     assert cfg.streams[1].options.loop is True
+
+
+def test_example_file_names_every_key() -> None:
+    """Every setting appears in the example (commented out where its default is no value)."""
+    import re
+
+    text = EXAMPLE.read_text(encoding="utf-8")
+    named = set(re.findall(r"^\s*#?\s*([a-z_]+)\s*=", text, flags=re.MULTILINE))
+    tables = {"server", "engine", "limits", "reconnect", "streams", "weights", "temporal", "roi", "options"}
+    for model in (AppConfig, ServerConfig, EngineConfig, LimitsConfig, ReconnectConfig, StreamConfig,
+                  SourceOptions, TemporalConfig, RoiConfig):
+        missing = {f for f in model.model_fields if f not in named} - tables
+        assert not missing, f"{model.__name__}: {sorted(missing)} not in {EXAMPLE.name}"
 
 
 def test_streams_models_and_limits_from_a_file(tmp_path: Path) -> None:
