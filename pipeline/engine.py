@@ -150,6 +150,7 @@ class _Finish:
     plain: Any  # refined probabilities of the plain (non-ROI) frames
     roi_outs: dict[int, RoiOutput]
     timings: dict[str, float]
+    failed: set[int] = field(default_factory=set)  # batch positions whose stream's own step failed
 
 
 class _Finisher:
@@ -390,12 +391,14 @@ class Engine:
         try:
             seg = self._segmenter(batch.group)
             # ROI frames contribute their crops (and full frame, when due) to the same batch.
-            roi = self._roi_begin(seg, batch.frames)
-            frames = [f for i, f in enumerate(batch.frames) if i not in roi]
+            # A stream whose own step fails loses that frame; the batch goes on without it.
+            failed: set[int] = set()
+            roi = self._roi_begin(seg, batch.frames, failed)
+            frames = [f for i, f in enumerate(batch.frames) if i not in roi and i not in failed]
             crops = [im for _, _, ims in roi.values() for im in ims]
             x = _model_input(seg, frames, crops)
             n_images = len(frames) + len(crops)
-            plans = self._plan(seg, x, frames)
+            plans, steps = self._plan(seg, x, frames)
             run = [i for i, p in enumerate(plans) if p is None or p.run_model]
             rows = run + list(range(len(frames), n_images))
             t1 = time.perf_counter()
@@ -403,8 +406,8 @@ class Engine:
             if rows and x is not None:
                 probs = seg.infer(x if len(rows) == n_images else x[rows])
             t2 = time.perf_counter()
-            plain = self._refine(plans, run, probs if not roi or probs is None else probs[: len(run)], frames)
-            roi_outs = self._roi_finish(roi, probs, len(run))
+            plain = self._refine(plans, steps, run, probs if not roi or probs is None else probs[: len(run)])
+            roi_outs = self._roi_finish(roi, probs, len(run), batch.frames, failed)
             t3 = time.perf_counter()
         except Exception as e:
             self._fail(batch, e)
@@ -422,7 +425,7 @@ class Engine:
             per_frame_infer = timings["infer"] / len(rows)
             a = 0.1 if self.stats.infer_ms_ema else 1.0
             self.stats.infer_ms_ema = (1 - a) * self.stats.infer_ms_ema + a * per_frame_infer
-        job = _Finish(seg, batch, frames, plans, plain, roi_outs, timings)
+        job = _Finish(seg, batch, frames, plans, plain, roi_outs, timings, failed)
         if self._finisher is not None:
             # Resizing masks to frame size and handing results on overlaps the next batch's
             # network pass.
@@ -449,6 +452,8 @@ class Engine:
         plain_iter = iter(zip(job.plans, outs, strict=True))
         for i, frame in enumerate(batch.frames):
             info: dict[str, Any]
+            if i in job.failed:
+                continue
             if i in job.roi_outs:
                 r = job.roi_outs[i]
                 labels, fg, full_pass, info = r.labels, r.fg, bool(r.info["full"]), {"roi": r.info}
@@ -482,74 +487,119 @@ class Engine:
             if self._on_error is not None:
                 self._on_error(lane.stream_id, msg)
 
+    def _fail_frame(self, frame: Frame, e: Exception) -> None:
+        """One stream's own step (ROI planning or pasting) failed: only its frame is lost."""
+        msg = f"frame {frame.index} failed in the stream's own processing: {type(e).__name__}: {e}"
+        log.error("engine: stream %s: %s", frame.stream_id, msg, exc_info=e)
+        self.stats.errors += 1
+        self.stats.last_error = msg
+        lane = next((ln for ln in self._batcher.lanes() if ln.stream_id == frame.stream_id), None)
+        if lane is not None:
+            lane.slot.drops.add(DropCause.ERROR)
+        if self._on_error is not None:
+            self._on_error(frame.stream_id, msg)
+
     # -- temporal refinement: per-stream state, decided before the model runs ---------
     def _ctx(self, stream_id: str) -> _StreamCtx | None:
         with self._streams_lock:
             return self._streams.get(stream_id)
 
-    def _plan(self, seg: SegmenterLike, x: Any, frames: Sequence[Frame]) -> list[Plan | None]:
+    def _plan(
+        self, seg: SegmenterLike, x: Any, frames: Sequence[Frame]
+    ) -> tuple[list[Plan | None], list[tuple[_StreamCtx, TemporalRefiner, TemporalState] | None]]:
+        """Each frame's temporal plan, and the refiner and state it was made with: the batch
+        finishes with those even when the stream's settings change (or it is removed) meanwhile."""
         plans: list[Plan | None] = []
+        steps: list[tuple[_StreamCtx, TemporalRefiner, TemporalState] | None] = []
         for i, frame in enumerate(frames):
             ctx = self._ctx(frame.stream_id)
             if ctx is None or ctx.temporal.mode == "off":
                 plans.append(None)
+                steps.append(None)
                 continue
             if ctx.refiner is None:
                 params = TemporalParams(**ctx.temporal.model_dump())
                 ctx.refiner = TemporalRefiner(params, mean=seg.spec.mean, std=seg.spec.std)
                 ctx.temporal_state = TemporalRefiner.initial_state()
-            state = ctx.temporal_state or TemporalRefiner.initial_state()
+            refiner, state = ctx.refiner, ctx.temporal_state or TemporalRefiner.initial_state()
             plans.append(
-                ctx.refiner.plan(x[i : i + 1], state, index=frame.index, discontinuity=frame.discontinuity)
+                refiner.plan(x[i : i + 1], state, index=frame.index, discontinuity=frame.discontinuity)
             )
-        return plans
+            steps.append((ctx, refiner, state))
+        return plans, steps
 
-    def _refine(self, plans: list[Plan | None], run: list[int], probs: Any, frames: Sequence[Frame]) -> Any:
+    def _refine(
+        self,
+        plans: list[Plan | None],
+        steps: list[tuple[_StreamCtx, TemporalRefiner, TemporalState] | None],
+        run: list[int],
+        probs: Any,
+    ) -> Any:
         if all(p is None for p in plans):
             return probs
         row = {i: j for j, i in enumerate(run)}
         out: list[torch.Tensor] = []
-        for i, (frame, plan) in enumerate(zip(frames, plans, strict=True)):
+        for i, (plan, step) in enumerate(zip(plans, steps, strict=True)):
             p = probs[row[i]] if i in row else None
-            ctx = self._ctx(frame.stream_id)
-            if plan is None or ctx is None or ctx.refiner is None:
-                if p is None:  # the stream was removed while its frame carried a mask forward
-                    raise RuntimeError(f"stream {frame.stream_id!r} went away during its batch")
+            if plan is None or step is None:
+                assert p is not None  # frames without a plan always run the model
                 out.append(p)
                 continue
-            state = ctx.temporal_state or TemporalRefiner.initial_state()
-            refined, ctx.temporal_state = ctx.refiner.refine(plan, p, state)
+            ctx, refiner, state = step
+            refined, new_state = refiner.refine(plan, p, state)
+            if ctx.refiner is refiner:  # not reset by a settings change while the batch ran
+                ctx.temporal_state = new_state
             out.append(refined)
         return torch.stack(out)
 
     # -- ROI mode: crops around the people of the previous mask (pipeline.roi) -----------
     def _roi_begin(
-        self, seg: SegmenterLike, frames: Sequence[Frame]
+        self, seg: SegmenterLike, frames: Sequence[Frame], failed: set[int]
     ) -> dict[int, tuple[RoiTracker, RoiPlan, list[np.ndarray]]]:
-        """Plans for the ROI streams' frames, by batch position. ROI takes precedence over
-        temporal refinement: a stream with both set runs ROI only."""
+        """Plans for the ROI streams' frames, by batch position (a frame whose planning fails
+        goes to ``failed``). ROI takes precedence over temporal refinement: a stream with both
+        set runs ROI only."""
         jobs: dict[int, tuple[RoiTracker, RoiPlan, list[np.ndarray]]] = {}
         for i, frame in enumerate(frames):
             ctx = self._ctx(frame.stream_id)
             if ctx is None or not ctx.roi.enabled:
                 continue
-            tracker = ctx.roi_state
-            if not isinstance(tracker, RoiTracker) or tracker.spec is not seg.spec:
-                tracker = ctx.roi_state = RoiTracker(ctx.roi, seg.spec)
-            plan, images = tracker.begin(frame.image, index=frame.index, discontinuity=frame.discontinuity)
+            try:
+                tracker = ctx.roi_state
+                if not isinstance(tracker, RoiTracker) or tracker.spec is not seg.spec:
+                    tracker = ctx.roi_state = RoiTracker(ctx.roi, seg.spec)
+                plan, images = tracker.begin(
+                    frame.image, index=frame.index, discontinuity=frame.discontinuity
+                )
+            except Exception as e:
+                ctx.roi_state = None  # start that stream again from a full frame
+                failed.add(i)
+                self._fail_frame(frame, e)
+                continue
             jobs[i] = (tracker, plan, images)
         return jobs
 
     def _roi_finish(
-        self, jobs: dict[int, tuple[RoiTracker, RoiPlan, list[np.ndarray]]], probs: Any, start: int
+        self, jobs: dict[int, tuple[RoiTracker, RoiPlan, list[np.ndarray]]], probs: Any, start: int,
+        frames: Sequence[Frame], failed: set[int],
     ) -> dict[int, RoiOutput]:
-        """Paste each ROI frame's rows of ``probs`` (they follow the plain frames' ``start`` rows)."""
+        """Paste each ROI frame's rows of ``probs`` (they follow the plain frames' ``start`` rows);
+        a frame whose pasting fails goes to ``failed``."""
         outs: dict[int, RoiOutput] = {}
         row = start
         for i, (tracker, plan, images) in jobs.items():
             n = len(images)
-            outs[i] = tracker.finish(plan, probs[row : row + n] if n else None)
-            row += n
+            try:
+                outs[i] = tracker.finish(plan, probs[row : row + n] if n else None)
+            except Exception as e:
+                ctx = self._ctx(frames[i].stream_id)
+                if ctx is not None:
+                    ctx.roi_state = None
+                failed.add(i)
+                self._fail_frame(frames[i], e)
+                continue
+            finally:
+                row += n
             self.stats.roi_frames += 1
             self.stats.roi_crops += len(plan.boxes)
             self.stats.roi_full += int(plan.full)

@@ -32,7 +32,7 @@ from pipeline.types import DropCause, SegmentationResult, StreamState, now
 
 log = logging.getLogger("segstream.manager")
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ID_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}$")  # "." and ".." are path segments, not ids
 
 
 class StreamExistsError(ValueError):
@@ -344,6 +344,7 @@ class StreamManager:
         if handle is None:
             return
         handle.frames_out += 1
+        handle.engine_error = None  # segmenting again: an earlier model error is over
         handle.results.add()
         handle.latency.add((result.segmented_at - result.frame.captured_at) * 1000.0)
         for listener in list(self.result_listeners):

@@ -299,6 +299,44 @@ def test_keyframe_mode_skips_the_model_on_a_static_stream_and_resets_on_disconti
     assert eng.stop(2)
 
 
+def test_changing_a_keyframe_stream_mid_batch_does_not_fail_the_batch():
+    """A PATCH (or removal) while a batch runs resets the stream's refiner; the batch finishes
+    with the refiner and state it was planned with, and no stream gets an error."""
+    from pipeline.config import TemporalConfig
+
+    class Gated(TorchSegmenter):
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def infer(self, x):
+            self.entered.set()
+            self.release.wait(5)
+            return super().infer(x)
+
+    seg = Gated()
+    seg.release.set()
+    eng, col = start_engine({"t": seg}, max_wait_ms=300)
+    slots = {sid: FrameSlot(on_put=eng.notify) for sid in "kg"}
+    eng.add_stream("k", slots["k"], model="t", temporal=TemporalConfig(mode="keyframe", keyframe_max_gap=8))
+    eng.add_stream("g", slots["g"], model="t")
+    for sid in "kg":
+        slots[sid].put(frame(sid, 0))
+    col.wait(lambda c: len(c.results) == 2)
+    seg.release.clear()
+    seg.entered.clear()
+    for sid in "kg":  # k's frame 1 is static: carried forward, in a batch where g runs the model
+        slots[sid].put(frame(sid, 1))
+    assert seg.entered.wait(5)
+    eng.update_stream("k", temporal=TemporalConfig(mode="off"))  # resets k's refiner mid-batch
+    seg.release.set()
+    col.wait(lambda c: len(c.results) == 4)
+    assert not col.errors
+    k1 = next(r for r in col.results if r.frame.stream_id == "k" and r.frame.index == 1)
+    assert not k1.full_pass and k1.labels[:, :3].all()  # carried forward with the plan's own state
+    assert eng.stop(2)
+
+
 def test_results_leave_in_frame_order_while_the_next_batch_runs():
     seg = ThresholdSegmenter("m", delay=0.002)
     eng, col = start_engine({"m": seg}, max_wait_ms=0)

@@ -126,3 +126,40 @@ def test_eval_cli_roi_flag(tmp_path, capsys):
     bad = parser.parse_args(["eval", str(fdir), str(mdir), "--roi", "--roi-full-every", "0"])
     assert run_eval(bad, load_segmenter=lambda a: RedSegmenter()) == 2
     assert "full_every" in capsys.readouterr().err
+
+
+def test_a_stream_whose_roi_step_fails_loses_only_its_own_frames(monkeypatch):
+    """A bug or absurd setting in one stream's ROI tracking must not cost the other streams
+    of the batch their frames, nor leave its error on them."""
+    import pipeline.roi as roi_mod
+
+    seg = CountingSegmenter()
+    col = Collector()
+    eng = Engine(
+        config=EngineConfig(max_wait_ms=200), segmenter_factory=lambda name: seg,
+        on_result=col.on_result, on_error=col.on_error,
+    )
+    real_begin = roi_mod.RoiTracker.begin
+
+    def begin(self, image, *, index, discontinuity=False):
+        if index == 1:
+            raise OverflowError("cannot convert float infinity to integer")
+        return real_begin(self, image, index=index, discontinuity=discontinuity)
+
+    monkeypatch.setattr(roi_mod.RoiTracker, "begin", begin)
+    eng.start()
+    try:
+        slots = {sid: FrameSlot(on_put=eng.notify) for sid in "ab"}
+        eng.add_stream("a", slots["a"], model="m", roi=RoiConfig(enabled=True, full_every=100))
+        eng.add_stream("b", slots["b"], model="m")
+        img, _ = scene([(150, 80, 7, 13)])
+        for i in range(3):
+            for sid in "ab":
+                slots[sid].put(frame(sid, i, img))
+            col.wait(lambda c, n=i: len([r for r in c.results if r.frame.stream_id == "b"]) == n + 1)
+        col.wait(lambda c: len([r for r in c.results if r.frame.stream_id == "a"]) == 2)
+        assert sorted(r.frame.index for r in col.results if r.frame.stream_id == "a") == [0, 2]
+        assert [sid for sid, _ in col.errors] == ["a"] and "OverflowError" in col.errors[0][1]
+        assert slots["a"].drops.snapshot() == {"error": 1} and slots["b"].drops.total() == 0
+    finally:
+        assert eng.stop(2)
