@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are refused wherever a number is expected (JSON bodies may carry them).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SourceOptions(_Strict):
@@ -45,11 +46,11 @@ class TemporalConfig(_Strict):
     motion_high: float = Field(0.24, ge=0, le=1)
     blend: float = Field(0.85, ge=0, le=1)
     # keyframe: run the model when accumulated residual energy exceeds this, or every K frames
-    keyframe_energy: float = Field(0.02, ge=0)
-    keyframe_max_gap: int = Field(8, ge=1)
+    keyframe_energy: float = Field(0.02, ge=0, le=1)
+    keyframe_max_gap: int = Field(8, ge=1, le=10000)
     scene_cut_energy: float = Field(0.25, ge=0, le=1)
     hysteresis: float = Field(0.05, ge=0, lt=1)  # bias toward the previous label where it counts
-    max_gap_reset: int = Field(30, ge=0)  # more dropped frames than this in a row resets the state
+    max_gap_reset: int = Field(30, ge=0, le=100000)  # more dropped frames than this in a row resets the state
     motion_search: int = Field(0, ge=0, le=8)  # smooth: follow motion this many residual cells (0: off)
     compensate: bool = False  # smooth, moving cameras: follow the dominant translation between frames
     agreement: float = Field(0.6, gt=0, le=1)  # new/previous probability difference where blending stops
@@ -58,24 +59,31 @@ class TemporalConfig(_Strict):
 
 class RoiConfig(_Strict):
     enabled: bool = False
-    full_every: int = Field(10, ge=1)  # full-frame discovery pass at least every K frames
-    max_regions: int = Field(4, ge=1)
-    margin: float = Field(0.25, ge=0)  # margin on each side, relative to the region's longer side
-    motion_margin: float = Field(0.5, ge=0)  # extra margin per pixel of predicted displacement
+    full_every: int = Field(10, ge=1, le=10000)  # full-frame discovery pass at least every K frames
+    max_regions: int = Field(4, ge=1, le=16)
+    margin: float = Field(0.25, ge=0, le=4)  # margin on each side, relative to the region's longer side
+    motion_margin: float = Field(0.5, ge=0, le=10)  # extra margin per pixel of predicted displacement
     min_area: float = Field(0.0005, ge=0)  # components smaller than this share of the frame are ignored
-    gap_margin: float = Field(0.15, ge=0)  # extra relative margin per frame missing since the last update
+    gap_margin: float = Field(0.15, ge=0, le=4)  # extra relative margin per frame missing since last update
     min_crop: float = Field(0.2, ge=0, le=1)  # smallest crop side, as a share of the frame's short side
-    full_area: float = Field(0.7, gt=0)  # crops covering this share of the frame: one full pass instead
+    full_area: float = Field(0.7, gt=0, le=1)  # crops covering this share of the frame: one full pass instead
     collapse: float = Field(0.35, ge=0, le=1)  # crop mask below this share of the tracked area: full pass
-    jump: float = Field(0.5, ge=0)  # centroid off its prediction by this share of the region: full pass
+    jump: float = Field(0.5, ge=0, le=10)  # centroid this share of the region off its prediction: full pass
     border_touch: float = Field(0.05, ge=0, le=1)  # share of an inner crop edge that is foreground: full pass
     scene_cut: float = Field(0.2, ge=0, le=1)  # mean thumbnail change that resets the state
-    max_gap_reset: int = Field(30, ge=1)  # more frames missing than this resets the state
+    max_gap_reset: int = Field(30, ge=1, le=100000)  # more frames missing than this resets the state
     feather: float = Field(0.08, ge=0, le=0.5)  # blend ramp at inner crop edges, share of the crop side
     seed_threshold: float = Field(0.2, gt=0, le=1)  # fg probability that starts tracking a region
     merge_overlap: float = Field(0.3, ge=0, le=1)  # crops sharing this much of the smaller one merge
-    budget: float = Field(1.5, ge=0)  # mean model inputs per frame (full passes + crops); 0: no limit
+    budget: float = Field(1.5, ge=0, le=64)  # mean model inputs per frame (full passes + crops); 0: no limit
     hold: float = Field(0.2, ge=0, le=1)  # keep last frame's crop while its side is within this share
+
+
+def check_stream_id(value: str | None) -> str | None:
+    """"." and ".." match the id pattern but are path segments: a URL cannot name them."""
+    if value in (".", ".."):
+        raise ValueError(f"stream id {value!r} is not usable in a URL")
+    return value
 
 
 class StreamConfig(_Strict):
@@ -85,6 +93,11 @@ class StreamConfig(_Strict):
     temporal: TemporalConfig = TemporalConfig()
     roi: RoiConfig = RoiConfig()
     options: SourceOptions = SourceOptions()
+
+    @field_validator("id")
+    @classmethod
+    def _usable_id(cls, value: str | None) -> str | None:
+        return check_stream_id(value)
 
 
 class EngineConfig(_Strict):

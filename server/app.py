@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -31,6 +34,24 @@ def encode_workers(config: AppConfig) -> int:
     if config.engine.encode_workers:
         return config.engine.encode_workers
     return max(1, min(4, default_threads()))
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as strings: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def _invalid_body(request: Request, exc: Exception) -> JSONResponse:
+    """422 with pydantic's errors, as FastAPI sends them, but also for bodies holding NaN or
+    Infinity (echoed back in ``input``, they made the default handler fail with a 500)."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(errors))})
 
 
 def uvicorn_options(config: AppConfig) -> dict[str, Any]:
@@ -74,6 +95,7 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
         description="Real-time video segmentation streaming: sources in, masks out.",
         lifespan=lifespan,
     )
+    app.add_exception_handler(RequestValidationError, _invalid_body)
     mgr = manager or StreamManager(config, restrict_files=True)
     hub = Hub(
         workers=encode_workers(config),

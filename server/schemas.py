@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.config import RoiConfig, SourceOptions, TemporalConfig
+from pipeline.config import RoiConfig, SourceOptions, TemporalConfig, check_stream_id
 
 
 class StreamCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="stream id; generated when absent"
@@ -23,9 +23,14 @@ class StreamCreate(BaseModel):
     roi: RoiConfig | bool | None = None
     options: SourceOptions | None = None
 
+    @field_validator("id")
+    @classmethod
+    def _usable_id(cls, value: str | None) -> str | None:
+        return check_stream_id(value)
+
 
 class StreamPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     temporal: TemporalConfig | Literal["off", "smooth", "keyframe"] | None = None
     roi: RoiConfig | bool | None = None

@@ -112,3 +112,25 @@ async def test_token_guards_rest_and_websockets(live_server) -> None:
         open_timeout=5,
     ) as ws:
         assert isinstance(await asyncio.wait_for(ws.recv(), 5), bytes)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"source": "demo", "temporal": {"mode": "smooth", "blend": NaN}}', "blend"),
+        (b'{"source": "demo", "options": {"target_fps": Infinity}}', "target_fps"),
+        (b'{"source": "demo", "roi": {"enabled": true, "margin": 1e308}}', "margin"),
+        (b'{"source": "demo", "id": ".."}', "id"),
+    ],
+)
+def test_non_finite_absurd_or_unusable_values_are_a_422(live_server, null_config, body, field) -> None:
+    srv = live_server(null_config)
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        r = http.post("/api/streams", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert any(field in e["loc"] for e in r.json()["detail"])
+        assert http.post("/api/streams", json={"source": "demo", "id": "cam"}).status_code == 201
+        patch = body.replace(b'"source": "demo", ', b"").replace(b'"id": ".."', b'"temporal": "off"')
+        if field != "id" and b"options" not in patch:
+            r = http.patch("/api/streams/cam", content=patch, headers={"content-type": "application/json"})
+            assert r.status_code == 422, r.text
