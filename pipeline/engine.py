@@ -221,6 +221,10 @@ class Engine:
         self._wanted: list[str] = list(preload)
         self._settled: set[str] = set()  # wanted models built (or failed to build)
         self._models_cond = threading.Condition()
+        # On a CPU, models wanted while streams run are built on a thread of their own, so the
+        # streams already running keep being served meanwhile (a large model takes seconds).
+        self._builder: threading.Thread | None = None
+        self._building: str | None = None
         self._batcher = Batcher(
             max_batch=config.max_batch,
             max_wait_s=config.max_wait_ms / 1000.0,
@@ -337,6 +341,11 @@ class Engine:
         seg = self._segmenters.get(name)
         if seg is not None:
             return seg
+        builder = self._builder
+        if builder is not None and self._building == name and builder is not threading.current_thread():
+            builder.join()  # frames came before their stream waited for the model: wait here
+            if (seg := self._segmenters.get(name)) is not None:
+                return seg
         failed = self._failed.get(name)
         if failed is not None and time.monotonic() - failed[1] < MODEL_RETRY_S:
             raise ModelUnavailable(f"could not be built: {failed[0]} (next try in {MODEL_RETRY_S:.0f} s)")
@@ -349,27 +358,43 @@ class Engine:
         self._segmenters[name] = seg
         return seg
 
-    def _build_wanted(self) -> None:
+    def _build_wanted(self, *, beside: bool = False) -> None:
+        """Build the wanted models not built yet: here, or (``beside``) one at a time on a
+        builder thread while this thread goes on serving the models it has."""
         while True:
             with self._models_cond:
+                if self._builder is not None and self._builder.is_alive():
+                    return
                 name = next((n for n in self._wanted if n not in self._settled), None)
             if name is None:
                 return
-            try:
-                self._segmenter(name)
-            except Exception as e:  # reported, the engine still serves other models
-                self.stats.last_error = f"loading model {name!r}: {e}"
-                log.error("engine: %s", self.stats.last_error)
-            with self._models_cond:
-                self._settled.add(name)
-                self._models_cond.notify_all()
+            if beside:
+                self._building = name
+                self._builder = threading.Thread(
+                    target=self._build, args=(name,), name=f"engine-build-{name}", daemon=True
+                )
+                self._builder.start()
+                return
+            self._build(name)
+
+    def _build(self, name: str) -> None:
+        try:
+            self._segmenter(name)
+        except Exception as e:  # reported, the engine still serves other models
+            self.stats.last_error = f"loading model {name!r}: {e}"
+            log.error("engine: %s", self.stats.last_error)
+        with self._models_cond:
+            self._settled.add(name)
+            self._models_cond.notify_all()
+        self.notify()
 
     def _run(self) -> None:
         try:
             self._build_wanted()  # the preloaded models
             self.stats.ready = True
             while not self._stop.is_set():
-                self._build_wanted()
+                # A GPU and everything on it belong to this thread; a CPU model can be built beside.
+                self._build_wanted(beside=self._finisher is not None)
                 self._step()
         finally:
             with self._models_cond:  # nobody waits for a model from a stopped engine

@@ -430,6 +430,12 @@ def test_wanted_models_are_built_before_their_first_frame():
     assert eng.wait_model("m", 2) and eng.loaded_models == ("m",)
     eng.want("big")
     assert not eng.wait_model("big", 0.2) and "big" not in eng.loaded_models
+    # while "big" is built (on a CPU, beside the engine thread), "m"'s streams are served
+    slot = FrameSlot(on_put=eng.notify)
+    eng.add_stream("a", slot, model="m")
+    slot.put(frame("a", 0))
+    col.wait(lambda c: len(c.results) == 1, timeout=2)
+    assert not eng.wait_model("big", 0.01)
     release.set()
     assert eng.wait_model("big", 2) and eng.loaded_models == ("m", "big")
     eng.want("broken")  # a model that fails to build ends the wait too; its streams get the error
