@@ -11,8 +11,10 @@ a slow client never holds up the stream or the other clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import struct
 import threading
 import time
@@ -31,9 +33,27 @@ log = logging.getLogger("segstream.hub")
 PROTOCOL_VERSION = 1
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (at any depth) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def pack_message(header: dict[str, Any], payload: bytes = b"") -> bytes:
-    """Protocol v1: uint32 big-endian header length, UTF-8 JSON header, payload."""
-    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    """Protocol v1: uint32 big-endian header length, UTF-8 JSON header, payload.
+
+    The header is strict JSON: a NaN or infinite number (which browsers' ``JSON.parse``
+    rejects) goes out as null."""
+    try:
+        text = json.dumps(header, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(header), separators=(",", ":"), allow_nan=False)
+    h = text.encode("utf-8")
     return struct.pack(">I", len(h)) + h + payload
 
 
@@ -147,6 +167,9 @@ class Hub:
         self._gates: dict[str, _EncodeGate] = {}
         self._on_drop = on_drop
         self._closed = False
+        # Endpoints that are not subscribers (the camera ingest) but must learn when their
+        # stream is closed: stream id -> [(loop, event)], set by close_stream and shutdown.
+        self._closing: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self.encoded = 0
 
     # -- subscriptions (event loop) -------------------------------------------------
@@ -185,9 +208,31 @@ class Hub:
             return len(self._clients.get(stream_id, {}))
 
     def close_stream(self, stream_id: str) -> None:
-        """The stream was removed: end every subscriber's iteration."""
+        """The stream was removed (or the server is going away): end every subscriber's
+        iteration and set the stream's :meth:`closing` events."""
         for client in self.clients(stream_id):
             client.loop.call_soon_threadsafe(client.close)
+        with self._lock:
+            watchers = self._closing.pop(stream_id, [])
+        _set_all(watchers)
+
+    def closing(self, stream_id: str) -> asyncio.Event:
+        """Event loop only: an event set once :meth:`close_stream` is called for ``stream_id``
+        or the hub shuts down. Pair with :meth:`forget_closing`."""
+        event = asyncio.Event()
+        with self._lock:
+            if not self._closed:
+                self._closing.setdefault(stream_id, []).append((asyncio.get_running_loop(), event))
+        if self._closed:
+            event.set()
+        return event
+
+    def forget_closing(self, stream_id: str, event: asyncio.Event) -> None:
+        with self._lock:
+            watchers = self._closing.get(stream_id, [])
+            watchers[:] = [w for w in watchers if w[1] is not event]
+            if not watchers:
+                self._closing.pop(stream_id, None)
 
     # -- publishing (any thread) -------------------------------------------------------
     def publish(self, result: SegmentationResult, drops: dict[str, int]) -> None:
@@ -314,4 +359,14 @@ class Hub:
                 client.loop.call_soon_threadsafe(client.close)
             except RuntimeError:
                 client.closed = True
+        with self._lock:
+            watchers = [w for ws in self._closing.values() for w in ws]
+            self._closing.clear()
+        _set_all(watchers)
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _set_all(watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
+    for loop, event in watchers:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(event.set)

@@ -10,21 +10,35 @@ never queue on either side and the rate follows what the server keeps up with.
 
 The stream (source ``push:ID``) is listed and consumable like any other while the
 browser is connected, and removed when it leaves.
+
+A malformed picture (not a JPEG, a header that is not JSON, a ``t`` that is not a finite
+number) gets ``{"type": "error", "error": "bad picture: ..."}`` and the upload goes on.
+Close codes: 4400 bad parameters or a picture above ``limits.max_source_pixels`` (refused
+from its JPEG header, before decoding), 4401 unauthorised, 4409 the id is in use, 4410
+the stream was removed, 4429 stream limit, 1009 a message above
+``limits.max_ws_message_bytes``, 1001 server shutting down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import math
+import re
 import secrets
 import struct
 import time
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, WebSocket
+import numpy as np
+import simplejpeg
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+from starlette.websockets import WebSocketState
 
 from models.registry import UnknownModelError, WeightsError
 from pipeline.config import StreamConfig
@@ -34,29 +48,48 @@ from pipeline.sources.push import PushFeed, push_spec
 from server.auth import presented_token, token_matches
 from server.ws import (
     CLOSE_BAD_PARAMS,
+    CLOSE_GOING_AWAY,
     CLOSE_STREAM_REMOVED,
     CLOSE_TOO_BIG,
     CLOSE_TOO_MANY,
     CLOSE_UNAUTHORISED,
     ParamError,
+    close_reason,
+    list_names,
+    parse_json,
     receive,
+    show,
 )
 
 log = logging.getLogger("segstream.ingest")
 router = APIRouter()
 
 CLOSE_EXISTS = 4409
+CLOSE_INTERNAL = 1011
 _ACK_WAIT_S = 2.0  # the longest a picture waits for the engine before it is acknowledged anyway
 _JPEG_MAGIC = b"\xff\xd8"
+_STREAM_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # as StreamConfig.id
+
+
+class PictureTooLarge(ParamError):
+    """The picture has more pixels than ``limits.max_source_pixels``: the upload is closed."""
+
+
+def check_ingest_id(sid: str) -> str:
+    if not _STREAM_ID.fullmatch(sid):
+        raise ParamError(f"invalid stream id {show(sid)}: use 1-64 of A-Z a-z 0-9 _ . -")
+    if sid in (".", ".."):
+        raise ParamError(f"invalid stream id {sid!r}: '.' and '..' cannot be named in a URL")
+    return sid
 
 
 def parse_ingest_params(values: dict[str, str]) -> dict[str, Any]:
     allowed = {"id", "model", "max_fps", "token"}
     unknown = set(values) - allowed
     if unknown:
-        raise ParamError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+        raise ParamError(f"unknown parameter(s): {list_names(sorted(unknown))}")
     out: dict[str, Any] = {
-        "id": values.get("id") or f"cam-{secrets.token_hex(3)}",
+        "id": check_ingest_id(values["id"]) if values.get("id") else f"cam-{secrets.token_hex(3)}",
         "model": values.get("model"),
     }
     raw = values.get("max_fps")
@@ -65,9 +98,9 @@ def parse_ingest_params(values: dict[str, str]) -> dict[str, Any]:
         try:
             out["max_fps"] = float(raw)
         except ValueError:
-            raise ParamError(f"max_fps must be a number, got {raw!r}") from None
-        if not 0 < out["max_fps"] <= 120:
-            raise ParamError(f"max_fps must be in (0, 120], got {raw}")
+            raise ParamError(f"max_fps must be a number, got {show(raw)}") from None
+        if not 0 < out["max_fps"] <= 120:  # NaN fails this too
+            raise ParamError(f"max_fps must be in (0, 120], got {show(raw)}")
     return out
 
 
@@ -81,20 +114,46 @@ def split_picture(message: bytes) -> tuple[float | None, bytes]:
     if n > 4096 or 4 + n > len(message):
         raise ParamError(f"bad header length {n}")
     try:
-        header = json.loads(message[4 : 4 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = parse_json(message[4 : 4 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ParamError) as e:
         raise ParamError(f"header is not UTF-8 JSON: {e}") from None
     t = header.get("t") if isinstance(header, dict) else None
-    pts = float(t) if isinstance(t, int | float) else None
+    pts = None
+    if isinstance(t, int | float) and not isinstance(t, bool):
+        try:
+            pts = float(t)
+        except OverflowError:  # an integer beyond the float range
+            pts = math.inf
+        if not math.isfinite(pts):
+            raise ParamError(f"t must be a finite number of seconds, got {show(t)}")
     jpeg = message[4 + n :]
     if jpeg[:2] != _JPEG_MAGIC:
         raise ParamError("payload is not a JPEG picture")
     return pts, jpeg
 
 
+def decode_picture(jpeg: bytes, *, max_pixels: int) -> np.ndarray:
+    """Decode a pushed JPEG to RGB, refusing one above ``max_pixels`` from its header alone
+    (a small file can claim a huge picture: decoding it first could take gigabytes)."""
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+    except ValueError as e:
+        raise ParamError(f"unreadable JPEG header: {e}") from None
+    if width * height > max_pixels:
+        raise PictureTooLarge(f"picture {width}x{height} is too large (limit {max_pixels} pixels)")
+    image = decode_jpeg(jpeg)
+    if image.shape[0] * image.shape[1] > max_pixels:  # the header is what libjpeg decodes; belt and braces
+        raise PictureTooLarge(f"picture {image.shape[1]}x{image.shape[0]} is too large")
+    return image
+
+
+def _validation_message(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
+
+
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
     with contextlib.suppress(Exception):
-        await ws.close(code=code, reason=reason[:120])
+        await ws.close(code=code, reason=close_reason(reason))
 
 
 async def _send(ws: WebSocket, body: dict[str, Any]) -> None:
@@ -126,19 +185,50 @@ async def ingest(ws: WebSocket) -> None:
     except LimitError as e:
         await _close(ws, CLOSE_TOO_MANY, str(e))
         return
+    except ValidationError as e:
+        await _close(ws, CLOSE_BAD_PARAMS, _validation_message(e))
+        return
     except (UnknownModelError, WeightsError, ValueError) as e:
         await _close(ws, CLOSE_BAD_PARAMS, str(e).splitlines()[0])
         return
+    hub = app.state.hub
+    closing = hub.closing(sid)  # set when the stream is removed or the server shuts down
+    if app.state.shutting_down or mgr.find(sid) is not handle:  # that happened already
+        closing.set()
     log.info("stream %s: browser camera connected", sid)
     try:
         await _send(ws, {"type": "ready", "stream": sid, "model": handle.model, "max_fps": params["max_fps"]})
-        await _pump(ws, app, feed, handle, params["max_fps"])
+        pump = asyncio.create_task(_pump(ws, app, feed, handle, params["max_fps"]))
+        watch = asyncio.create_task(closing.wait())
+        try:
+            done, _ = await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump, watch):
+                task.cancel()
+            for task in (pump, watch):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        error = pump.exception() if pump in done and not pump.cancelled() else None
+        if error is not None and not isinstance(error, WebSocketDisconnect):
+            log.warning("stream %s: browser camera ended with %r", sid, error)
+        if WebSocketState.DISCONNECTED not in (ws.application_state, ws.client_state):
+            if error is not None:
+                await _close(ws, CLOSE_INTERNAL, "internal error")
+            elif app.state.shutting_down:
+                await _close(ws, CLOSE_GOING_AWAY, "server shutting down")
+            elif mgr.find(sid) is not handle:
+                await _close(ws, CLOSE_STREAM_REMOVED, f"stream {sid!r} was removed")
     finally:
-        feed.close()
-        if mgr.find(sid) is handle:
-            with contextlib.suppress(Exception):
-                await anyio.to_thread.run_sync(lambda: mgr.remove(sid, timeout=2.0))
-            app.state.hub.close_stream(sid)
+        hub.forget_closing(sid, closing)
+        # Stop the stream before closing the feed: a closed feed reads to the source thread
+        # as a camera failing ("the pusher left"), while a stopped stream just ends.
+        # On shutdown the manager stops every stream itself.
+        if not app.state.shutting_down:
+            if mgr.find(sid) is handle:
+                with contextlib.suppress(Exception):
+                    await anyio.to_thread.run_sync(lambda: mgr.remove(sid, timeout=2.0))
+                hub.close_stream(sid)
+            feed.close()
         log.info("stream %s: browser camera left", sid)
 
 
@@ -162,14 +252,17 @@ async def _pump(ws: WebSocket, app: Any, feed: PushFeed, handle: Any, max_fps: f
         try:
             pts, jpeg = split_picture(data)
             t0 = time.perf_counter()
-            image = await anyio.to_thread.run_sync(decode_jpeg, jpeg)  # never decode on the event loop
+            # never decode on the event loop; the size is checked from the header first
+            image = await anyio.to_thread.run_sync(
+                functools.partial(decode_picture, jpeg, max_pixels=limits.max_source_pixels)
+            )
             decode_ms = (time.perf_counter() - t0) * 1000.0
+        except PictureTooLarge as e:
+            await _close(ws, CLOSE_BAD_PARAMS, str(e))
+            return
         except (ParamError, ValueError, RuntimeError) as e:
             await _send(ws, {"type": "error", "error": f"bad picture: {e}"})
             continue
-        if image.shape[0] * image.shape[1] > limits.max_source_pixels:
-            await _close(ws, CLOSE_BAD_PARAMS, f"picture {image.shape[1]}x{image.shape[0]} is too large")
-            return
         seq = feed.push(image, pts=pts, decode_ms=decode_ms)
         # Back-pressure: acknowledge once the worker took the picture and the engine emptied the
         # stream's slot, and not faster than max_fps. Bounded so a stalled engine cannot hang the browser.

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -40,41 +41,104 @@ class ParamError(ValueError):
     pass
 
 
+def show(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages that echo client input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def list_names(names: list[str], most: int = 5) -> str:
+    """``a, b, c`` for error messages: at most ``most`` names of at most 30 characters."""
+    listed = ", ".join(n if len(n) <= 30 else n[:27] + "..." for n in names[:most])
+    return listed + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _number(name: str, value: Any) -> float:
+    """A finite float from a JSON number or a query-string text; booleans are not numbers."""
+    if isinstance(value, bool):
+        raise ParamError(f"{name} must be a number, got {show(value)}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ParamError(f"{name} must be a number, got {show(value)}") from None
+    except OverflowError:  # an integer too large for a float
+        raise ParamError(f"{name} must be a finite number, got {show(value)}") from None
+    if not math.isfinite(number):
+        raise ParamError(f"{name} must be a finite number, got {show(value)}")
+    return number
+
+
+def _integer(name: str, value: Any) -> int:
+    """An int from a JSON integer (or a whole float such as 80.0) or a query-string text."""
+    if isinstance(value, bool):
+        raise ParamError(f"{name} must be an integer, got {show(value)}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise ParamError(f"{name} must be an integer, got {show(value)}")
+        return int(value)
+    if not isinstance(value, int | str):
+        raise ParamError(f"{name} must be an integer, got {show(value)}")
+    try:
+        return int(value)
+    except ValueError:  # not an integer, or more digits than Python converts
+        raise ParamError(f"{name} must be an integer, got {show(value)}") from None
+
+
 def parse_settings(values: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     """Validate client settings (query parameters or a JSON control message)."""
     out: dict[str, Any] = {}
     allowed = {"format", "max_fps", "quality", "token"}
     unknown = set(values) - allowed - ({"type"} if partial else set())
     if unknown:
-        raise ParamError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+        names = sorted(unknown)
+        raise ParamError(f"unknown parameter(s): {list_names(names)}")
     if "format" in values:
+        fmt = values["format"]
         try:
-            out["fmt"] = Format(str(values["format"]))
+            if not isinstance(fmt, str):
+                raise ValueError(fmt)
+            out["fmt"] = Format(fmt)
         except ValueError:
             raise ParamError(
-                f"unknown format {values['format']!r}; use one of {', '.join(f.value for f in Format)}"
+                f"unknown format {show(fmt)}; use one of {', '.join(f.value for f in Format)}"
             ) from None
     if "max_fps" in values:
         v = values["max_fps"]
-        if v in (None, "", "0", 0):
+        if v is None or (not isinstance(v, bool) and v in ("", "0", 0)):
             out["max_fps"] = None
         else:
-            try:
-                fps = float(v)
-            except (TypeError, ValueError):
-                raise ParamError(f"max_fps must be a number, got {v!r}") from None
+            fps = _number("max_fps", v)
             if not 0 < fps <= 240:
-                raise ParamError(f"max_fps must be in (0, 240], got {fps}")
+                raise ParamError(f"max_fps must be in (0, 240], got {fps:g}")
             out["max_fps"] = fps
     if "quality" in values:
-        try:
-            q = int(values["quality"])
-        except (TypeError, ValueError):
-            raise ParamError(f"quality must be an integer, got {values['quality']!r}") from None
+        q = _integer("quality", values["quality"])
         if not 1 <= q <= 100:
-            raise ParamError(f"quality must be 1..100, got {q}")
+            raise ParamError(f"quality must be 1..100, got {show(q)}")
         out["quality"] = q
     return out
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(text: str | bytes) -> Any:
+    """Strict JSON from a client: NaN/Infinity refused; every failure is a ParamError."""
+    try:
+        return json.loads(text, parse_constant=_not_json)
+    except RecursionError:
+        raise ParamError("JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, non-finite constants, integers of too many digits
+        raise ParamError(str(e)) from None
+
+
+def parse_control(text: str) -> dict[str, Any]:
+    """A control message (a JSON object of settings) to validated settings, or ParamError."""
+    values = parse_json(text)
+    if not isinstance(values, dict):
+        raise ParamError("control message must be a JSON object")
+    return parse_settings(values, partial=True)
 
 
 async def receive(ws: WebSocket) -> MutableMapping[str, Any] | None:
@@ -86,9 +150,17 @@ async def receive(ws: WebSocket) -> MutableMapping[str, Any] | None:
     return None if message["type"] == "websocket.disconnect" else message
 
 
+def close_reason(reason: str) -> str:
+    """``reason`` cut to the 123 UTF-8 bytes a close frame holds (a longer one fails to send)."""
+    data = reason.encode("utf-8")
+    if len(data) <= 123:
+        return reason
+    return data[:120].decode("utf-8", errors="ignore") + "..."
+
+
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
     with contextlib.suppress(Exception):
-        await ws.close(code=code, reason=reason[:120])
+        await ws.close(code=code, reason=close_reason(reason))
 
 
 @router.websocket("/ws/streams/{stream_id}")
@@ -168,12 +240,13 @@ async def _receive_loop(ws: WebSocket, client: Client) -> None:
             await ws.send_text(json.dumps({"type": "error", "error": "control messages must be JSON text"}))
             continue
         try:
-            values = json.loads(text)
-            if not isinstance(values, dict):
-                raise ParamError("control message must be a JSON object")
-            settings = parse_settings(values, partial=True)
-        except (json.JSONDecodeError, ParamError) as e:
-            await ws.send_text(json.dumps({"type": "error", "error": f"bad control message: {e}"}))
+            settings = parse_control(text)
+        except ParamError as e:
+            await _send_error(ws, f"bad control message: {e}")
+            continue
+        except Exception as e:  # whatever else a client can provoke must not end its connection
+            log.warning("stream %s: control message failed: %r", client.stream_id, e)
+            await _send_error(ws, f"bad control message: {type(e).__name__}")
             continue
         client.update(
             fmt=settings.get("fmt"),
@@ -186,3 +259,7 @@ async def _receive_loop(ws: WebSocket, client: Client) -> None:
                 {"type": "settings", "format": fmt.value, "max_fps": client.max_fps, "quality": quality}
             )
         )
+
+
+async def _send_error(ws: WebSocket, error: str) -> None:
+    await ws.send_text(json.dumps({"type": "error", "error": error[:500]}))

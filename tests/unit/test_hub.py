@@ -1,6 +1,7 @@
 """The hub: encode only what clients want, latest-wins per client, slow clients counted."""
 
 import asyncio
+import dataclasses
 import json
 import struct
 
@@ -108,3 +109,52 @@ async def test_client_queue_holds_that_many_messages_before_dropping_the_oldest(
     frames = [unpack(hub.finalize(c, await asyncio.wait_for(c.next(), 5)))[0]["frame"] for _ in range(3)]
     assert frames == [2, 3, 4] and c.dropped_slow == 2
     hub.shutdown()
+
+
+def test_headers_never_carry_nan_or_infinity():
+    from server.hub import pack_message
+
+    header = {
+        "pts": float("nan"),
+        "captured_at": float("inf"),
+        "latency_ms": {"total": float("-inf"), "infer": 1.5},
+        "info": {"roi": {"boxes": [[0.0, float("nan")]]}},
+        "frame": 3,
+    }
+    msg = pack_message(header)
+    (n,) = struct.unpack(">I", msg[:4])
+    text = msg[4 : 4 + n].decode("utf-8")
+    for word in ("NaN", "Infinity"):
+        assert word not in text
+    decoded = json.loads(text)
+    assert decoded["pts"] is None and decoded["captured_at"] is None
+    assert decoded["latency_ms"] == {"total": None, "infer": 1.5}
+    assert decoded["info"]["roi"]["boxes"] == [[0.0, None]]
+
+
+async def test_a_result_with_a_nan_pts_is_sent_with_a_null_pts():
+    hub = Hub(workers=1)
+    c = hub.subscribe("s", fmt=Format.RLE, max_fps=None, quality=80)
+    r = result(1)
+    r = dataclasses.replace(r, frame=dataclasses.replace(r.frame, pts=float("nan"), captured_at=float("inf")))
+    hub.publish(r, {})
+    header, _ = unpack(hub.finalize(c, await asyncio.wait_for(c.next(), 5)))
+    assert header["pts"] is None and header["captured_at"] is None
+    assert header["latency_ms"].get("total") is None
+    hub.shutdown()
+
+
+async def test_closing_event_is_set_when_the_stream_closes_or_the_hub_shuts_down():
+    hub = Hub(workers=1)
+    a = hub.closing("a")
+    b = hub.closing("b")
+    gone = hub.closing("c")
+    hub.forget_closing("c", gone)
+    hub.close_stream("a")
+    await asyncio.wait_for(a.wait(), 5)
+    assert not b.is_set()
+    hub.close_stream("c")
+    await asyncio.sleep(0.01)
+    assert not gone.is_set()
+    hub.shutdown()
+    await asyncio.wait_for(b.wait(), 5)

@@ -94,3 +94,69 @@ def test_open_times_out_without_a_picture() -> None:
 def test_feed_rejects_non_rgb() -> None:
     with pytest.raises(ValueError, match="RGB uint8"):
         PushFeed().push(np.zeros((4, 4), dtype=np.uint8))
+
+
+def framed_with_header(header: bytes, jpeg: bytes) -> bytes:
+    return struct.pack(">I", len(header)) + header + jpeg
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b'{"t": NaN}', b'{"t": Infinity}', b'{"t": -Infinity}', b'{"t": 1e999}', b'{"t": ' + b"9" * 400 + b"}"],
+)
+def test_a_capture_time_that_is_not_a_finite_number_is_a_bad_picture(header: bytes) -> None:
+    with pytest.raises(ParamError):
+        split_picture(framed_with_header(header, encode_jpeg(picture(), 80)))
+
+
+def test_a_deeply_nested_picture_header_is_a_bad_picture_not_a_crash() -> None:
+    header = b"[" * 2000 + b"]" * 2000
+    with pytest.raises(ParamError, match="nested"):
+        split_picture(framed_with_header(header, encode_jpeg(picture(), 80)))
+
+
+def test_a_capture_time_that_is_not_a_number_is_treated_as_missing() -> None:
+    jpeg = encode_jpeg(picture(), 80)
+    for header in (b'{"t": true}', b'{"t": "soon"}', b"{}", b"[1]"):
+        assert split_picture(framed_with_header(header, jpeg)) == (None, jpeg)
+
+
+def with_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """The same JPEG with the frame header (SOF0) claiming another size."""
+    at = jpeg.index(b"\xff\xc0")
+    return jpeg[: at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9 :]
+
+
+def test_an_oversized_picture_is_refused_from_its_header_without_decoding(monkeypatch) -> None:
+    import server.ingest as ingest
+
+    decoded: list[int] = []
+    monkeypatch.setattr(ingest, "decode_jpeg", lambda data: decoded.append(len(data)))
+    huge = with_size(encode_jpeg(picture(), 80), 12000, 12000)
+    with pytest.raises(ingest.PictureTooLarge, match="12000x12000"):
+        ingest.decode_picture(huge, max_pixels=3840 * 2160)
+    assert decoded == []
+
+
+def test_a_picture_within_the_limit_is_decoded() -> None:
+    from server.ingest import PictureTooLarge, decode_picture
+
+    image = decode_picture(encode_jpeg(picture(7), 90), max_pixels=12 * 8)
+    assert image.shape == (8, 12, 3)
+    with pytest.raises(PictureTooLarge, match="12x8"):
+        decode_picture(encode_jpeg(picture(7), 90), max_pixels=12 * 8 - 1)
+    with pytest.raises(ParamError):
+        decode_picture(b"\xff\xd8 not a jpeg", max_pixels=100)
+
+
+@pytest.mark.parametrize("sid", ["../x", "a/b", "..", ".", "x" * 65, "caméra", "a b"])
+def test_an_unusable_stream_id_is_named_with_the_rule(sid: str) -> None:
+    with pytest.raises(ParamError, match="invalid stream id") as e:
+        parse_ingest_params({"id": sid})
+    assert "A-Z a-z 0-9 _ . -" in str(e.value) or "URL" in str(e.value)
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "1e999", "-inf"])
+def test_ingest_max_fps_must_be_finite(raw: str) -> None:
+    with pytest.raises(ParamError, match="max_fps"):
+        parse_ingest_params({"max_fps": raw})
