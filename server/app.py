@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from pipeline.manager import StreamManager, default_threads
 from pipeline.stream import StreamStatus
 from pipeline.types import SegmentationResult
 from server import api, ingest, ws
-from server.hub import Hub
+from server.hub import Hub, json_finite
 from server.limits import BodySizeLimit
 from server.metrics import CONTENT_TYPE_LATEST, Metrics, cuda_memory
 
@@ -36,22 +35,11 @@ def encode_workers(config: AppConfig) -> int:
     return max(1, min(4, default_threads()))
 
 
-def _json_safe(value: Any) -> Any:
-    """``value`` with NaN and infinities as strings: JSON has no such numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 async def _invalid_body(request: Request, exc: Exception) -> JSONResponse:
     """422 with pydantic's errors, as FastAPI sends them, but also for bodies holding NaN or
     Infinity (echoed back in ``input``, they made the default handler fail with a 500)."""
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(errors))})
+    return JSONResponse(status_code=422, content={"detail": json_finite(jsonable_encoder(errors))})
 
 
 def uvicorn_options(config: AppConfig) -> dict[str, Any]:

@@ -33,14 +33,14 @@ log = logging.getLogger("segstream.hub")
 PROTOCOL_VERSION = 1
 
 
-def _finite(value: Any) -> Any:
+def json_finite(value: Any) -> Any:
     """``value`` with every NaN or infinite float (at any depth) replaced by None."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [json_finite(v) for v in value]
     return value
 
 
@@ -52,7 +52,7 @@ def pack_message(header: dict[str, Any], payload: bytes = b"") -> bytes:
     try:
         text = json.dumps(header, separators=(",", ":"), allow_nan=False)
     except ValueError:
-        text = json.dumps(_finite(header), separators=(",", ":"), allow_nan=False)
+        text = json.dumps(json_finite(header), separators=(",", ":"), allow_nan=False)
     h = text.encode("utf-8")
     return struct.pack(">I", len(h)) + h + payload
 
