@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import ValidationError
 
 from pipeline.config import SourceOptions
-from pipeline.sources.base import RawFrame, Source, SourceError, SourceInfo
+from pipeline.sources.base import RawFrame, Source, SourceError, SourceInfo, reference_format
 
 __all__ = [
     "DEFAULT_SCHEMES",
@@ -217,6 +217,11 @@ def parse_source(
         else:
             raw, query = uri.split("?", 1)
         params, fmt, _ = _split_options(query, strict=True)
+        if reference_format(fmt) is not None:
+            raise ValueError(
+                f"file source cannot use format={fmt}: "
+                "playlists and file lists are not served as file sources"
+            )
         path = _resolve_file(raw, media_dir)
         return SourceSpec(uri, "file", _merge_options(base, params), display, target=str(path), format=fmt)
 

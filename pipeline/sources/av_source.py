@@ -5,27 +5,154 @@ interrupt-callback timeout (``av.open(timeout=(open, read))``) make a frozen pee
 instead of blocking the thread for ever. Closing a container from another thread is
 unsafe in FFmpeg, so ``interrupt`` only raises a flag that is checked between packets;
 a read already blocked ends by its timeout.
+
+A local file is opened as itself only: demuxers that read a file as a list of other files
+or URLs (HLS playlists, ffconcat lists, DASH manifests, ...) are refused before they open
+anything, and a file that ends well before the length its header states fails as
+truncated instead of ending like a complete file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import math
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import av
 import av.error
 
-from pipeline.sources.base import RawFrame, Source, SourceError, SourceInfo, SourceStalled
+from pipeline.sources.base import (
+    RawFrame,
+    Source,
+    SourceError,
+    SourceInfo,
+    SourceStalled,
+    reference_format,
+    reference_refusal,
+)
 
 if TYPE_CHECKING:
     from pipeline.sources import SourceSpec
 
 # Consecutive packets that fail to decode before the stream is declared broken.
 _MAX_DECODE_ERRORS = 50
+
+# How far a local file may fall short of the length its header states before it counts as
+# truncated: declared counts and durations are rounded, and edit lists trim a few frames.
+_SHORT_FRAMES = 3  # frames (or frame durations), or
+_SHORT_FRACTION = 0.05  # of the declared length, whichever is more
+# Containers whose header states the playing time. Elsewhere FFmpeg estimates a duration
+# from the data itself (timestamps, bitrate), which says nothing about missing data.
+_DURATION_FORMATS = frozenset({"mov", "mp4", "matroska", "webm"})
+
+_SNIFF_BYTES = 4096
+
+
+@functools.cache
+def _local_format_whitelist() -> str:
+    """Every demuxer FFmpeg has, less the ones that open other files or URLs: passed as
+    ``format_whitelist``, it makes FFmpeg refuse those once probing picked one, before
+    their header parser runs (and so before they open whatever the file names)."""
+    names = []
+    for name in sorted(av.formats_available):
+        with contextlib.suppress(Exception):
+            if av.ContainerFormat(name).is_input and reference_format(name) is None:
+                names.append(name)
+    return ",".join(names)
+
+
+def sniff_reference_format(path: str | Path) -> str | None:
+    """The demuxer that would read ``path`` as a list of other files or URLs, from the
+    signature FFmpeg probes for, or None. Unreadable files are left to FFmpeg's own error."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+            if head[:3] == b"ID3" and len(head) >= 10:  # FFmpeg probes what follows an ID3v2 tag
+                size = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10]))
+                f.seek(size + (10 if head[5] & 0x10 else 0))
+                head = f.read(_SNIFF_BYTES)
+    except OSError:
+        return None
+    head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if head.startswith(b"#EXTM3U"):
+        return "hls"
+    if head.startswith(b"ffconcat version"):
+        return "concat"
+    if head.startswith(b"v=0") and b"c=IN IP" in head:
+        return "sdp"
+    if head.startswith(b"<"):
+        if b"<MPD" in head:
+            return "dash"
+        if b"<CompositionPlaylist" in head:
+            return "imf"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _DeclaredLength:
+    """How long a local file's header says its video is."""
+
+    frames: int | None  # the video stream's frame (sample) count, when stated
+    start_s: float = 0.0
+    end_s: float | None = None  # where the video should end, seconds on the stream's timeline
+    slack_s: float = 0.0  # shortfall against ``end_s`` still taken as complete
+
+    @property
+    def frames_slack(self) -> int:
+        return max(_SHORT_FRAMES, math.ceil(_SHORT_FRACTION * (self.frames or 0)))
+
+
+def _tag_seconds(value: object) -> float | None:
+    """A Matroska ``DURATION`` tag (``HH:MM:SS.nnnnnnnnn``) in seconds, or None."""
+    if not isinstance(value, str):
+        return None
+    h, _, rest = value.strip().partition(":")
+    m, _, sec = rest.partition(":")
+    try:
+        total = int(h) * 3600 + int(m) * 60 + float(sec)
+    except ValueError:
+        return None
+    return total if math.isfinite(total) and total > 0 else None
+
+
+def _declared_length(container: Any, stream: Any, fps: float | None) -> _DeclaredLength | None:
+    """What the header states about the video's length, or None when it states nothing.
+
+    MP4/MOV state each track's duration (accounting for edit lists, which can hide many of
+    the samples the frame count includes); Matroska/WebM a per-track ``DURATION`` tag or
+    the whole file's duration, used only when the video is the file's one stream (audio may
+    outlast the picture). Other containers are judged by a stated frame count (AVI, IVF...).
+    """
+    frames = int(stream.frames or 0) or None
+    names = set(str(container.format.name).split(","))
+    if not names & _DURATION_FORMATS:
+        return _DeclaredLength(frames=frames) if frames else None
+    tb = stream.time_base
+    if stream.start_time is not None and tb:
+        start = float(stream.start_time * tb)
+    else:
+        start = (container.start_time or 0) / av.time_base
+    end: float | None = None
+    if stream.duration and stream.duration > 0 and tb:
+        end = start + float(stream.duration * tb)
+    elif (tagged := _tag_seconds(stream.metadata.get("DURATION"))) is not None:
+        # FFmpeg writes the track's end time; a muxer that writes its length instead
+        # understates the end by the start offset, which errs towards "complete".
+        end = tagged
+    elif len(container.streams) == 1 and container.duration and container.duration > 0:
+        end = ((container.start_time or 0) + container.duration) / av.time_base
+    if end is None or end <= start:
+        return None
+    frame_s = 1.0 / fps if fps else 0.04
+    slack = max(_SHORT_FRAMES * frame_s, _SHORT_FRACTION * (end - start))
+    return _DeclaredLength(frames=frames, start_s=start, end_s=end, slack_s=slack)
 
 
 def describe_av_error(exc: BaseException, *, network: bool, read_timeout_s: float) -> tuple[str, bool]:
@@ -68,11 +195,16 @@ class AvSource(Source):
         self._stop = threading.Event()
         self._container: Any = None
         self._stream: Any = None
+        self._declared: _DeclaredLength | None = None
+        self._frame_s: float | None = None
 
     def _av_options(self) -> dict[str, str]:
         o = self.spec.options
         opts: dict[str, str] = {}
         if not self._network:
+            # A local file is read as itself: no playlist or list demuxer, no network protocol.
+            opts["format_whitelist"] = _local_format_whitelist()
+            opts["protocol_whitelist"] = "file"
             return opts
         scheme = self.spec.target.split(":", 1)[0].lower()
         # Socket-level timeout in microseconds (``stimeout`` is silently ignored by FFmpeg 8).
@@ -92,9 +224,16 @@ class AvSource(Source):
                 opts["probesize"] = "32768"
         return opts
 
+    def _refuse_reference(self, fmt: str) -> SourceError:
+        return SourceError(reference_refusal(Path(self.spec.target).name, fmt), retryable=False)
+
     def open(self) -> SourceInfo:
         o = self.spec.options
         network = self._network
+        if not network:
+            fmt = reference_format(self.spec.format) or sniff_reference_format(self.spec.target)
+            if fmt is not None:
+                raise self._refuse_reference(fmt)
         try:
             self._container = av.open(
                 self.spec.target,
@@ -104,8 +243,20 @@ class AvSource(Source):
                 timeout=(o.open_timeout_s, o.read_timeout_s) if network else None,
             )
         except Exception as e:  # noqa: BLE001 - every failure becomes a SourceError with a clear message
+            if not network and isinstance(e, av.error.ArgumentError):
+                # What ``format_whitelist`` answers for a demuxer in REFERENCE_FORMATS.
+                raise SourceError(
+                    "cannot open: FFmpeg refused the file (invalid argument); "
+                    "playlists and file lists are not served as file sources",
+                    retryable=False,
+                ) from None
             msg, retry = describe_av_error(e, network=network, read_timeout_s=o.read_timeout_s)
             raise SourceError(f"cannot open: {msg}", retryable=retry) from None
+        if not network:
+            fmt = reference_format(self._container.format.name)
+            if fmt is not None:
+                self.close()
+                raise self._refuse_reference(fmt)
         if not self._container.streams.video:
             self.close()
             raise SourceError("no video stream in the source", retryable=network)
@@ -118,6 +269,9 @@ class AvSource(Source):
         fps = float(rate) if rate else None
         if fps is not None and not (0 < fps < 1000):
             fps = None
+        if not network:
+            self._declared = _declared_length(self._container, stream, fps)
+            self._frame_s = 1.0 / fps if fps else None
         return SourceInfo(
             width=int(cc.width or 0),
             height=int(cc.height or 0),
@@ -131,10 +285,14 @@ class AvSource(Source):
             raise SourceError("source is not open")
         o = self.spec.options
         errors = 0
+        packets = frames = 0
+        last_pts: float | None = None
         try:
             for packet in self._container.demux(self._stream):
                 if self._stop.is_set():
                     return
+                if packet.size:
+                    packets += 1
                 t0 = time.perf_counter()
                 try:
                     decoded = packet.decode()
@@ -154,8 +312,13 @@ class AvSource(Source):
                     image = frame.to_ndarray(format="rgb24")
                     t1 = time.perf_counter()
                     pts = float(frame.time) if frame.time is not None else None
+                    frames += 1
+                    if pts is not None and (last_pts is None or pts > last_pts):
+                        last_pts = pts
                     yield RawFrame(image=image, pts=pts, decode_ms=(t1 - t0) * 1000.0)
                     t0 = time.perf_counter()
+            if not self._stop.is_set():
+                self._check_complete(packets, frames, last_pts)
         except SourceError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -163,6 +326,30 @@ class AvSource(Source):
             if isinstance(e, av.error.TimeoutError | av.error.ExitError | TimeoutError):
                 raise SourceStalled(msg) from None
             raise SourceError(msg, retryable=retry) from None
+
+    def _check_complete(self, packets: int, frames: int, last_pts: float | None) -> None:
+        """Raise when a local file ended clearly before the length its header states.
+
+        A file with no decodable frame at all is left to the caller, which says so."""
+        d = self._declared
+        if d is None or frames == 0:
+            return
+        if d.end_s is not None:
+            if last_pts is None:
+                return
+            seen_end = last_pts + (self._frame_s or 0.0)
+            short = seen_end < d.end_s - d.slack_s
+        else:
+            assert d.frames is not None
+            short = packets < d.frames - d.frames_slack
+        if not short:
+            return
+        if d.frames:
+            got = f"{frames} of {d.frames} frames"
+        else:
+            assert d.end_s is not None and last_pts is not None
+            got = f"{max(0.0, seen_end - d.start_s):.1f} of {d.end_s - d.start_s:.1f} s"
+        raise SourceError(f"file ends after {got}: truncated or damaged", retryable=False)
 
     def interrupt(self) -> None:
         self._stop.set()

@@ -13,6 +13,40 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# FFmpeg demuxers that read a local file as a list of other files or URLs to open (playlists,
+# file lists, manifests, session descriptions) or as a filter graph. A local file source
+# never uses them: the media directory check covers the file a user names, not the files it
+# would point to.
+REFERENCE_FORMATS: frozenset[str] = frozenset(
+    {
+        "hls",
+        "applehttp",  # the HLS demuxer's old name
+        "concat",  # ffconcat lists
+        "dash",
+        "webm_dash_manifest",
+        "imf",  # IMF composition playlists name other MXF files
+        "sdp",  # session descriptions open RTP sockets
+        "rtp",
+        "rtsp",
+        "sap",
+        "lavfi",  # a filter graph can read any file (movie=...)
+    }
+)
+
+
+def reference_format(name: str | None) -> str | None:
+    """The first of the comma-separated demuxer names in ``name`` that is in
+    :data:`REFERENCE_FORMATS`, or None."""
+    for part in (name or "").lower().split(","):
+        if part.strip() in REFERENCE_FORMATS:
+            return part.strip()
+    return None
+
+
+def reference_refusal(file_name: str, fmt: str) -> str:
+    """The message for a local file that is a playlist, file list or similar (``fmt``)."""
+    return f"{file_name}: playlists and file lists are not served as file sources ({fmt})"
+
 
 class SourceError(Exception):
     """A source could not be opened or stopped delivering. The message is shown to users."""
