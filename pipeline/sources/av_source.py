@@ -17,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import ipaddress
 import math
+import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +158,28 @@ def _declared_length(container: Any, stream: Any, fps: float | None) -> _Declare
     return _DeclaredLength(frames=frames, start_s=start, end_s=end, slack_s=slack)
 
 
+def _unresolvable_host(url: str) -> str | None:
+    """The URL's host name when it does not resolve, else None (also for IP addresses)."""
+    try:
+        host = urllib.parse.urlsplit(url).hostname
+    except ValueError:
+        return None
+    if not host:
+        return None
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return host
+    except OSError:
+        return None
+    return None
+
+
 def describe_av_error(exc: BaseException, *, network: bool, read_timeout_s: float) -> tuple[str, bool]:
     """A user-facing message (never containing the URL, which may hold a password) and
     whether retrying can help."""
@@ -251,6 +276,9 @@ class AvSource(Source):
                     retryable=False,
                 ) from None
             msg, retry = describe_av_error(e, network=network, read_timeout_s=o.read_timeout_s)
+            if network and (unresolved := _unresolvable_host(self.spec.target)) is not None:
+                # FFmpeg reports a failed name lookup as a generic I/O error.
+                msg = f"cannot resolve host {unresolved!r}: check the address (or the DNS)"
             raise SourceError(f"cannot open: {msg}", retryable=retry) from None
         if not network:
             fmt = reference_format(self._container.format.name)

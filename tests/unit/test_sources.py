@@ -202,3 +202,31 @@ def test_missing_webcam_is_retryable() -> None:
     with pytest.raises(SourceError) as exc:
         src.open()
     assert exc.value.retryable and "/dev/video9 not found" in str(exc.value)
+
+
+def test_a_host_name_that_does_not_resolve_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FFmpeg reports a failed name lookup as a generic I/O error; the message names the host
+    (never the URL, which may hold a password)."""
+    import socket
+
+    import pipeline.sources.av_source as av_source
+
+    def lookup(host, *args, **kwargs):
+        if host == "cam.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+
+    def fail_open(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    monkeypatch.setattr(av_source.av, "open", fail_open)
+    src = AvSource(parse_source("http://user:secret@cam.invalid:8080/video.mjpg"))
+    with pytest.raises(SourceError) as exc:
+        src.open()
+    assert "cannot resolve host 'cam.invalid'" in str(exc.value) and "secret" not in str(exc.value)
+    assert exc.value.retryable  # DNS can come back
+    src = AvSource(parse_source("http://127.0.0.1:9/video.mjpg"))  # an address: no lookup to blame
+    with pytest.raises(SourceError) as exc:
+        src.open()
+    assert "protocol error" in str(exc.value)
