@@ -16,9 +16,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.integration.serve_process import ServeProcess
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -135,3 +138,18 @@ def null_config() -> Any:
     from pipeline.config import AppConfig, EngineConfig
 
     return AppConfig(default_model="null", engine=EngineConfig(threads=1, encode_workers=2))
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Start ``segstream serve`` processes (``serve(*args)``); each is killed at the end."""
+    started: list[ServeProcess] = []
+
+    def factory(*args: str) -> ServeProcess:
+        p = ServeProcess(list(args), log_path=tmp_path / f"serve{len(started)}.log")
+        started.append(p)
+        return p
+
+    yield factory
+    for p in started:
+        p.close()

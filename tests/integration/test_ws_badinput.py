@@ -9,7 +9,6 @@ import os
 import signal
 import struct
 import time
-from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -19,7 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from pipeline.render import encode_jpeg
-from tests.integration.test_shutdown import EXIT_BOUND_S, ServeProcess
+from tests.integration.serve_process import EXIT_BOUND_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -196,20 +195,6 @@ async def test_a_camera_that_leaves_is_logged_at_info_not_error(live_server, nul
         r.getMessage() for r in caplog.records if r.name == "segstream.ingest" and r.levelno == logging.INFO
     ]
     assert any("early: browser camera left" in m for m in left), left
-
-
-@pytest.fixture
-def serve(tmp_path: Path):
-    started: list[ServeProcess] = []
-
-    def factory(*args: str) -> ServeProcess:
-        p = ServeProcess(list(args), log_path=tmp_path / f"serve{len(started)}.log")
-        started.append(p)
-        return p
-
-    yield factory
-    for p in started:
-        p.close()
 
 
 async def test_sigterm_closes_the_camera_ingest_with_1001(serve) -> None:

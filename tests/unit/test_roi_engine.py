@@ -32,18 +32,24 @@ def frame(sid, i, img, discontinuity=False):
     return Frame(stream_id=sid, index=i, pts=None, captured_at=now(), image=img, discontinuity=discontinuity)
 
 
-def test_roi_crops_share_the_batch_with_plain_frames():
-    seg = CountingSegmenter()
-    col = Collector()
+def roi_and_plain_streams(seg, col):
+    """A started engine with stream "a" in ROI mode and stream "b" plain, on one model."""
     eng = Engine(
         config=EngineConfig(max_wait_ms=200), segmenter_factory=lambda name: seg,
         on_result=col.on_result, on_error=col.on_error,
     )
     eng.start()
+    slots = {sid: FrameSlot(on_put=eng.notify) for sid in "ab"}
+    eng.add_stream("a", slots["a"], model="m", roi=RoiConfig(enabled=True, full_every=100))
+    eng.add_stream("b", slots["b"], model="m")
+    return eng, slots
+
+
+def test_roi_crops_share_the_batch_with_plain_frames():
+    seg = CountingSegmenter()
+    col = Collector()
+    eng, slots = roi_and_plain_streams(seg, col)
     try:
-        slots = {sid: FrameSlot(on_put=eng.notify) for sid in "ab"}
-        eng.add_stream("a", slots["a"], model="m", roi=RoiConfig(enabled=True, full_every=100))
-        eng.add_stream("b", slots["b"], model="m")
         img, mask = scene([(150, 80, 7, 13)])
         for i in range(2):
             for sid in "ab":
@@ -135,10 +141,6 @@ def test_a_stream_whose_roi_step_fails_loses_only_its_own_frames(monkeypatch):
 
     seg = CountingSegmenter()
     col = Collector()
-    eng = Engine(
-        config=EngineConfig(max_wait_ms=200), segmenter_factory=lambda name: seg,
-        on_result=col.on_result, on_error=col.on_error,
-    )
     real_begin = roi_mod.RoiTracker.begin
 
     def begin(self, image, *, index, discontinuity=False):
@@ -147,11 +149,8 @@ def test_a_stream_whose_roi_step_fails_loses_only_its_own_frames(monkeypatch):
         return real_begin(self, image, index=index, discontinuity=discontinuity)
 
     monkeypatch.setattr(roi_mod.RoiTracker, "begin", begin)
-    eng.start()
+    eng, slots = roi_and_plain_streams(seg, col)
     try:
-        slots = {sid: FrameSlot(on_put=eng.notify) for sid in "ab"}
-        eng.add_stream("a", slots["a"], model="m", roi=RoiConfig(enabled=True, full_every=100))
-        eng.add_stream("b", slots["b"], model="m")
         img, _ = scene([(150, 80, 7, 13)])
         for i in range(3):
             for sid in "ab":
