@@ -16,7 +16,7 @@ from websockets.sync.client import connect
 from pipeline.config import AppConfig, EngineConfig, LimitsConfig, ReconnectConfig, StreamConfig
 from tests.helpers_video import make_test_video
 from tests.integration.fakes_net import MjpegServer
-from tests.integration.test_shutdown import ServeProcess
+from tests.integration.serve_process import ServeProcess
 
 pytestmark = pytest.mark.integration
 
