@@ -207,6 +207,9 @@ def describe_av_error(exc: BaseException, *, network: bool, read_timeout_s: floa
         return f"host unreachable: {strerror}", True
     if network and isinstance(exc, OSError) and exc.errno == errno.EIO:
         return f"protocol error: the server's answer could not be read ({strerror})", True
+    if network and isinstance(exc, av.error.ArgumentError):
+        # e.g. an HTTP redirect to file:// or another protocol, which FFmpeg will not follow
+        return f"FFmpeg refused the source ({strerror}): a redirect to another protocol?", True
     if isinstance(exc, av.error.EOFError):
         return "stream ended", network
     return f"{type(exc).__name__}: {strerror}", network

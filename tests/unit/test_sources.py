@@ -168,6 +168,7 @@ def test_av_source_open_errors_are_clear(tmp_path: Path) -> None:
         (av.error.InvalidDataError(errno.EINVAL, "Invalid data", "secret-url"), False, "invalid data", False),
         (FileNotFoundError(errno.ENOENT, "No such file", "f"), False, "file not found", False),
         (OSError(errno.EIO, "Input/output error"), True, "protocol error", True),
+        (av.error.ArgumentError(errno.EINVAL, "Invalid argument", "secret-url"), True, "redirect", True),
     ],
 )
 def test_describe_av_error(exc: BaseException, network: bool, needle: str, retry: bool) -> None:
