@@ -24,6 +24,8 @@ const FALLBACK_COLOURS = ["#000000", "#ff4081", "#00c8ff", "#ffc400", "#78dc50",
 
 // ---------------------------------------------------------------- auth + fetch
 
+const TERMINAL = new Set(["failed", "stopped", "removed"]);
+
 function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
 
 let tokenPrompt = null;
@@ -33,6 +35,8 @@ function askToken() {
   tokenPrompt = new Promise((resolve) => {
     const dlg = $("#token-dialog");
     const input = $("#token-input");
+    const wrong = $("#token-wrong");
+    if (wrong) wrong.hidden = !token();  // a token was sent and refused
     input.value = token();
     dlg.addEventListener("close", () => {
       if (input.value) sessionStorage.setItem(TOKEN_KEY, input.value.trim());
@@ -53,7 +57,9 @@ async function api(path, options = {}, retry = true) {
   const res = await fetch(path, { ...options, headers });
   if (res.status === 401 && retry) {
     await askToken();
-    return api(path, options, false);
+    const again = await api(path, options, false);
+    if (again.ok && !state.models.size && path !== "/api/models") loadModels();
+    return again;
   }
   return res;
 }
@@ -141,6 +147,7 @@ class Tile {
   }
 
   setState(text) {
+    this.state = text;
     const badge = $(".badge.state", this.el);
     badge.textContent = text;
     badge.className = `badge state ${text}`;
@@ -242,8 +249,12 @@ class Tile {
 
   async draw(header, payload) {
     const t = Date.now() / 1000;
-    this.setState("streaming");
-    this.note("");
+    // The last results of a stream that ended can arrive after its final status message:
+    // they are drawn, but do not turn a failed or stopped stream back into a streaming one.
+    if (!TERMINAL.has(this.state)) {
+      this.setState("streaming");
+      this.note("");
+    }
     this.setClasses(header.classes);
     const sizes = header.layers;
     const jpeg = new Blob([payload.subarray(0, sizes.image)], { type: "image/jpeg" });
@@ -409,13 +420,24 @@ async function refreshStreams() {
       }
     }
     renderList();
+    if (state.unreachable) {
+      state.unreachable = false;
+      $("#server-info").textContent = "";
+    }
   } catch (err) {
+    state.unreachable = true;
     $("#server-info").textContent = "server unreachable; retrying…";
   }
 }
 
 async function removeStream(id) {
-  const res = await api(`/api/streams/${encodeURIComponent(id)}`, { method: "DELETE" });
+  let res;
+  try {
+    res = await api(`/api/streams/${encodeURIComponent(id)}`, { method: "DELETE" });
+  } catch (err) {
+    alert(`Could not remove ${id}: the server cannot be reached (${err.message || err})`);
+    return;
+  }
   if (!res.ok && res.status !== 404) {
     alert(`Could not remove ${id}: ${await errorText(res)}`);
     return;
@@ -445,6 +467,9 @@ async function loadModels() {
 
 function setupForm() {
   const form = $("#add-form");
+  // The browser's own checks (an empty source) stop the submit before it runs: clear an
+  // earlier server error then, so the two messages do not contradict each other.
+  form.addEventListener("invalid", () => { $("#add-error").hidden = true; }, true);
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     const err = $("#add-error");
@@ -465,6 +490,9 @@ function setupForm() {
       form.reset();
       loadModelsSelection();
       openTile(info.id);
+    } catch (e) {
+      err.textContent = `the server cannot be reached (${e.message || e})`;
+      err.hidden = false;
     } finally {
       $("#add-submit").disabled = false;
     }
@@ -490,9 +518,17 @@ class CameraUplink {
 
   async start() {
     this.stream = await navigator.mediaDevices.getUserMedia({ video: CAMERA_SIZE, audio: false });
+    if (this.stopped) {  // stopped while the browser was still opening the camera
+      for (const t of this.stream.getTracks()) t.stop();
+      return;
+    }
     const video = $("#camera-video");
     video.srcObject = this.stream;
     await video.play();
+    if (this.stopped) {
+      for (const t of this.stream.getTracks()) t.stop();
+      return;
+    }
     this.video = video;
     const model = $("#add-model").value || undefined;
     const ws = new WebSocket(wsUrl("/ws/ingest", { model }));
@@ -560,6 +596,7 @@ function setupCamera() {
     if (state.camera) { state.camera.stop(); return; }
     const cam = new CameraUplink();
     state.camera = cam;
+    if ($("#server-info").textContent.startsWith("camera")) $("#server-info").textContent = "";
     btn.textContent = "Stop camera";
     btn.classList.add("live");
     try {

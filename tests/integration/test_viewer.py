@@ -122,6 +122,46 @@ def test_viewer_asks_for_the_token(live_server, null_config, browser_page):
     assert not errors, errors
 
 
+def test_a_wrong_token_is_said_to_be_wrong_and_the_right_one_loads_everything(
+    live_server, null_config, browser_page
+):
+    server = null_config.server.model_copy(update={"token": "letmein"})
+    srv = live_server(null_config.model_copy(update={"server": server}))
+    page, errors = browser_page()
+    page.goto(srv.url + "/")
+    page.wait_for_selector("#token-dialog[open]")
+    assert page.is_hidden("#token-wrong")  # nothing was refused yet
+    page.fill("#token-input", "guess")
+    page.click("#token-form button[type=submit]")
+    page.wait_for_selector("#token-dialog[open] #token-wrong:not([hidden])")
+    page.fill("#token-input", "letmein")
+    page.click("#token-form button[type=submit]")
+    page.wait_for_selector("#add-model option[value='null']", state="attached")  # models load after all
+    assert not errors, errors
+
+
+def test_a_stream_that_ends_keeps_its_end_state_and_tiles_show_only_their_readouts(
+    live_server, null_config, browser_page, tmp_path
+):
+    server = null_config.server.model_copy(update={"media_dir": str(tmp_path)})
+    srv = live_server(null_config.model_copy(update={"server": server}))
+    make_test_video(tmp_path / "short.mp4", frames=45, width=160, height=120)
+    page, errors = browser_page()
+    page.goto(srv.url + "/")
+    page.wait_for_selector("#add-model option[value='null']", state="attached")
+    httpx.post(f"{srv.url}/api/streams", json={"source": "short.mp4", "id": "short"}, timeout=10)
+    tile = '.tile[data-stream="short"]'
+    page.wait_for_selector(f"{tile} canvas")
+    assert page.is_hidden(f"{tile} .rtt")  # round trip is for camera tiles only
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{srv.url}/api/streams/short", timeout=5).json()["state"] != "stopped":
+        assert time.monotonic() < deadline, "the clip did not end"
+        time.sleep(0.2)
+    page.wait_for_timeout(1500)  # results still on their way arrive after the final status
+    assert page.inner_text(f"{tile} .badge.state") == "stopped"
+    assert not errors, errors
+
+
 def test_browser_camera_becomes_a_stream_and_comes_back_segmented(live_server, null_config, browser_page):
     srv = live_server(null_config)
     page, errors = browser_page(tuple(CAMERA_ARGS))
