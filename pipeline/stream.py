@@ -29,6 +29,7 @@ log = logging.getLogger("segstream.source")
 
 _PUT_POLL_S = 0.25  # how often a producer blocked on a full ``block`` slot re-checks for stop
 _FPS_WINDOW_S = 2.0
+_SLOW_FPS_WINDOW_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,14 @@ class StreamWorker:
         fps = 0.0
         t = time.monotonic()
         recent = [x for x in self._recent if t - x <= _FPS_WINDOW_S]
+        if len(recent) < 3:
+            # A slow camera (a frame every second or more): its last few frames, as long as
+            # the next one is not overdue, rather than reading 0 between two of its frames.
+            last = list(self._recent)[-3:]
+            if len(last) >= 2 and last[-1] > last[0]:
+                interval = (last[-1] - last[0]) / (len(last) - 1)
+                if t - last[-1] <= 2.0 * interval and interval <= _SLOW_FPS_WINDOW_S:
+                    recent = last
         if len(recent) >= 2 and recent[-1] > recent[0]:
             fps = (len(recent) - 1) / (recent[-1] - recent[0])
         w, h = self._size if self._size else (None, None)
@@ -230,6 +239,7 @@ class StreamWorker:
         discontinuity = True
         while not self._stop.is_set():
             delivered = 0
+            frames_before = self._frames
             error: SourceError | None = None
             source = self.spec.create()
             with self._cond:
@@ -271,6 +281,9 @@ class StreamWorker:
             if self._stop.is_set():
                 return
             assert error is not None
+            # A connection that delivered pictures counts as working, even though it ended
+            # in an error: the next reconnect starts from the first attempt and backoff again.
+            delivered = max(delivered, self._frames - frames_before)
             if not error.retryable:
                 log.error("stream %s: failed: %s", self.stream_id, error)
                 self._set_state(StreamState.FAILED, str(error))
@@ -368,13 +381,16 @@ class StreamWorker:
             except Exception as e:  # noqa: BLE001 - the engine resizes the frame itself instead
                 log.debug("stream %s: preparing frame for the model failed: %s", self.stream_id, e)
             prepare_ms = (time.perf_counter() - t0) * 1000.0
+        # A picture of another size (a camera switching resolution on the same connection)
+        # starts afresh: masks and crops of the old size say nothing about the new frames.
+        resized = self._size is not None and self._size != (w, h)
         frame = Frame(
             stream_id=self.stream_id,
             index=self._next_index,
             pts=raw.pts,
             captured_at=captured_at,
             image=image,
-            discontinuity=discontinuity or raw.discontinuity,
+            discontinuity=discontinuity or raw.discontinuity or resized,
             decode_ms=raw.decode_ms,
             model_input=model_input,
             prepare_ms=prepare_ms,

@@ -239,6 +239,48 @@ def test_reconnects_continue_numbering_and_flag_discontinuities() -> None:
     assert all(s.closed for s in made), "every decoder is closed"
 
 
+def test_a_connection_that_delivered_pictures_resets_the_attempt_count() -> None:
+    """A camera that works for a while and then drops the connection with an error (a read
+    timeout, a broken frame) is not 'failing to reconnect': max_attempts counts only
+    connections in a row that deliver nothing."""
+    strict = ReconnectConfig(initial_backoff_s=0.01, max_backoff_s=0.02, jitter=0.0, max_attempts=2)
+    sessions = [Scripted("timeout", 3) for _ in range(5)] + [Scripted("live", 3, interval=0.005)]
+    factory, made = script(*sessions)
+    worker, slot, _ = run(fake_spec(factory), reconnect=strict)
+    frames = drain(slot, worker, until=20)
+    st = worker.status()
+    assert worker.stop(2)
+    assert len(frames) == 20 and st.state is not S.FAILED, st.error
+    assert len(made) >= 6  # five connections ended in an error, each after delivering pictures
+
+
+def test_a_picture_of_another_size_on_the_same_connection_is_a_discontinuity() -> None:
+    class Resizing(Scripted):
+        def frames(self):
+            for i in range(6):
+                yield RawFrame(image=np.zeros((6, 8, 3) if i < 3 else (12, 16, 3), np.uint8), pts=i / 30)
+
+    factory, _ = script(Resizing("ok", 0))
+    worker, slot, _ = run(fake_spec(factory))
+    frames = drain(slot, worker, until=6)
+    assert worker.stop(2)
+    assert [f.index for f in frames if f.discontinuity] == [0, 3]
+
+
+def test_a_camera_slower_than_the_rate_window_reports_its_frame_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.stream as stream_mod
+
+    # The window is scaled down so the test is quick: 2.5 fps against a 0.3 s window is a
+    # 0.4 fps camera against the real 2 s one, which used to read 0 fps.
+    monkeypatch.setattr(stream_mod, "_FPS_WINDOW_S", 0.3)
+    factory, _ = script(Scripted("live", 0, interval=0.4))
+    worker, _, _ = run(fake_spec(factory), slot=FrameSlot())
+    assert worker.wait_frames(4, 5)
+    fps = worker.status().fps
+    assert worker.stop(1)
+    assert 1.5 < fps < 3.0, fps
+
+
 def test_live_source_without_pictures_is_a_stall_and_gets_restarted() -> None:
     factory, _ = script(Scripted("stall", 3), Scripted("live", 0))
     worker, slot, seen = run(fake_spec(factory))
