@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import count
 from typing import Any
 
@@ -80,6 +80,9 @@ class Client:
     dropped_slow: int = 0
     sent: int = 0
     last_accept: float = 0.0  # monotonic time of the last result accepted for this client
+    # A result marked ``discontinuity`` was skipped for this client (its rate limit): the next
+    # result it gets carries the mark, so it never carries state across a reconnect.
+    missed_discontinuity: bool = False
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     on_slow: Callable[[], None] | None = None  # also counts the skip in the stream's drop counters
@@ -120,6 +123,8 @@ class Client:
                 self.dropped_slow += 1
                 if self.on_slow is not None:
                     self.on_slow()
+                if old.header.get("discontinuity") and msg.header.get("type") == "result":
+                    msg.header["discontinuity"] = True  # the mark outlives the skipped result
         self.queue.append(msg)
         self.event.set()
 
@@ -243,8 +248,13 @@ class Hub:
             gate = self._gates.setdefault(sid, _EncodeGate())
         with gate.lock:
             if gate.busy:
-                if gate.waiting is not None and self._on_drop is not None:
-                    self._on_drop(sid, DropCause.ENGINE_BUSY)
+                if gate.waiting is not None:
+                    if self._on_drop is not None:
+                        self._on_drop(sid, DropCause.ENGINE_BUSY)
+                    skipped = gate.waiting[0].frame
+                    if skipped.discontinuity and not result.frame.discontinuity:
+                        # the newer result takes the mark of the one it replaces
+                        result = replace(result, frame=replace(result.frame, discontinuity=True))
                 gate.waiting = (result, drops)
                 return
             gate.busy = True
@@ -267,10 +277,16 @@ class Hub:
 
     def _encode_one(self, result: SegmentationResult, drops: dict[str, int]) -> None:
         t = time.monotonic()
-        targets = [c for c in self.clients(result.frame.stream_id) if c.wants(t)]
+        frame = result.frame
+        targets = []
+        for c in self.clients(frame.stream_id):
+            if c.wants(t):
+                targets.append(c)
+            elif frame.discontinuity:
+                with c.lock:
+                    c.missed_discontinuity = True
         if not targets:
             return
-        frame = result.frame
         base = {
             "v": PROTOCOL_VERSION,
             "type": "result",
@@ -308,6 +324,9 @@ class Hub:
             }
             with client.lock:
                 client.last_accept = t
+                if client.missed_discontinuity:
+                    header["discontinuity"] = True
+                    client.missed_discontinuity = False
             msg = Outgoing(header=header, payload=payload, ready_at=time.perf_counter())
             client.loop.call_soon_threadsafe(client.offer, msg)
 

@@ -158,3 +158,39 @@ async def test_closing_event_is_set_when_the_stream_closes_or_the_hub_shuts_down
     assert not gone.is_set()
     hub.shutdown()
     await asyncio.wait_for(b.wait(), 5)
+
+
+def marked(i: int) -> SegmentationResult:
+    r = result(i)
+    return dataclasses.replace(r, frame=dataclasses.replace(r.frame, discontinuity=True))
+
+
+async def test_a_discontinuity_skipped_by_a_clients_rate_limit_marks_its_next_result():
+    hub = Hub(workers=1)
+    limited = hub.subscribe("s", fmt=Format.RLE, max_fps=1.0, quality=80)
+    hub.publish(result(0), {})  # accepted: the client's first
+    header, _ = unpack(hub.finalize(limited, await asyncio.wait_for(limited.next(), 5)))
+    assert header["frame"] == 0 and not header["discontinuity"]
+    hub.publish(marked(1), {})  # within 1 s of the last one: skipped for this client
+    await asyncio.sleep(0.05)
+    assert limited.pending is None
+    limited.update(max_fps=None)
+    hub.publish(result(2), {})
+    header, _ = unpack(hub.finalize(limited, await asyncio.wait_for(limited.next(), 5)))
+    assert header["frame"] == 2 and header["discontinuity"]  # the reconnect is not missed
+    hub.publish(result(3), {})
+    header, _ = unpack(hub.finalize(limited, await asyncio.wait_for(limited.next(), 5)))
+    assert not header["discontinuity"]  # once only
+    hub.shutdown()
+
+
+async def test_a_discontinuity_dropped_from_a_slow_clients_queue_marks_the_newer_result():
+    hub = Hub(workers=1)
+    slow = hub.subscribe("s", fmt=Format.RLE, max_fps=None, quality=80)
+    hub.publish(marked(0), {})
+    await wait_for(lambda: slow.pending is not None and slow.pending.header["frame"] == 0)
+    hub.publish(result(1), {})  # replaces the unsent marked result (latest wins)
+    await wait_for(lambda: slow.pending is not None and slow.pending.header["frame"] == 1)
+    header, _ = unpack(hub.finalize(slow, await asyncio.wait_for(slow.next(), 5)))
+    assert header["frame"] == 1 and header["discontinuity"] and header["dropped"]["client_slow"] == 1
+    hub.shutdown()
