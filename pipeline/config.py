@@ -6,6 +6,7 @@ No module reads environment variables on its own; ``AppConfig`` is built in one 
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -79,15 +80,25 @@ class RoiConfig(_Strict):
     hold: float = Field(0.2, ge=0, le=1)  # keep last frame's crop while its side is within this share
 
 
+# The one rule for stream ids: they appear in URLs (/api/streams/ID, /ws/streams/ID).
+STREAM_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+_STREAM_ID = re.compile(STREAM_ID_PATTERN)
+
+
 def check_stream_id(value: str | None) -> str | None:
-    """"." and ".." match the id pattern but are path segments: a URL cannot name them."""
+    """``value`` if it is a usable stream id (or None), else ValueError saying why. "." and
+    ".." match the pattern but are path segments: a URL cannot name them."""
+    if value is None:
+        return None
+    if not _STREAM_ID.fullmatch(value):
+        raise ValueError(f"invalid stream id {value!r}: use 1-64 of A-Z a-z 0-9 _ . -")
     if value in (".", ".."):
-        raise ValueError(f"stream id {value!r} is not usable in a URL")
+        raise ValueError(f"invalid stream id {value!r}: '.' and '..' cannot be named in a URL")
     return value
 
 
 class StreamConfig(_Strict):
-    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    id: str | None = Field(None, pattern=STREAM_ID_PATTERN)
     source: str = Field(..., min_length=1, max_length=2048)
     model: str | None = None
     temporal: TemporalConfig = TemporalConfig()

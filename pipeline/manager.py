@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch
 from models.registry import build_model, get_spec
 from models.segmenter import Segmenter, prepare_input
 from models.temporal import TemporalParams
-from pipeline.config import AppConfig, RoiConfig, StreamConfig, TemporalConfig
+from pipeline.config import AppConfig, RoiConfig, StreamConfig, TemporalConfig, check_stream_id
 from pipeline.engine import Engine
 from pipeline.slot import DropCounter, DropPolicy, FrameSlot
 from pipeline.sources import SourceSpec, parse_source
@@ -32,7 +31,6 @@ from pipeline.types import DropCause, SegmentationResult, StreamState, now
 
 log = logging.getLogger("segstream.manager")
 
-_ID_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}$")  # "." and ".." are path segments, not ids
 
 
 class StreamExistsError(ValueError):
@@ -244,8 +242,7 @@ class StreamManager:
             if len(self._streams) >= self.config.limits.max_streams:
                 raise LimitError(f"stream limit reached ({self.config.limits.max_streams} streams)")
             sid = sc.id or self._new_id()
-            if not _ID_RE.match(sid):
-                raise ValueError(f"invalid stream id {sid!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+            check_stream_id(sid)
             if sid in self._streams:
                 raise StreamExistsError(f"stream {sid!r} already exists")
             drops = DropCounter()

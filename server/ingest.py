@@ -27,7 +27,6 @@ import functools
 import json
 import logging
 import math
-import re
 import secrets
 import struct
 import time
@@ -41,7 +40,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
 from models.registry import UnknownModelError, WeightsError
-from pipeline.config import StreamConfig
+from pipeline.config import StreamConfig, check_stream_id
 from pipeline.manager import LimitError, StreamExistsError
 from pipeline.render import decode_jpeg
 from pipeline.sources.push import PushFeed, push_spec
@@ -68,7 +67,6 @@ CLOSE_EXISTS = 4409
 CLOSE_INTERNAL = 1011
 _ACK_WAIT_S = 2.0  # the longest a picture waits for the engine before it is acknowledged anyway
 _JPEG_MAGIC = b"\xff\xd8"
-_STREAM_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # as StreamConfig.id
 
 
 class PictureTooLarge(ParamError):
@@ -76,10 +74,10 @@ class PictureTooLarge(ParamError):
 
 
 def check_ingest_id(sid: str) -> str:
-    if not _STREAM_ID.fullmatch(sid):
-        raise ParamError(f"invalid stream id {show(sid)}: use 1-64 of A-Z a-z 0-9 _ . -")
-    if sid in (".", ".."):
-        raise ParamError(f"invalid stream id {sid!r}: '.' and '..' cannot be named in a URL")
+    try:
+        check_stream_id(sid)
+    except ValueError as e:
+        raise ParamError(str(e)) from None
     return sid
 
 

@@ -6,14 +6,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.config import RoiConfig, SourceOptions, TemporalConfig, check_stream_id
+from pipeline.config import STREAM_ID_PATTERN, RoiConfig, SourceOptions, TemporalConfig, check_stream_id
 
 
 class StreamCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="stream id; generated when absent"
+        None, pattern=STREAM_ID_PATTERN, description="stream id; generated when absent"
     )
     source: str = Field(
         ..., min_length=1, max_length=2048, description="source URI (rtsp://, http://, file, webcam:0, demo)"
