@@ -418,7 +418,7 @@ class Engine:
             # ROI frames contribute their crops (and full frame, when due) to the same batch.
             # A stream whose own step fails loses that frame; the batch goes on without it.
             failed: set[int] = set()
-            roi = self._roi_begin(seg, batch.frames, failed)
+            roi = self._roi_begin(seg, batch, failed)
             frames = [f for i, f in enumerate(batch.frames) if i not in roi and i not in failed]
             crops = [im for _, _, ims in roi.values() for im in ims]
             x = _model_input(seg, frames, crops)
@@ -432,7 +432,7 @@ class Engine:
                 probs = seg.infer(x if len(rows) == n_images else x[rows])
             t2 = time.perf_counter()
             plain = self._refine(plans, steps, run, probs if not roi or probs is None else probs[: len(run)])
-            roi_outs = self._roi_finish(roi, probs, len(run), batch.frames, failed)
+            roi_outs = self._roi_finish(roi, probs, len(run), batch, failed)
             t3 = time.perf_counter()
         except Exception as e:
             self._fail(batch, e)
@@ -505,24 +505,23 @@ class Engine:
             log.debug("engine: %s", msg)  # its build failure was logged with the traceback
         else:
             log.error("engine: %s", msg, exc_info=e)
+        self._report(batch.lanes, msg)
+
+    def _fail_frame(self, batch: Batch, i: int, e: Exception) -> None:
+        """One stream's own step (ROI planning or pasting) failed: only its frame is lost."""
+        frame, lane = batch.frames[i], batch.lanes[i]
+        msg = f"frame {frame.index} failed in the stream's own processing: {type(e).__name__}: {e}"
+        log.error("engine: stream %s: %s", frame.stream_id, msg, exc_info=e)
+        self._report([lane], msg)
+
+    def _report(self, lanes: Sequence[Lane], msg: str) -> None:
+        """Count the error, and drop and report it on each of these streams."""
         self.stats.errors += 1
         self.stats.last_error = msg
-        for lane in batch.lanes:
+        for lane in lanes:
             lane.slot.drops.add(DropCause.ERROR)
             if self._on_error is not None:
                 self._on_error(lane.stream_id, msg)
-
-    def _fail_frame(self, frame: Frame, e: Exception) -> None:
-        """One stream's own step (ROI planning or pasting) failed: only its frame is lost."""
-        msg = f"frame {frame.index} failed in the stream's own processing: {type(e).__name__}: {e}"
-        log.error("engine: stream %s: %s", frame.stream_id, msg, exc_info=e)
-        self.stats.errors += 1
-        self.stats.last_error = msg
-        lane = next((ln for ln in self._batcher.lanes() if ln.stream_id == frame.stream_id), None)
-        if lane is not None:
-            lane.slot.drops.add(DropCause.ERROR)
-        if self._on_error is not None:
-            self._on_error(frame.stream_id, msg)
 
     # -- temporal refinement: per-stream state, decided before the model runs ---------
     def _ctx(self, stream_id: str) -> _StreamCtx | None:
@@ -579,13 +578,13 @@ class Engine:
 
     # -- ROI mode: crops around the people of the previous mask (pipeline.roi) -----------
     def _roi_begin(
-        self, seg: SegmenterLike, frames: Sequence[Frame], failed: set[int]
+        self, seg: SegmenterLike, batch: Batch, failed: set[int]
     ) -> dict[int, tuple[RoiTracker, RoiPlan, list[np.ndarray]]]:
         """Plans for the ROI streams' frames, by batch position (a frame whose planning fails
         goes to ``failed``). ROI takes precedence over temporal refinement: a stream with both
         set runs ROI only."""
         jobs: dict[int, tuple[RoiTracker, RoiPlan, list[np.ndarray]]] = {}
-        for i, frame in enumerate(frames):
+        for i, frame in enumerate(batch.frames):
             ctx = self._ctx(frame.stream_id)
             if ctx is None or not ctx.roi.enabled:
                 continue
@@ -599,14 +598,14 @@ class Engine:
             except Exception as e:
                 ctx.roi_state = None  # start that stream again from a full frame
                 failed.add(i)
-                self._fail_frame(frame, e)
+                self._fail_frame(batch, i, e)
                 continue
             jobs[i] = (tracker, plan, images)
         return jobs
 
     def _roi_finish(
         self, jobs: dict[int, tuple[RoiTracker, RoiPlan, list[np.ndarray]]], probs: Any, start: int,
-        frames: Sequence[Frame], failed: set[int],
+        batch: Batch, failed: set[int],
     ) -> dict[int, RoiOutput]:
         """Paste each ROI frame's rows of ``probs`` (they follow the plain frames' ``start`` rows);
         a frame whose pasting fails goes to ``failed``."""
@@ -617,11 +616,11 @@ class Engine:
             try:
                 outs[i] = tracker.finish(plan, probs[row : row + n] if n else None)
             except Exception as e:
-                ctx = self._ctx(frames[i].stream_id)
+                ctx = self._ctx(batch.frames[i].stream_id)
                 if ctx is not None:
                     ctx.roi_state = None
                 failed.add(i)
-                self._fail_frame(frames[i], e)
+                self._fail_frame(batch, i, e)
                 continue
             finally:
                 row += n
