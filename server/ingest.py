@@ -55,6 +55,7 @@ from server.ws import (
     ParamError,
     close_reason,
     list_names,
+    number_param,
     parse_json,
     receive,
     show,
@@ -93,11 +94,8 @@ def parse_ingest_params(values: dict[str, str]) -> dict[str, Any]:
     raw = values.get("max_fps")
     out["max_fps"] = 30.0
     if raw:
-        try:
-            out["max_fps"] = float(raw)
-        except ValueError:
-            raise ParamError(f"max_fps must be a number, got {show(raw)}") from None
-        if not 0 < out["max_fps"] <= 120:  # NaN fails this too
+        out["max_fps"] = number_param("max_fps", raw)  # a finite number, as on the results websocket
+        if not 0 < out["max_fps"] <= 120:
             raise ParamError(f"max_fps must be in (0, 120], got {show(raw)}")
     return out
 

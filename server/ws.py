@@ -53,7 +53,7 @@ def list_names(names: list[str], most: int = 5) -> str:
     return listed + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def _number(name: str, value: Any) -> float:
+def number_param(name: str, value: Any) -> float:
     """A finite float from a JSON number or a query-string text; booleans are not numbers."""
     if isinstance(value, bool):
         raise ParamError(f"{name} must be a number, got {show(value)}")
@@ -107,7 +107,7 @@ def parse_settings(values: dict[str, Any], *, partial: bool) -> dict[str, Any]:
         if v is None or (not isinstance(v, bool) and v in ("", "0", 0)):
             out["max_fps"] = None
         else:
-            fps = _number("max_fps", v)
+            fps = number_param("max_fps", v)
             if not 0 < fps <= 240:
                 raise ParamError(f"max_fps must be in (0, 240], got {fps:g}")
             out["max_fps"] = fps
