@@ -68,13 +68,19 @@ def wait_canvas_changes(page, stream_id: str, timeout: float = 10.0) -> None:
         page.wait_for_timeout(100)
 
 
-def test_viewer_adds_a_stream_through_the_form_and_plays_it(live_server, null_config, browser_page, tmp_path):
-    server = null_config.server.model_copy(update={"media_dir": str(tmp_path)})
+def viewer_on_media(live_server, null_config, browser_page, media_dir: Path):
+    """A server whose file sources live in ``media_dir``, and the viewer loaded on it."""
+    server = null_config.server.model_copy(update={"media_dir": str(media_dir)})
     srv = live_server(null_config.model_copy(update={"server": server}))
-    make_test_video(tmp_path / "clip.mp4", frames=90, width=320, height=240)
     page, errors = browser_page()
     page.goto(srv.url + "/")
     page.wait_for_selector("#add-model option[value='null']", state="attached")
+    return srv, page, errors
+
+
+def test_viewer_adds_a_stream_through_the_form_and_plays_it(live_server, null_config, browser_page, tmp_path):
+    make_test_video(tmp_path / "clip.mp4", frames=90, width=320, height=240)
+    srv, page, errors = viewer_on_media(live_server, null_config, browser_page, tmp_path)
     page.fill("#add-source", "clip.mp4?loop=1")
     page.fill("#add-id", "clip")
     page.click("#add-submit")
@@ -143,12 +149,8 @@ def test_a_wrong_token_is_said_to_be_wrong_and_the_right_one_loads_everything(
 def test_a_stream_that_ends_keeps_its_end_state_and_tiles_show_only_their_readouts(
     live_server, null_config, browser_page, tmp_path
 ):
-    server = null_config.server.model_copy(update={"media_dir": str(tmp_path)})
-    srv = live_server(null_config.model_copy(update={"server": server}))
     make_test_video(tmp_path / "short.mp4", frames=45, width=160, height=120)
-    page, errors = browser_page()
-    page.goto(srv.url + "/")
-    page.wait_for_selector("#add-model option[value='null']", state="attached")
+    srv, page, errors = viewer_on_media(live_server, null_config, browser_page, tmp_path)
     httpx.post(f"{srv.url}/api/streams", json={"source": "short.mp4", "id": "short"}, timeout=10)
     tile = '.tile[data-stream="short"]'
     page.wait_for_selector(f"{tile} canvas")
