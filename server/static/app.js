@@ -136,6 +136,8 @@ class Tile {
       b.addEventListener("click", () => {
         this.mode = b.dataset.mode;
         for (const o of this.el.querySelectorAll(".segmented button")) o.classList.toggle("on", o === b);
+        // Opacity only means something while the mask is drawn over the picture.
+        $(".opacity input", this.el).disabled = this.mode !== "overlay";
         this.redraw();
       });
     }
@@ -431,6 +433,8 @@ async function refreshStreams() {
 }
 
 async function removeStream(id) {
+  // Removing stops the stream on the server, for every viewer and client, not just here.
+  if (!confirm(`Remove stream ${id}? It stops for every viewer and websocket client.`)) return;
   let res;
   try {
     res = await api(`/api/streams/${encodeURIComponent(id)}`, { method: "DELETE" });
@@ -448,6 +452,21 @@ async function removeStream(id) {
   refreshStreams();
 }
 
+// What picking a model implies when its weights are not on the server yet.
+function weightsHint(w) {
+  if (!w || w.present) return "";
+  if (w.source === "url") return "Its weights are downloaded on first use: the stream waits for them.";
+  if (w.source === "none") return "Untrained (no weights): its masks are meaningless.";
+  return `Its weights file is missing: ${w.location}`;
+}
+
+function showModelHint() {
+  const m = state.models.get($("#add-model").value);
+  const hint = $("#model-hint");
+  hint.textContent = m ? weightsHint(m.weights) : "";
+  hint.hidden = !hint.textContent;
+}
+
 async function loadModels() {
   const res = await api("/api/models");
   if (!res.ok) return;
@@ -458,15 +477,19 @@ async function loadModels() {
     state.models.set(m.name, m);
     const opt = document.createElement("option");
     opt.value = m.name;
-    opt.textContent = `${m.name}${m.default ? " (default)" : ""}`;
+    const hint = weightsHint(m.weights);
+    opt.textContent = `${m.name}${m.default ? " (default)" : ""}${hint ? " *" : ""}`;
+    opt.title = [m.description, hint].filter(Boolean).join(" ");
     opt.selected = m.default;
     if (m.default) state.defaultModel = m.name;
     select.append(opt);
   }
+  showModelHint();
 }
 
 function setupForm() {
   const form = $("#add-form");
+  $("#add-model").addEventListener("change", showModelHint);
   // The browser's own checks (an empty source) stop the submit before it runs: clear an
   // earlier server error then, so the two messages do not contradict each other.
   form.addEventListener("invalid", () => { $("#add-error").hidden = true; }, true);
@@ -501,6 +524,7 @@ function setupForm() {
 
 function loadModelsSelection() {
   if (state.defaultModel) $("#add-model").value = state.defaultModel;
+  showModelHint();
 }
 
 // ---------------------------------------------------------------- browser camera upstream

@@ -81,6 +81,20 @@ def viewer_on_media(live_server, null_config, browser_page, media_dir: Path):
 def test_viewer_adds_a_stream_through_the_form_and_plays_it(live_server, null_config, browser_page, tmp_path):
     make_test_video(tmp_path / "clip.mp4", frames=90, width=320, height=240)
     srv, page, errors = viewer_on_media(live_server, null_config, browser_page, tmp_path)
+    # Models whose weights are not on the server say so before they are picked.
+    weights = {m["name"]: m["weights"] for m in httpx.get(f"{srv.url}/api/models", timeout=5).json()}
+    label = {name: page.inner_text(f"#add-model option[value='{name}']") for name in weights}
+    assert label["null"] == "null (default)"  # nothing to load
+    assert page.is_hidden("#model-hint")
+    page.select_option("#add-model", "resnet18_fpn")
+    assert "Untrained" in page.inner_text("#model-hint")
+    for name, w in weights.items():
+        if w["source"] == "url":
+            assert label[name].endswith("*") == (not w["present"]), (name, label[name])
+            page.select_option("#add-model", name)
+            assert page.is_visible("#model-hint") == (not w["present"])
+    page.select_option("#add-model", "null")
+    assert page.is_hidden("#model-hint")
     page.fill("#add-source", "clip.mp4?loop=1")
     page.fill("#add-id", "clip")
     page.click("#add-submit")
@@ -95,16 +109,39 @@ def test_viewer_adds_a_stream_through_the_form_and_plays_it(live_server, null_co
     page.click("#add-submit")
     page.wait_for_selector("#add-error:not([hidden])")
     assert "unsupported source scheme" in page.inner_text("#add-error")
-    # View toggles and a second stream side by side.
+    # View toggles (opacity applies to the overlay only) and a second stream side by side.
+    slider = '.tile[data-stream="clip"] .opacity input'
+    page.click('.tile[data-stream="clip"] button[data-mode="mask"]')
+    assert page.is_disabled(slider)
+    page.click('.tile[data-stream="clip"] button[data-mode="overlay"]')
+    assert page.is_enabled(slider)
     page.click('.tile[data-stream="clip"] button[data-mode="original"]')
+    assert page.is_disabled(slider)
     httpx.post(f"{srv.url}/api/streams", json={"source": "demo", "id": "demo"}, timeout=10)
     page.wait_for_selector('.tile[data-stream="demo"] canvas')
     assert wait_for_fps(page, "demo") > 0
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "viewer.png"))
-    # Removing a stream removes its tile.
+    # Removing a stream asks first: it stops for everyone. Declined, nothing happens.
+    asked: list[str] = []
+
+    def answer(accept: bool):
+        def on_dialog(dialog) -> None:
+            asked.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+        return on_dialog
+
+    page.once("dialog", answer(False))
+    page.click('.stream-item[data-stream="clip"] .remove')
+    page.wait_for_timeout(300)
+    assert asked and "clip" in asked[0]
+    assert httpx.get(f"{srv.url}/api/streams/clip", timeout=5).status_code == 200
+    assert page.locator('.tile[data-stream="clip"]').count() == 1
+    # Accepted, the stream and its tile go.
+    page.once("dialog", answer(True))
     page.click('.stream-item[data-stream="clip"] .remove')
     page.wait_for_selector('.tile[data-stream="clip"]', state="detached")
+    assert len(asked) == 2
     assert httpx.get(f"{srv.url}/api/streams/clip", timeout=5).status_code == 404
     assert not errors, errors
 
