@@ -132,6 +132,9 @@ class TemporalState:
     dropped: int = 0  # frames missing from the index sequence (dropped upstream)
     gap: int = 0  # frames missing right before the last update
     resets: int = 0
+    # (x, y, w, h) holding every pixel of ``probs`` not within _SURE of 0 or 1, where the CPU
+    # blend made ``probs`` and knows it; None: anywhere.
+    unsure_box: tuple[int, int, int, int] | None = None
 
     @property
     def empty(self) -> bool:
@@ -155,6 +158,7 @@ class Plan:
     gap: int  # frames missing between the previous update and this one
     reset: bool  # the previous state is dropped before this frame
     flow: torch.Tensor | None = None  # 1 x 2 x h'' x w'': where each block was in the previous frame
+    gate: _CpuGate | None = None  # CPU binary path: what of the blend needs no new probabilities
 
 
 def rgb_from_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -248,7 +252,8 @@ class TemporalRefiner:
         if _mean(step) > p.scene_cut_energy:
             return Plan(index, True, "scene_cut", thumb, None, 0.0, gap, True)
         if p.mode == "smooth":
-            return Plan(index, True, "motion", thumb, step, 0.0, gap, False, flow)
+            return Plan(index, True, "motion", thumb, step, 0.0, gap, False, flow,
+                        self._cpu_gate(state, step, gap, flow))
 
         # keyframe: compare with the frame the current mask came from, so slow drift adds up
         # while sensor noise (removed by the floor) does not.
@@ -256,17 +261,23 @@ class TemporalRefiner:
         since_key = _residual(thumb, state.key_thumb)
         energy = _energy(since_key, p.noise_floor)
         if energy > p.keyframe_energy:
-            return Plan(index, True, "energy", thumb, since_key, energy, gap, False)
+            return Plan(index, True, "energy", thumb, since_key, energy, gap, False,
+                        gate=self._cpu_gate(state, since_key, gap, None))
         if index - state.key_index >= p.keyframe_max_gap:
-            return Plan(index, True, "max_gap", thumb, since_key, energy, gap, False)
+            return Plan(index, True, "max_gap", thumb, since_key, energy, gap, False,
+                        gate=self._cpu_gate(state, since_key, gap, None))
         return Plan(index, False, "carry", thumb, since_key, energy, gap, False)
 
     # -- after the model ---------------------------------------------------------------
 
     def refine(
-        self, plan: Plan, probs: torch.Tensor | None, state: TemporalState
+        self, plan: Plan, probs: torch.Tensor | None, state: TemporalState, *, overwrite: bool = False
     ) -> tuple[torch.Tensor, TemporalState]:
-        """Refined probabilities (same shape as ``probs``) and the stream's next state."""
+        """Refined probabilities (same shape as ``probs``) and the stream's next state.
+
+        With ``overwrite`` the result may be written into ``probs`` itself instead of a copy:
+        for a caller that hands over the model's output and does not read it again.
+        """
         if plan.run_model and probs is None:
             raise ValueError(f"frame {plan.index}: the plan ran the model but no probabilities were given")
         batched = probs is not None and probs.dim() == 4
@@ -281,7 +292,8 @@ class TemporalRefiner:
                 raise ValueError(f"expected C x h x w probabilities, got shape {tuple(probs.shape)}")
         if plan.reset:
             state = replace(
-                state, thumb=None, key_thumb=None, probs=None, key_index=None, resets=state.resets + 1
+                state, thumb=None, key_thumb=None, probs=None, key_index=None, resets=state.resets + 1,
+                unsure_box=None,
             )
         dropped = state.dropped + plan.gap
         common: dict[str, int] = {
@@ -295,6 +307,7 @@ class TemporalRefiner:
         else:
             assert probs is not None
             out = probs
+            unsure_box = None
             prev = state.probs
             if plan.residual is not None and prev is not None and prev.shape == probs.shape:
                 if plan.flow is not None:
@@ -303,7 +316,11 @@ class TemporalRefiner:
                         prev = torch.cat((1.0 - fg, fg))
                     else:
                         prev = _warp(prev.unsqueeze(0), plan.flow)[0]
-                out = self._blend(probs, prev, plan.residual, plan.gap)
+                gate = plan.gate
+                if gate is not None and gate.fits(probs, prev):
+                    out, unsure_box = _fuse_binary_cpu(probs, gate, self.params, overwrite)
+                else:
+                    out = self._blend(probs, prev, plan.residual, plan.gap, overwrite=overwrite)
             new_state = replace(
                 state,
                 thumb=plan.thumb,
@@ -311,6 +328,7 @@ class TemporalRefiner:
                 probs=out if self.params.mode != "off" else None,
                 key_index=plan.index,
                 full_frames=state.full_frames + 1,
+                unsure_box=unsure_box,
                 **common,
             )
         return (out.unsqueeze(0) if batched else out), new_state
@@ -329,7 +347,7 @@ class TemporalRefiner:
         probs = None
         if plan.run_model:
             probs = model(x if x.dim() == 4 else x.unsqueeze(0))[0]
-        out, state = self.refine(plan, probs, state)
+        out, state = self.refine(plan, probs, state)  # the model's output may be the caller's too
         return out, state, plan
 
     # -- internals ---------------------------------------------------------------------
@@ -374,7 +392,9 @@ class TemporalRefiner:
                 np.multiply(small, self._std_hwc, out=small)
                 np.add(small, self._mean_hwc, out=small)
             # Colour, not just luma: an object can differ from what it covers only in hue.
-            np.clip(small, 0.0, 1.0, out=small)
+            # Clipped to [0, 1] with two thresholds: a third of np.clip's cost at this size.
+            cv2.threshold(small, 1.0, 1.0, cv2.THRESH_TRUNC, dst=small)
+            cv2.threshold(small, 0.0, 0.0, cv2.THRESH_TOZERO, dst=small)
             small = cv2.blur(small, (3, 3), borderType=cv2.BORDER_REPLICATE)
             return torch.from_numpy(small).permute(2, 0, 1)[None]
         if k > 1:
@@ -382,8 +402,42 @@ class TemporalRefiner:
         rgb = rgb_from_input(x, self.mean, self.std)
         return F.avg_pool2d(F.pad(rgb, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
 
+    def _gates(self, gap: int) -> tuple[float, float, float]:
+        """The motion gate's thresholds after ``gap`` missing frames, and the trust left."""
+        p = self.params
+        # Missing frames hide motion we did not see: lower both thresholds and trust less.
+        trust = 1.0 / (1 + gap)
+        return p.motion_low * trust, p.motion_high * trust, trust
+
+    def _cpu_gate(
+        self, state: TemporalState, residual: torch.Tensor, gap: int, flow: torch.Tensor | None
+    ) -> _CpuGate | None:
+        """The CPU binary blend's work that needs no new probabilities, done before the
+        model runs: the motion gate and the previous output's foreground and unsure pixels.
+        (Right after the network the same OpenCV calls cost two to three times as much: its
+        working set has pushed theirs out of the caches.) None where that path does not apply."""
+        prev = state.probs
+        if (
+            flow is not None
+            or self.params.blend <= 0
+            or prev is None
+            or prev.dim() != 3
+            or prev.shape[0] != 2
+            or not (prev.device.type == residual.device.type == "cpu")
+            or not (prev.dtype == residual.dtype == torch.float32)
+        ):
+            return None
+        lo, hi, trust = self._gates(gap)
+        return _gate_binary_cpu(prev, residual, lo, hi, trust, self.params, state.unsure_box)
+
     def _blend(
-        self, new: torch.Tensor, prev: torch.Tensor, residual: torch.Tensor, gap: int
+        self,
+        new: torch.Tensor,
+        prev: torch.Tensor,
+        residual: torch.Tensor,
+        gap: int,
+        *,
+        overwrite: bool = False,
     ) -> torch.Tensor:
         """Fuse the model's new probabilities with the previous output, pixel by pixel.
 
@@ -396,16 +450,14 @@ class TemporalRefiner:
         keeps its label unless the model disagrees by a margin.
         """
         p = self.params
-        # Missing frames hide motion we did not see: lower both thresholds and trust less.
-        trust = 1.0 / (1 + gap)
-        lo, hi = p.motion_low * trust, p.motion_high * trust
+        lo, hi, trust = self._gates(gap)
         if (
             new.shape[0] == 2
             and p.blend > 0
             and new.device.type == prev.device.type == residual.device.type == "cpu"
             and new.dtype == prev.dtype == residual.dtype == torch.float32
         ):
-            return _blend_binary_cpu(new, prev, residual, lo, hi, trust, p)
+            return _fuse_binary_cpu(new, _gate_binary_cpu(prev, residual, lo, hi, trust, p), p, overwrite)[0]
         # Dilate so the whole neighbourhood of a moving edge counts as moving (no lag there).
         moving = F.max_pool2d(residual, 3, stride=1, padding=1)
         still = (1.0 - ((moving - lo) / (hi - lo)).clamp(0.0, 1.0)) * trust
@@ -439,43 +491,103 @@ _SURE = 0.02
 _BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
 
 
-def _blend_binary_cpu(
-    new: torch.Tensor,
+@dataclass(frozen=True, slots=True)
+class _CpuGate:
+    """The part of a two-class CPU blend that depends only on the previous output and the
+    residual: the weight the previous output may get (motion gate times ``blend``, over 255
+    for the unsure mask's scale) at residual resolution, the previous foreground and its
+    unsure pixels."""
+
+    prev: torch.Tensor  # the previous output it was made from
+    still: np.ndarray  # h' x w' float32, residual resolution
+    prev_fg: np.ndarray  # h x w float32, contiguous
+    prev_unsure: np.ndarray  # h x w uint8, 255 where the previous output is unsure
+
+    def fits(self, new: torch.Tensor, prev: torch.Tensor) -> bool:
+        return (
+            prev is self.prev
+            and new.device.type == "cpu"
+            and new.dtype == torch.float32
+            and new.dim() == 3
+            and new.shape[0] == 2
+            and tuple(new.shape[-2:]) == self.prev_fg.shape
+        )
+
+
+def _gate_binary_cpu(
     prev: torch.Tensor,
     residual: torch.Tensor,
     lo: float,
     hi: float,
     trust: float,
     p: TemporalParams,
-) -> torch.Tensor:
-    """``TemporalRefiner._blend`` for two-class float32 CPU tensors, with OpenCV.
+    prev_box: tuple[int, int, int, int] | None = None,
+) -> _CpuGate:
+    """The first half of ``TemporalRefiner._blend`` for two-class float32 CPU tensors.
+    ``prev_box``, when known, holds every unsure pixel of ``prev``: only it is scanned."""
+    b = np.ascontiguousarray(prev.numpy()[1])
+    r = np.ascontiguousarray(residual.reshape(residual.shape[-2:]).numpy())
+    moving = cv2.dilate(r, _KERNEL3)
+    # still = (1 - clip((moving - lo) / (hi - lo), 0, 1)) * trust, here times blend as well,
+    # and over 255 for the unsure mask's scale
+    scale = trust * p.blend / 255.0
+    still = cv2.addWeighted(moving, -scale / (hi - lo), moving, 0.0, scale * (1.0 + lo / (hi - lo)))
+    cv2.threshold(still, scale, scale, cv2.THRESH_TRUNC, dst=still)  # clip to [0, scale],
+    cv2.threshold(still, 0.0, 0.0, cv2.THRESH_TOZERO, dst=still)  # cheaper than np.clip here
+    if prev_box is None:
+        unsure = cv2.inRange(b, _SURE, 1.0 - _SURE)
+    else:
+        unsure = np.zeros(b.shape, np.uint8)
+        x0, y0, bw, bh = prev_box
+        if bw and bh:
+            box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
+            unsure[box] = cv2.inRange(b[box], _SURE, 1.0 - _SURE)
+    return _CpuGate(prev, still, b, unsure)
+
+
+def _upsampled(small: np.ndarray, size: tuple[int, int], box: tuple[slice, slice]) -> np.ndarray:
+    """``cv2.resize(small, (w, h), INTER_LINEAR)[box]`` (half-pixel bilinear, as torch's
+    interpolation), computed for the box only when the scale is a whole number."""
+    (h, w), (hs, ws) = size, small.shape
+    if h % hs or w % ws:
+        return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)[box]
+    crops = []
+    for sl, n, s in ((box[0], hs, h // hs), (box[1], ws, w // ws)):
+        # source cells the box's samples fall between (output o samples (o + 0.5) / s - 0.5)
+        c0 = max(0, (2 * sl.start + 1 - s) // (2 * s))
+        c1 = min(n, (2 * sl.stop - 1 - s) // (2 * s) + 2)
+        crops.append((c0, c1, s))
+    (y0, y1, sy), (x0, x1, sx) = crops
+    # The same sample positions as the whole picture's resize: a crop starting at cell c
+    # maps to output c * s, and it holds every neighbour the box's samples read.
+    part = cv2.resize(small[y0:y1, x0:x1], ((x1 - x0) * sx, (y1 - y0) * sy), interpolation=cv2.INTER_LINEAR)
+    rows = slice(box[0].start - y0 * sy, box[0].stop - y0 * sy)
+    return part[rows, box[1].start - x0 * sx : box[1].stop - x0 * sx]
+
+
+def _fuse_binary_cpu(
+    new: torch.Tensor, gate: _CpuGate, p: TemporalParams, overwrite: bool = False
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """The second half: fuse the model's new probabilities with the previous output.
 
     The same arithmetic as the torch path on the foreground channel. The fusion only runs
     inside the bounding box of the pixels that either map is unsure of (a person's outline,
     typically a few percent of the picture); everywhere else the new probabilities are
-    taken as they are, which is what the torch path computes there too.
+    taken as they are, which is what the torch path computes there too. With ``overwrite``
+    the result is written into ``new``. Also returns that box: the output is sure outside it.
     """
-    h, w = new.shape[-2:]
-    out = np.array(new.numpy())  # the new probabilities, changed only inside the box below
-    a, b = out[1], np.ascontiguousarray(prev.numpy()[1])
-    unsure = cv2.bitwise_or(cv2.inRange(a, _SURE, 1.0 - _SURE), cv2.inRange(b, _SURE, 1.0 - _SURE))
+    out = new.numpy() if overwrite else np.array(new.numpy())
+    a, b = out[1], gate.prev_fg
+    unsure = cv2.bitwise_or(cv2.inRange(a, _SURE, 1.0 - _SURE), gate.prev_unsure)
     x0, y0, bw, bh = cv2.boundingRect(unsure)
     if bw and bh:
         box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
-        r = np.ascontiguousarray(residual.reshape(residual.shape[-2:]).numpy())
-        moving = cv2.dilate(r, _KERNEL3)
-        # still = (1 - clip((moving - lo) / (hi - lo), 0, 1)) * trust, here times blend as well,
-        # and over 255 for the unsure mask's scale
-        scale = trust * p.blend / 255.0
-        still = cv2.addWeighted(moving, -scale / (hi - lo), moving, 0.0, scale * (1.0 + lo / (hi - lo)))
-        np.clip(still, 0.0, scale, out=still)
-        # half-pixel, as torch's; the whole picture, so the box's values do not depend on the box
-        weight = cv2.resize(still, (w, h), interpolation=cv2.INTER_LINEAR)[box]
         ab, bb = a[box], b[box]
         diff = cv2.subtract(bb, ab)
         # weight *= 1 - min(1, (diff / agreement)^2), as weight - weight * min(...)
         sq = cv2.multiply(diff, diff, scale=1.0 / p.agreement**2)
         cv2.threshold(sq, 1.0, 1.0, cv2.THRESH_TRUNC, dst=sq)
+        weight = _upsampled(gate.still, a.shape, box)
         weight = cv2.subtract(weight, cv2.multiply(weight, sq, dst=sq))
         np.multiply(weight, unsure[box], out=weight)  # the mask is 0 or 255
         fb = np.array(ab)
@@ -489,7 +601,7 @@ def _blend_binary_cpu(
             cv2.divide(fb, bias, dst=fb)
         out[1][box] = fb
         np.subtract(np.float32(1.0), fb, out=out[0][box])
-    return torch.from_numpy(out)
+    return (new if overwrite else torch.from_numpy(out)), (x0, y0, bw, bh)
 
 
 def _mean(t: torch.Tensor) -> float:

@@ -563,6 +563,7 @@ class Engine:
             return probs
         row = {i: j for j, i in enumerate(run)}
         out: list[torch.Tensor] = []
+        in_place = len(run) == len(plans)  # every row of probs is its frame's, in order
         for i, (plan, step) in enumerate(zip(plans, steps, strict=True)):
             p = probs[row[i]] if i in row else None
             if plan is None or step is None:
@@ -570,11 +571,14 @@ class Engine:
                 out.append(p)
                 continue
             ctx, refiner, state = step
-            refined, new_state = refiner.refine(plan, p, state)
+            # The batch's probabilities are the engine's own: refine may write into them.
+            refined, new_state = refiner.refine(plan, p, state, overwrite=True)
             if ctx.refiner is refiner:  # not reset by a settings change while the batch ran
                 ctx.temporal_state = new_state
             out.append(refined)
-        return torch.stack(out)
+            in_place = in_place and p is not None and refined.data_ptr() == p.data_ptr()
+        # Nothing carried forward and every result already in its row: no copy of the batch.
+        return probs if in_place else torch.stack(out)
 
     # -- ROI mode: crops around the people of the previous mask (pipeline.roi) -----------
     def _roi_begin(

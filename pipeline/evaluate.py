@@ -208,7 +208,7 @@ def evaluate(
             probs = segmenter.infer(x)[0]
             _sync(probs)
         t2 = time.perf_counter()
-        out, state = refiner.refine(plan, probs, state)
+        out, state = refiner.refine(plan, probs, state, overwrite=True)  # probs: this loop's own
         _sync(out)
         t3 = time.perf_counter()
         model_s += t2 - t1

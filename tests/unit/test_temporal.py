@@ -8,6 +8,7 @@ what makes a per-frame model flicker at edges and on ambiguous background.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -291,15 +292,13 @@ def test_smooth_compensation_keeps_the_gate_shut_on_a_pure_pan():
 
 
 def test_cpu_fast_path_matches_the_torch_path():
-    from models.temporal import _blend_binary_cpu
-
     g = torch.Generator().manual_seed(1)
     fg_new, fg_prev = torch.rand(1, 48, 40, generator=g), torch.rand(1, 48, 40, generator=g)
     new, prev = torch.cat((1 - fg_new, fg_new)), torch.cat((1 - fg_prev, fg_prev))
     residual = 0.08 * torch.rand(1, 1, 12, 10, generator=g)
     params = TemporalParams(mode="smooth", hysteresis=0.2)
     refiner = TemporalRefiner(params)
-    fast = _blend_binary_cpu(new, prev, residual, 0.03, 0.12, 0.5, params)
+    fast = refiner._blend(new, prev, residual, gap=1)  # float32 on the CPU: OpenCV
     # float64 takes the torch path
     ref = refiner._blend(new.double(), prev.double(), residual.double(), gap=1).float()
     assert torch.allclose(fast, ref, atol=1e-5)
@@ -310,7 +309,7 @@ def test_cpu_fast_path_matches_the_torch_path():
 def test_cpu_fast_path_blends_only_where_a_map_is_unsure(hysteresis: float) -> None:
     """Sure background around an unsure outline: the fast path works on the outline's box
     only, and agrees with the torch path everywhere, inside the box and out."""
-    from models.temporal import _SURE, _blend_binary_cpu
+    from models.temporal import _SURE
 
     g = torch.Generator().manual_seed(2)
     fg_new = torch.rand(1, 64, 80, generator=g) * 0.01  # sure background ...
@@ -321,12 +320,37 @@ def test_cpu_fast_path_blends_only_where_a_map_is_unsure(hysteresis: float) -> N
     new, prev = torch.cat((1 - fg_new, fg_new)), torch.cat((1 - fg_prev, fg_prev))
     residual = torch.zeros(1, 1, 16, 20)  # nothing moved: the previous output counts wherever allowed
     params = TemporalParams(mode="smooth", hysteresis=hysteresis)
-    fast = _blend_binary_cpu(new, prev, residual, 0.03, 0.12, 1.0, params)
-    ref = TemporalRefiner(params)._blend(new.double(), prev.double(), residual.double(), gap=0).float()
+    refiner = TemporalRefiner(params)
+    fast = refiner._blend(new, prev, residual, gap=0)
+    ref = refiner._blend(new.double(), prev.double(), residual.double(), gap=0).float()
     assert torch.allclose(fast, ref, atol=1e-5)
     unsure = ((fg_new >= _SURE) & (fg_new <= 1 - _SURE)) | ((fg_prev >= _SURE) & (fg_prev <= 1 - _SURE))
     assert torch.equal(fast[:, ~unsure[0]], new[:, ~unsure[0]])  # sure pixels: the new values as they are
     assert not torch.allclose(fast[1][unsure[0]], fg_new[unsure], atol=1e-2)  # the outline was blended
+
+
+@pytest.mark.parametrize("mode", ["smooth", "keyframe"])
+def test_cpu_gate_prepared_before_the_model_changes_nothing(mode: str) -> None:
+    """The plan prepares the CPU blend's gate before the model runs; refining with it, without
+    it, or into the model's own output (``overwrite``) gives the same probabilities."""
+    frames, _ = make_scene(6)
+    seg = FakeSegmenter()
+    refiner = TemporalRefiner(TemporalParams(mode=mode, keyframe_max_gap=1), mean=MEAN, std=STD)
+    state = refiner.initial_state()
+    blended = 0
+    for i, frame in enumerate(frames):
+        x = seg.preprocess([frame])
+        plan = refiner.plan(x, state, index=i)
+        probs = seg.infer(x)[0]
+        plain, _ = refiner.refine(dataclasses.replace(plan, gate=None), probs.clone(), state)
+        kept = probs.clone()
+        out, state = refiner.refine(plan, probs, state, overwrite=True)
+        if plan.gate is not None:
+            blended += 1
+            assert out.data_ptr() == probs.data_ptr()  # written into the model's output
+            assert not torch.equal(out, kept)
+        assert torch.allclose(out, plain, atol=1e-6)
+    assert blended >= 4
 
 
 def test_smooth_takes_a_large_disagreement_at_once():
@@ -378,3 +402,54 @@ def test_thumbnail_is_the_same_for_channels_last_and_planar_input() -> None:
         nhwc = refiner.plan(x_nhwc, refiner.initial_state(), index=0).thumb
         assert planar is not None and nhwc is not None
         assert planar.shape == nhwc.shape and torch.allclose(planar, nhwc, atol=1e-6)
+
+
+def test_gate_upsampled_for_a_box_equals_the_whole_picture_resized() -> None:
+    """The gate is upsampled for the fused box only; it must equal that box of the whole
+    picture's half-pixel resize, at picture borders and for scales that do not divide."""
+    import cv2
+
+    from models.temporal import _upsampled
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        hs, ws = (int(v) for v in rng.integers(1, 17, 2))
+        sy, sx = (int(v) for v in rng.integers(1, 6, 2))
+        h, w = hs * sy + int(rng.integers(0, 2)), ws * sx
+        small = rng.random((hs, ws), dtype=np.float32)
+        y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+        box = (slice(y0, int(rng.integers(y0 + 1, h + 1))), slice(x0, int(rng.integers(x0 + 1, w + 1))))
+        whole = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)[box]
+        np.testing.assert_allclose(_upsampled(small, (h, w), box), whole, atol=1e-6)
+
+
+def test_smooth_remembers_where_its_output_is_unsure() -> None:
+    """After a CPU blend the state keeps a box holding every unsure pixel of its output; the
+    next frame scans only that box of it and still blends exactly as the torch path."""
+    from models.temporal import _SURE
+
+    frames, _ = make_scene(5)
+    seg = FakeSegmenter(logit_noise=0.0)
+    refiner = TemporalRefiner(TemporalParams(mode="smooth"), mean=MEAN, std=STD)
+    state = refiner.initial_state()
+    boxes = 0
+    for i, frame in enumerate(frames):
+        x = seg.preprocess([frame])
+        plan = refiner.plan(x, state, index=i)
+        probs = seg.infer(x)[0]
+        if plan.gate is not None and state.probs is not None:
+            ref = refiner._blend(probs.double(), state.probs.double(), plan.residual.double(), plan.gap).float()
+        else:
+            ref = None
+        out, state = refiner.refine(plan, probs, state)
+        if ref is not None:
+            assert torch.allclose(out, ref, atol=1e-5)
+        if state.unsure_box is not None:
+            boxes += 1
+            x0, y0, bw, bh = state.unsure_box
+            fg = out[1].numpy()
+            unsure = (fg >= _SURE) & (fg <= 1 - _SURE)
+            unsure[y0 : y0 + bh, x0 : x0 + bw] = False
+            assert not unsure.any()
+            assert bw * bh < fg.size  # a real box, not the whole picture
+    assert boxes == len(frames) - 1
