@@ -3,10 +3,15 @@
 A live source must never build a queue: when the engine has not taken the previous
 frame yet, the newest frame wins and the older one is counted as ``source_overrun``.
 Offline processing (``segstream segment``) uses ``block`` instead, so nothing is lost.
+
+A frame that never reaches the engine passes its ``discontinuity`` mark on to the next
+frame that does: the engine must still reset its temporal and ROI state when the first
+frame after a (re)connect or loop restart is the one dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import threading
 from collections import deque
@@ -19,6 +24,11 @@ class DropPolicy(enum.StrEnum):
     LATEST = "latest"  # keep only the newest frames; older ones are dropped
     DROP_OLDEST = "drop_oldest"  # a short FIFO; when full, the oldest goes
     BLOCK = "block"  # the producer waits for room (offline work: nothing is dropped)
+
+
+def _marked(frame: Frame) -> Frame:
+    """``frame`` carrying the discontinuity mark."""
+    return frame if frame.discontinuity else dataclasses.replace(frame, discontinuity=True)
 
 
 class DropCounter:
@@ -61,6 +71,9 @@ class FrameSlot:
         self._items: deque[Frame] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        # a discontinuity mark of a frame that was offered but never queued (a ``block`` put
+        # that timed out), waiting for the next frame that gets in
+        self._pending_mark = False
 
     def put(self, frame: Frame, timeout: float | None = None) -> bool:
         """Offer a frame. Returns False when the slot is closed (or, for ``block``, on timeout)."""
@@ -73,11 +86,21 @@ class FrameSlot:
                         lambda: self._closed or len(self._items) < self.capacity, timeout=timeout
                     )
                     if not ok or self._closed:
+                        self._pending_mark = self._pending_mark or frame.discontinuity
                         return False
                 else:
                     while len(self._items) >= self.capacity:
-                        self._items.popleft()
+                        dropped = self._items.popleft()
                         self.drops.add(DropCause.SOURCE_OVERRUN)
+                        if dropped.discontinuity:
+                            # the frame now first in line (or the incoming one) takes the mark
+                            if self._items:
+                                self._items[0] = _marked(self._items[0])
+                            else:
+                                self._pending_mark = True
+            if self._pending_mark:
+                frame = _marked(frame)
+                self._pending_mark = False
             self._items.append(frame)
         if self._on_put is not None:
             self._on_put()
