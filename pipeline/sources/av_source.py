@@ -180,9 +180,17 @@ def _unresolvable_host(url: str) -> str | None:
     return None
 
 
-def describe_av_error(exc: BaseException, *, network: bool, read_timeout_s: float) -> tuple[str, bool]:
+def describe_av_error(
+    exc: BaseException, *, network: bool, read_timeout_s: float, open_timeout_s: float | None = None
+) -> tuple[str, bool]:
     """A user-facing message (never containing the URL, which may hold a password) and
-    whether retrying can help."""
+    whether retrying can help.
+
+    ``open_timeout_s`` is given for errors raised while opening the source: a timeout then
+    names the limit that ran out. PyAV's open timeout ends the open with ``ExitError``; the
+    socket timeout (``read_timeout_s``) also applies to the connect and the first reads and
+    ends it with ``TimeoutError``.
+    """
     strerror = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     if isinstance(exc, av.error.HTTPNotFoundError):
         return "server answered 404 Not Found (wrong path or stream name?)", network
@@ -192,6 +200,10 @@ def describe_av_error(exc: BaseException, *, network: bool, read_timeout_s: floa
         return f"server answered with an HTTP error: {strerror}", network
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (nothing listening on that host and port?)", True
+    if open_timeout_s is not None and isinstance(exc, av.error.ExitError):
+        return f"timed out connecting: no answer from the source within {open_timeout_s:g} s", True
+    if open_timeout_s is not None and isinstance(exc, av.error.TimeoutError | TimeoutError):
+        return f"timed out connecting: no data from the source for {read_timeout_s:g} s", True
     if isinstance(exc, av.error.TimeoutError | av.error.ExitError | TimeoutError):
         return f"timed out: no data from the source for {read_timeout_s:g} s", True
     if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
@@ -278,7 +290,12 @@ class AvSource(Source):
                     "playlists and file lists are not served as file sources",
                     retryable=False,
                 ) from None
-            msg, retry = describe_av_error(e, network=network, read_timeout_s=o.read_timeout_s)
+            msg, retry = describe_av_error(
+                e,
+                network=network,
+                read_timeout_s=o.read_timeout_s,
+                open_timeout_s=o.open_timeout_s if network else None,
+            )
             if network and (unresolved := _unresolvable_host(self.spec.target)) is not None:
                 # FFmpeg reports a failed name lookup as a generic I/O error.
                 msg = f"cannot resolve host {unresolved!r}: check the address (or the DNS)"

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import ReconnectConfig
 from pipeline.slot import FrameSlot
-from pipeline.sources import parse_source
+from pipeline.sources import SourceError, parse_source
 from pipeline.stream import StreamWorker
 from pipeline.types import StreamState
 from tests.helpers_video import make_test_video
@@ -60,6 +60,28 @@ def test_silent_peer_times_out_and_retries(healthy: StreamWorker, scheme: str) -
         assert worker.stop(timeout=3)
         assert time.monotonic() - t0 < 2.5
     assert server.connections >= 1
+
+
+@pytest.mark.parametrize(
+    ("query", "limit", "which"),
+    [
+        ("open_timeout=1&read_timeout=10", "within 1 s", "open"),  # PyAV's open timeout runs out
+        ("open_timeout=10&read_timeout=1", "for 1 s", "socket"),  # the socket timeout, while opening
+    ],
+)
+def test_silent_peer_open_timeout_names_the_limit_that_ran_out(query: str, limit: str, which: str) -> None:
+    with SilentServer() as server:
+        src = parse_source(f"http://127.0.0.1:{server.port}/cam?{query}").create()
+        t0 = time.monotonic()
+        with pytest.raises(SourceError) as exc:
+            src.open()
+        took = time.monotonic() - t0
+        src.close()
+    err = str(exc.value)
+    assert took < 5, f"{which} timeout: the open took {took:.1f} s"
+    assert err.startswith("cannot open: timed out connecting:"), err
+    assert limit in err and "10 s" not in err, err
+    assert exc.value.retryable
 
 
 @pytest.mark.parametrize("scheme", ["rtsp", "http"])

@@ -177,6 +177,21 @@ def test_describe_av_error(exc: BaseException, network: bool, needle: str, retry
     assert "secret-url" not in msg
 
 
+def test_describe_av_error_names_the_timeout_that_ran_out() -> None:
+    exit_error = av.error.ExitError(-0x54495845, "Immediate exit requested", "secret-url")
+    socket_timeout = av.error.TimeoutError(errno.ETIMEDOUT, "Connection timed out", "secret-url")
+    # while opening: PyAV's open timeout ends the open with ExitError
+    msg, retry = describe_av_error(exit_error, network=True, read_timeout_s=10, open_timeout_s=1)
+    assert msg == "timed out connecting: no answer from the source within 1 s" and retry
+    # while opening: the socket timeout (read_timeout_s) also covers the connect
+    msg, retry = describe_av_error(socket_timeout, network=True, read_timeout_s=2, open_timeout_s=10)
+    assert msg == "timed out connecting: no data from the source for 2 s" and retry
+    # while reading
+    for exc in (exit_error, socket_timeout):
+        msg, retry = describe_av_error(exc, network=True, read_timeout_s=10)
+        assert msg == "timed out: no data from the source for 10 s" and retry
+
+
 def test_demo_renders_real_moving_content() -> None:
     r = DemoRenderer()
     a, b, far = r.render(0.0), r.render(0.04), r.render(7.0)
