@@ -191,6 +191,10 @@ def load_config_file(path: str | Path) -> dict:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8 only; the codec's own message would not name the file.
+        bad = e.object[e.start]
+        raise ConfigError(f"{p}: not valid UTF-8 (byte 0x{bad:02x} at offset {e.start})") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

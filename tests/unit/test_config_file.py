@@ -121,6 +121,27 @@ def test_syntax_errors_and_missing_files_are_config_errors(tmp_path: Path) -> No
         load_config_file(tmp_path / "absent.toml")
 
 
+def test_a_file_that_is_not_utf8_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "latin1.toml"
+    p.write_bytes("# caf\u00e9\n[limits]\nmax_streams = 1\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config_file(p)
+    assert str(e.value) == f"{p}: not valid UTF-8 (byte 0xe9 at offset 5)"
+
+
+def test_cli_reports_a_non_utf8_config_file_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.cli import main
+
+    p = tmp_path / "binary.toml"
+    p.write_bytes(b"\xff\xfe[limits]\n")
+    assert main(["serve", "--config", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("segstream serve: error:") and str(p) in err and "not valid UTF-8" in err
+
+
 def serve_args(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(["serve", *argv])
 
