@@ -44,13 +44,21 @@ def test_example_file_is_valid_and_documents_the_defaults() -> None:
     assert cfg.limits == defaults.limits
     assert cfg.reconnect == defaults.reconnect
     assert cfg.server.model_dump(exclude={"host"}) == defaults.server.model_dump(exclude={"host"})
-    assert [s.id for s in cfg.streams] == ["door", "lobby-file"]
+    assert [s.id for s in cfg.streams] == ["door", "lobby"]
     assert cfg.streams[0].temporal.mode == "smooth"
     temporal = cfg.streams[0].temporal.model_dump(exclude={"mode"})
     assert temporal == TemporalConfig().model_dump(exclude={"mode"})
     assert cfg.streams[0].options.model_dump() == SourceOptions().model_dump()
     assert cfg.streams[1].roi == RoiConfig()
     assert cfg.streams[1].options.loop is True
+
+
+def test_example_file_passes_the_start_up_checks_as_shipped() -> None:
+    """`segstream serve --config examples/segstream.toml` starts on a fresh clone: no stream
+    in it names a file that only exists on someone's machine."""
+    from server.cli import _check_startup
+
+    _check_startup(_config_from_args(serve_args("--config", str(EXAMPLE))))
 
 
 def test_example_file_names_every_key() -> None:
