@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,7 +81,7 @@ class StreamHandle:
             "height": st.height,
             "source_fps": st.source_fps,
             "fps_in": round(st.fps, 2),
-            "fps": round(self.results.rate(), 2),
+            "fps": 0.0 if st.state.terminal else round(self.results.rate(), 2),
             "frames_in": st.frames,
             "frames": self.frames_out,
             "reconnects": st.reconnects,
@@ -200,10 +201,27 @@ class StreamManager:
             self.add(sc, trusted=True)
 
     def shutdown(self, timeout: float = 5.0) -> bool:
-        ok = True
+        """Stop every stream and the engine within about ``timeout`` in all: every source is
+        told to stop first, then all are waited for together. False when a thread is left."""
+        deadline = time.monotonic() + timeout
+        handles = []
         for sid in list(self._streams):
-            ok &= self.remove(sid, timeout=timeout)
-        ok &= self.engine.stop(timeout)
+            try:
+                handles.append(self._detach(sid))
+            except StreamNotFoundError:
+                continue  # removed meanwhile
+        stuck = []
+        for h in handles:
+            if h.worker.join(deadline - time.monotonic()):
+                log.info("stream %s: removed", h.id)
+            else:
+                stuck.append(h.id)
+        if stuck:
+            log.error(
+                "source threads did not stop within %.1f s (blocked in an open or a read): %s",
+                timeout, ", ".join(stuck),
+            )
+        ok = self.engine.stop(max(0.5, deadline - time.monotonic())) and not stuck
         self._started = False
         return ok
 
@@ -279,17 +297,33 @@ class StreamManager:
         log.info("stream %s: added source=%s model=%s", sid, spec.display, model)
         return handle
 
-    def remove(self, stream_id: str, timeout: float = 5.0) -> bool:
+    def _detach(self, stream_id: str) -> StreamHandle:
+        """Take a stream out of the table and the engine and tell its source to stop."""
         with self._lock:
             handle = self._streams.pop(stream_id, None)
         if handle is None:
             raise StreamNotFoundError(stream_id)
         self.engine.remove_stream(stream_id)
-        stopped = handle.worker.stop(timeout)
-        handle.slot.close()
-        if not stopped:
-            log.error("stream %s: source thread did not stop within %.1fs", stream_id, timeout)
-        log.info("stream %s: removed", stream_id)
+        handle.worker.request_stop()
+        handle.slot.close()  # a source waiting to hand over a frame gives up at once
+        return handle
+
+    def remove(self, stream_id: str, timeout: float = 5.0) -> bool:
+        """Remove a stream; True when its source thread ended within ``timeout``.
+
+        The stream is gone for everyone at once either way. A source blocked inside an open
+        or a read (a camera that stopped answering) leaves its thread behind until that
+        call's own timeout; it is a daemon and delivers nothing more."""
+        handle = self._detach(stream_id)
+        stopped = handle.worker.join(timeout)
+        if stopped:
+            log.info("stream %s: removed", stream_id)
+        else:
+            log.warning(
+                "stream %s: removed; its source thread is blocked in an open or a read and ends by "
+                "that call's timeout",
+                stream_id,
+            )
         return stopped
 
     def update(

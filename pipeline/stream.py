@@ -29,6 +29,8 @@ log = logging.getLogger("segstream.source")
 
 _PUT_POLL_S = 0.25  # how often a producer blocked on a full ``block`` slot re-checks for stop
 _FPS_WINDOW_S = 2.0
+_DEFAULT_FPS = 25.0  # pacing rate of a file that declares none and has no timestamps
+_MAX_FRAME_GAP_S = 5.0  # a longer gap between timestamps is a jump, not a frame interval
 _SLOW_FPS_WINDOW_S = 60.0
 
 
@@ -110,37 +112,57 @@ class StreamWorker:
         self._source_fps: float | None = None
         self._recent: deque[float] = deque(maxlen=120)
         self._finished = False
+        self._resume_at: float | None = None  # paced sources: when the next frame is due
 
     # ---- public -------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError(f"stream {self.stream_id} already started")
-        self._started_at = now()
-        self._thread = threading.Thread(target=self._run, name=f"source-{self.stream_id}", daemon=True)
-        self._thread.start()
+        # Under the lock, so that ``stop`` sees either no thread (and this does not start one)
+        # or a started one it can join, never one created but not started yet.
+        with self._cond:
+            if self._thread is not None:
+                raise RuntimeError(f"stream {self.stream_id} already started")
+            if self._stop.is_set():
+                return  # stopped before it started
+            self._started_at = now()
+            thread = threading.Thread(target=self._run, name=f"source-{self.stream_id}", daemon=True)
+            thread.start()
+            self._thread = thread
 
-    def stop(self, timeout: float = 5.0) -> bool:
-        """Ask the thread to end, interrupt a blocked read, and join. True when the thread is gone.
-
-        A read blocked inside FFmpeg ends by its own read timeout at the latest, so the
-        thread can outlive ``timeout`` by up to ``read_timeout_s``; it is a daemon either way.
-        """
+    def request_stop(self) -> None:
+        """Ask the thread to end and interrupt its source; returns at once (see ``join``)."""
         self._stop.set()
         with self._cond:
-            source = self._source
+            source, thread = self._source, self._thread
         if source is not None:
             source.interrupt()
-        thread = self._thread
         if thread is None:
             self._set_state(StreamState.STOPPED, None)
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the thread after ``request_stop``. True when it is gone.
+
+        An open or a read blocked inside FFmpeg ends by its own timeout at the latest
+        (``open_timeout_s``, ``read_timeout_s``), so the thread can outlive ``timeout``; it is
+        a daemon, and the stream is ``stopped`` for everyone meanwhile.
+        """
+        with self._cond:
+            thread = self._thread
+        if thread is None:
             return True
-        thread.join(timeout)
+        thread.join(max(0.0, timeout))
         if thread.is_alive():
-            log.warning("stream %s: source thread did not stop within %.1f s", self.stream_id, timeout)
             self._set_state(StreamState.STOPPED, None)
             return False
         return True
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """``request_stop`` then ``join``. True when the thread is gone."""
+        self.request_stop()
+        if self.join(timeout):
+            return True
+        log.warning("stream %s: source thread did not stop within %.1f s", self.stream_id, timeout)
+        return False
 
     def status(self) -> StreamStatus:
         with self._cond:
@@ -171,8 +193,9 @@ class StreamWorker:
     def _status_locked(self) -> StreamStatus:
         fps = 0.0
         t = time.monotonic()
-        recent = [x for x in self._recent if t - x <= _FPS_WINDOW_S]
-        if len(recent) < 3:
+        # A stream that ended delivers nothing more: its rate is 0 at once, not as it ages out.
+        recent = [] if self._state.terminal else [x for x in self._recent if t - x <= _FPS_WINDOW_S]
+        if len(recent) < 3 and not self._state.terminal:
             # A slow camera (a frame every second or more): its last few frames, as long as
             # the next one is not overdue, rather than reading 0 between two of its frames.
             last = list(self._recent)[-3:]
@@ -314,7 +337,12 @@ class StreamWorker:
         opts = self.spec.options
         # A source's own ``realtime`` option wins over the worker's default for its context.
         realtime = opts.realtime if opts.realtime is not None else self.realtime
-        pace = realtime and self.spec.kind == "file"
+        # Files are paced when served live; any other source only when asked (``realtime=1``
+        # on a progressive MP4 or an HLS recording over HTTP, which would otherwise arrive
+        # as fast as it downloads).
+        pace = (realtime and self.spec.kind == "file") or opts.realtime is True
+        rate = fps or _DEFAULT_FPS  # for a source with no timestamps and no declared rate
+        last_pts: float | None = None
         stall_s = self.reconnect.stall_timeout_s
         watch_stall = self.spec.kind != "file"
         min_gap = 1.0 / opts.target_fps if opts.target_fps else 0.0
@@ -337,10 +365,18 @@ class StreamWorker:
             last_kept_pts, last_kept_wall = raw.pts, t
             if pace and raw.pts is not None:
                 anchor = self._pace(raw.pts, anchor, discontinuity and delivered == 0)
-            elif pace and fps:
-                anchor = self._pace(delivered / fps, anchor, delivered == 0)
+            elif pace:
+                anchor = self._pace(delivered / rate, anchor, delivered == 0)
             self._deliver(raw, discontinuity=discontinuity and delivered == 0)
             delivered += 1
+            if pace:
+                # When the next frame is due, also across a loop or a reopen: the first frame
+                # of the next pass waits one frame interval instead of following at once.
+                step = raw.pts - last_pts if raw.pts is not None and last_pts is not None else 0.0
+                if not 0.0 < step <= _MAX_FRAME_GAP_S:
+                    step = 1.0 / rate
+                self._resume_at = time.monotonic() + step
+                last_pts = raw.pts
         return delivered
 
     @staticmethod
@@ -354,6 +390,11 @@ class StreamWorker:
     def _pace(self, pts: float, anchor: tuple[float, float] | None, restart: bool) -> tuple[float, float]:
         t = time.monotonic()
         if anchor is None or restart:
+            wait = (self._resume_at or 0.0) - t
+            if wait > 0:
+                if self._stop.wait(min(wait, _MAX_FRAME_GAP_S)):
+                    raise _Stop
+                t = time.monotonic()
             return (t, pts)
         due = anchor[0] + (pts - anchor[1])
         delay = due - t

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 
 from models.registry import UnknownModelError, WeightsError, get_spec, list_models, weights_status
 from pipeline.config import StreamConfig
-from pipeline.manager import LimitError, StreamExistsError, StreamManager, StreamNotFoundError
+from pipeline.manager import LimitError, StreamExistsError, StreamHandle, StreamManager, StreamNotFoundError
 from pipeline.render import class_colours
 from server.auth import require_token
 from server.schemas import (
@@ -37,10 +37,12 @@ def manager(request: Request) -> StreamManager:
 
 
 def describe(request: Request, sid: str) -> dict[str, Any]:
-    mgr = manager(request)
-    handle = mgr.get(sid)
+    return describe_handle(request, manager(request).get(sid))
+
+
+def describe_handle(request: Request, handle: StreamHandle) -> dict[str, Any]:
     info = handle.describe()
-    info["clients"] = request.app.state.hub.client_count(sid)
+    info["clients"] = request.app.state.hub.client_count(handle.id)
     return info
 
 
@@ -87,7 +89,8 @@ def add_stream(body: StreamCreate, request: Request, response: Response) -> dict
     except ValueError as e:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from None
     response.headers["Location"] = f"/api/streams/{handle.id}"
-    return describe(request, handle.id)
+    # From the handle: a DELETE may already have removed the stream again.
+    return describe_handle(request, handle)
 
 
 @router.get("/streams/{stream_id}", response_model=StreamInfo, responses=_errors, summary="One stream")
@@ -123,7 +126,8 @@ def patch_stream(stream_id: str, body: StreamPatch, request: Request) -> dict[st
 )
 def delete_stream(stream_id: str, request: Request) -> Response:
     try:
-        manager(request).remove(stream_id)
+        # Gone for everyone at once; a source blocked in a read is not waited for long.
+        manager(request).remove(stream_id, timeout=1.0)
     except StreamNotFoundError:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown stream {stream_id!r}") from None
     request.app.state.hub.close_stream(stream_id)

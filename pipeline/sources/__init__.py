@@ -245,5 +245,9 @@ def parse_source(
             raise ValueError(f"source {display!r} has no host")
         params, fmt, rest_q = _split_options(parts.query, strict=False)
         target = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest_q), parts.fragment))
-        return SourceSpec(uri, "network", _merge_options(base, params), display, target=target, format=fmt)
+        opts = _merge_options(base, params)
+        if opts.loop:
+            # A network stream that ends is reconnected (with backoff), never looped.
+            raise ValueError(f"loop applies to files only, not to {display!r}")
+        return SourceSpec(uri, "network", opts, display, target=target, format=fmt)
     raise ValueError(f"unsupported source scheme {scheme!r} in {display!r} (no decoder handles it)")

@@ -134,3 +134,22 @@ def test_non_finite_absurd_or_unusable_values_are_a_422(live_server, null_config
         if field != "id" and b"options" not in patch:
             r = http.patch("/api/streams/cam", content=patch, headers={"content-type": "application/json"})
             assert r.status_code == 422, r.text
+
+
+async def test_adding_and_removing_one_id_at_once_never_fails(live_server, null_config) -> None:
+    """A DELETE that lands while the same stream is being added (or just after) gets 204 or
+    404, the POST 201 or 409: never a 500, and no stream is left behind."""
+    srv = live_server(null_config)
+    async with httpx.AsyncClient(base_url=srv.url, timeout=10) as http:
+        seen: set[tuple[int, int]] = set()
+        for _ in range(20):
+            post, delete = await asyncio.gather(
+                http.post("/api/streams", json={"source": "demo", "id": "race"}),
+                http.delete("/api/streams/race"),
+            )
+            assert post.status_code in (201, 409), post.text
+            assert delete.status_code in (204, 404), delete.text
+            seen.add((post.status_code, delete.status_code))
+            await http.delete("/api/streams/race")
+        assert (await http.get("/api/streams")).json() == []
+        assert any(p == 201 for p, _ in seen)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -205,6 +206,40 @@ def test_served_file_is_paced_at_its_frame_rate(clip: Path) -> None:
     assert worker.wait_state({S.STOPPED}, 2) is S.STOPPED
 
 
+def test_a_looped_file_keeps_its_pace_across_the_loop(tmp_path: Path) -> None:
+    """The first frame of the next pass is due one frame interval after the last one of the
+    previous pass, not at once; a one-picture file loops at its rate instead of spinning."""
+    short = make_test_video(tmp_path / "short.mp4", frames=4, fps=20)
+    worker, slot, _ = run(parse_source(f"{short}?loop=1"), realtime=True)
+    frames = drain(slot, worker, until=13, timeout=5)
+    assert worker.stop(2)
+    assert [f.index for f in frames if f.discontinuity] == [0, 4, 8, 12]
+    gaps = [b.captured_at - a.captured_at for a, b in zip(frames, frames[1:], strict=False)]
+    across = [gaps[i - 1] for i in (4, 8, 12)]
+    assert min(across) >= 0.8 * 0.05, f"frame gaps across loops: {across}"
+
+    still = tmp_path / "still.png"
+    cv2.imwrite(str(still), np.zeros((16, 16, 3), np.uint8))
+    worker, slot, _ = run(parse_source(f"{still}?loop=1"), realtime=True)
+    n = len(drain(slot, worker, until=1000, timeout=1.0))
+    assert worker.stop(2)
+    assert 10 <= n <= 40, f"a looped picture delivered {n} frames in 1 s (25 fps expected)"
+
+
+def test_realtime_option_paces_a_network_source() -> None:
+    """``realtime=1`` paces any source by its timestamps (an HTTP recording would otherwise
+    arrive as fast as it downloads); without it a network source is passed on as it comes."""
+    for realtime, slow in ((True, True), (None, False)):
+        factory, _ = script(Scripted("ok", 10))
+        worker, slot, _ = run(fake_spec(factory, realtime=realtime), realtime=True)
+        t0 = time.monotonic()
+        frames = drain(slot, worker, until=10)
+        took = time.monotonic() - t0
+        worker.stop(2)
+        assert len(frames) == 10
+        assert (took >= 0.9 * 9 / 30) == slow, f"realtime={realtime}: 10 frames at 30 fps in {took:.3f} s"
+
+
 def test_target_fps_thins_a_file(clip: Path) -> None:
     worker, slot, _ = run(parse_source(f"{clip}?fps=10"), realtime=False)
     frames = drain(slot, worker, until=100)
@@ -342,6 +377,33 @@ def test_stop_is_bounded_when_the_source_will_not_let_go() -> None:
     while worker.alive and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not worker.alive, "the thread ends once the blocked read returns"
+
+
+def test_stop_racing_start_never_fails() -> None:
+    """A stop that lands while the stream is being started (the REST API removing a stream
+    that is being added) neither raises nor leaves a thread running."""
+    factory, _ = script(Scripted("live", 0))
+    for _ in range(50):
+        worker = StreamWorker("t", fake_spec(factory), FrameSlot(capacity=1), reconnect=FAST)
+        starter = threading.Thread(target=worker.start)
+        starter.start()
+        assert worker.stop(timeout=2.0)
+        starter.join(2)
+        assert not worker.alive
+        assert worker.status().state is S.STOPPED
+    stopped_first = StreamWorker("t", fake_spec(factory), FrameSlot(capacity=1), reconnect=FAST)
+    stopped_first.request_stop()
+    stopped_first.start()  # after a stop: nothing starts
+    assert not stopped_first.alive and stopped_first.status().state is S.STOPPED
+
+
+def test_fps_reads_zero_once_the_stream_ended() -> None:
+    factory, _ = script(Scripted("live", 0, interval=0.01))
+    worker, slot, _ = run(fake_spec(factory), slot=FrameSlot(capacity=1))
+    assert worker.wait_frames(20, 3)
+    assert worker.status().fps > 0
+    assert worker.stop(2)
+    assert worker.status().fps == 0.0
 
 
 def test_a_broken_status_callback_does_not_kill_the_stream() -> None:
