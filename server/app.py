@@ -66,7 +66,15 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
 
         if app.state.metrics is not None:
             mgr.result_listeners.append(app.state.metrics.observe)
-        await anyio.to_thread.run_sync(mgr.start)
+        bound = config.server.shutdown_timeout_s
+        try:
+            await anyio.to_thread.run_sync(mgr.start)
+        except Exception as e:
+            # Stop what did start (the engine thread, streams already added) before failing,
+            # so the process ends cleanly instead of with threads still running.
+            log.error("cannot start: %s", e)
+            await anyio.to_thread.run_sync(lambda: mgr.shutdown(bound))
+            raise
         app.state.started = True
         log.info("segstream ready on %s:%s", config.server.host, config.server.port)
         try:
@@ -74,7 +82,7 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
         finally:
             begin_shutdown()
             hub.shutdown()
-            await anyio.to_thread.run_sync(lambda: mgr.shutdown(config.server.shutdown_timeout_s))
+            app.state.clean_shutdown = await anyio.to_thread.run_sync(lambda: mgr.shutdown(bound))
             log.info("segstream stopped")
 
     app = FastAPI(

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import (
@@ -80,17 +81,37 @@ def _check_model(name: str | None) -> None:
         get_spec(name)  # UnknownModelError names the choices
 
 
+def _check_startup(cfg: AppConfig) -> None:
+    """What would stop the server's start-up, said in one line before anything starts:
+    model names, weights files, sources, temporal thresholds and the stream limit."""
+    from models.temporal import TemporalParams
+    from pipeline.sources import parse_source
+
+    if len(cfg.streams) > cfg.limits.max_streams:
+        raise CliError(
+            f"{len(cfg.streams)} streams configured, above limits.max_streams = {cfg.limits.max_streams}"
+        )
+    used = {cfg.default_model} | {sc.model for sc in cfg.streams if sc.model}
+    for name in sorted(used):
+        _check_model(name)
+        path = cfg.weights.get(name)
+        if path is not None and not Path(path).is_file():
+            raise CliError(f"weights file for {name!r} not found: {path}")
+    for sc in cfg.streams:
+        label = f"stream {sc.id!r}" if sc.id else f"stream {sc.source!r}"
+        parse_source(sc.source, options=sc.options, allowed_schemes=cfg.server.allowed_schemes)
+        try:
+            TemporalParams(**sc.temporal.model_dump())
+        except ValueError as e:
+            raise CliError(f"{label}: temporal: {e}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.logs import setup_logging
 
     cfg = _config_from_args(args)
-    _check_model(cfg.default_model)
-    for sc in cfg.streams:
-        _check_model(sc.model)
-        from pipeline.sources import parse_source
-
-        parse_source(sc.source, options=sc.options, allowed_schemes=cfg.server.allowed_schemes)
+    _check_startup(cfg)
     setup_logging(
         cfg.server.log_level,
         json_lines=cfg.server.log_json,
@@ -156,6 +177,8 @@ def serve_app(app: Any, cfg: AppConfig) -> int:
     server.run()
     if not server.started:
         return 1  # lifespan start-up failed (logged by uvicorn)
+    if not getattr(app.state, "clean_shutdown", True):
+        return 1  # a source or engine thread outlived the bound (named in the log)
     # The interpreter waits for non-daemon threads; join them within the bound so a stuck
     # one is named in the log instead of silently holding the process.
     deadline = time.monotonic() + bound

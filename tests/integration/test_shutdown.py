@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -63,3 +64,50 @@ def test_sigint_with_two_streams_exits_0(serve, clip: Path) -> None:
     log = srv.log()
     assert "stream a: removed" in log and "stream b: removed" in log, log
     assert "still running" not in log, log
+
+
+def test_sources_stuck_in_an_open_are_waited_for_together_and_exit_1(serve, tmp_path: Path) -> None:
+    """Three cameras that accept the connection and never answer: the shutdown waits for
+    them together within ``shutdown_timeout_s`` (not once per stream), names them and exits 1."""
+    with socket.socket() as mute:  # listens, never answers (the kernel completes the handshake)
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        port = mute.getsockname()[1]
+        config = tmp_path / "stuck.toml"
+        lines = ["[server]", "shutdown_timeout_s = 1.5", ""]
+        for name in ("a", "b", "c"):
+            lines += [
+                "[[streams]]",
+                f'id = "{name}"',
+                f'source = "http://127.0.0.1:{port}/{name}.mjpg?open_timeout=30"',
+                "",
+            ]
+        config.write_text("\n".join(lines))
+        srv = serve("--model", "null", "--config", str(config))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "segstream ready" not in srv.log():
+            assert srv.proc.poll() is None, srv.log()
+            time.sleep(0.1)
+        time.sleep(0.5)  # the three sources are inside their open now
+        t0 = time.monotonic()
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        rc = srv.proc.wait(EXIT_BOUND_S)
+        took = time.monotonic() - t0
+    log = srv.log()
+    assert rc == 1, log
+    assert took < 1.5 + 3.0, f"shutdown took {took:.1f} s with three stuck sources\n{log}"
+    assert "did not stop within 1.5 s" in log and "a, b, c" in log, log
+    assert "Traceback" not in log, log
+
+
+def test_a_start_up_failure_stops_what_started_and_exits_1(serve, tmp_path: Path) -> None:
+    """Weights that exist but are not weights fail while the server starts: one clear error,
+    the engine that already started is stopped, and the exit status is 3 (not an abort)."""
+    garbage = tmp_path / "w.safetensors"
+    garbage.write_bytes(b"\xff" * 256)
+    srv = serve("--model", "selfie", "--weights", str(garbage), "--source", "a=demo")
+    rc = srv.proc.wait(EXIT_BOUND_S * 3)
+    log = srv.log()
+    assert rc == 3, log
+    assert "cannot start:" in log, log
+    assert "terminate called" not in log, log

@@ -83,6 +83,34 @@ def test_bad_config_file_names_the_key(capsys, tmp_path):
     assert code == 2 and "max_batchh" in err
 
 
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        (
+            '[[streams]]\nid = "d"\nsource = "demo"\n'
+            'temporal = { mode = "smooth", motion_low = 0.5, motion_high = 0.1 }\n',
+            "stream 'd': temporal: motion_high must be above motion_low",
+        ),
+        (
+            '[limits]\nmax_streams = 1\n[[streams]]\nid = "d"\nsource = "demo"\n'
+            '[[streams]]\nid = "e"\nsource = "demo"\n',
+            "2 streams configured, above limits.max_streams = 1",
+        ),
+        (
+            'default_model = "null"\n[weights]\nnull = "/nonexistent/w.pth"\n',
+            "weights file for 'null' not found",
+        ),
+        ('[[streams]]\nsource = "rtsp://cam.local/live?loop=1"\n', "loop applies to files only"),
+    ],
+)
+def test_serve_checks_what_would_stop_its_start_up(capsys, tmp_path, toml, needle):
+    """Settings the server would only trip over while starting are one line and exit 2."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    code, _, err = run(capsys, "serve", "--config", str(cfg), "--port", "0")
+    assert code == 2 and needle in err and err.count("\n") == 1, err
+
+
 def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--port", "notanumber"])

@@ -437,10 +437,10 @@ def test_smooth_remembers_where_its_output_is_unsure() -> None:
         x = seg.preprocess([frame])
         plan = refiner.plan(x, state, index=i)
         probs = seg.infer(x)[0]
+        ref = None
         if plan.gate is not None and state.probs is not None:
-            ref = refiner._blend(probs.double(), state.probs.double(), plan.residual.double(), plan.gap).float()
-        else:
-            ref = None
+            prev, residual = state.probs.double(), plan.residual.double()
+            ref = refiner._blend(probs.double(), prev, residual, plan.gap).float()
         out, state = refiner.refine(plan, probs, state)
         if ref is not None:
             assert torch.allclose(out, ref, atol=1e-5)
