@@ -7,6 +7,7 @@ supplies the real ones.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ class Lane:
     stream_id: str
     slot: FrameSlot
     group: str  # frames are batched only with frames of the same group (model name)
+    # a stale frame dropped here carried a discontinuity mark: the next frame taken gets it
+    pending_mark: bool = False
 
 
 @dataclass
@@ -87,7 +90,13 @@ class Batcher:
             if self.latency_budget_s is not None and now - frame.captured_at > self.latency_budget_s:
                 lane.slot.drops.add(DropCause.STALE)
                 stale.append((lane, frame))
+                lane.pending_mark = lane.pending_mark or frame.discontinuity
                 continue
+            if lane.pending_mark:
+                # The engine must still reset this stream's temporal and ROI state.
+                lane.pending_mark = False
+                if not frame.discontinuity:
+                    frame = dataclasses.replace(frame, discontinuity=True)
             return frame
 
     def poll(self, wait: Callable[[float], None]) -> Batch | None:

@@ -126,6 +126,23 @@ def test_stale_frames_are_dropped_and_counted():
     assert lanes[0].slot.drops.snapshot() == {DropCause.STALE.value: 1}
 
 
+def test_a_stale_frame_passes_its_discontinuity_mark_to_the_next_frame_taken():
+    """The first frame after a reconnect dropped as stale: the stream's next frame that is
+    processed carries the mark, so the engine still resets its temporal and ROI state."""
+    clock = FakeClock()
+    b, lanes = make(clock, n=1, latency_budget_s=0.5)
+    restart = Frame(stream_id="s0", index=7, pts=None, captured_at=clock.t - 2.0,
+                    image=np.zeros((1, 1, 3), np.uint8), discontinuity=True)
+    lanes[0].slot.put(restart)
+    batch = b.poll(clock.wait)
+    assert batch.frames == [] and [f.index for _, f in batch.stale] == [7]
+    put(lanes[0], 8, clock.t)
+    put_next = b.poll(clock.wait)
+    assert [(f.index, f.discontinuity) for f in put_next.frames] == [(8, True)]
+    put(lanes[0], 9, clock.t)
+    assert [(f.index, f.discontinuity) for f in b.poll(clock.wait).frames] == [(9, False)]  # once
+
+
 def test_only_stale_frames_yield_an_empty_batch_reporting_them():
     clock = FakeClock()
     b, lanes = make(clock, n=1, latency_budget_s=0.5)
