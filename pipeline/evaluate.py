@@ -9,7 +9,8 @@ FRAMES is a directory of JPEG/PNG frames (sorted by name) or a video file (decod
 PyAV); MASKS is a directory of PNG masks, one per frame (same file stems as the frames
 when FRAMES is a directory; the n-th mask in name order for the n-th video frame).
 Any non-zero mask pixel is foreground (this also covers DAVIS 2017 palette masks, where
-every object counts as foreground).
+every object counts as foreground). In a mask with an alpha channel the colour decides; the
+alpha is the mask only where the colour is black everywhere.
 
 Reported:
 - ``miou``: mean over frames of the foreground IoU (a frame where both masks are empty scores 1);
@@ -74,7 +75,22 @@ def read_mask(path: Path) -> np.ndarray:
     m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if m is None:
         raise EvalInputError(f"cannot read mask {path}")
-    return (m != 0).any(axis=2) if m.ndim == 3 else m != 0
+    return mask_foreground(m)
+
+
+def mask_foreground(m: np.ndarray) -> np.ndarray:
+    """Foreground of a mask as read by OpenCV: grey (or palette index) non-zero, or any colour
+    channel non-zero. An alpha channel (grey+alpha, BGRA) is not colour: it counts only when the
+    colour is zero everywhere and the alpha varies, i.e. when the alpha is the mask."""
+    if m.ndim == 2:
+        return m != 0
+    if m.shape[2] not in (2, 4):
+        return (m != 0).any(axis=2)
+    colour, alpha = m[..., :-1], m[..., -1]
+    fg = (colour != 0).any(axis=2)
+    if not fg.any() and alpha.min() != alpha.max():
+        return alpha != 0
+    return fg
 
 
 def read_frame(path: Path) -> np.ndarray:

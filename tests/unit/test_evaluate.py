@@ -151,3 +151,52 @@ def test_evaluate_refuses_mismatched_streams():
         evaluate(frames, masks[:2], FakeSegmenter(), TemporalParams())
     with pytest.raises(EvalInputError, match="more masks than frames"):
         evaluate(frames[:2], masks, FakeSegmenter(), TemporalParams())
+
+
+def test_mask_formats_grey_palette_rgb_and_rgba_read_the_same_foreground(tmp_path):
+    from PIL import Image
+
+    from pipeline.evaluate import read_mask
+
+    truth = np.zeros((6, 8), bool)
+    truth[1:4, 2:7] = True
+    grey = truth.astype(np.uint8) * 255
+    paths = {}
+    paths["grey"] = tmp_path / "grey.png"
+    cv2.imwrite(str(paths["grey"]), grey)
+    paths["palette"] = tmp_path / "palette.png"
+    pal = Image.fromarray(truth.astype(np.uint8), mode="P")
+    pal.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    pal.save(paths["palette"])
+    paths["rgb"] = tmp_path / "rgb.png"
+    cv2.imwrite(str(paths["rgb"]), np.dstack([np.zeros_like(grey), grey, np.zeros_like(grey)]))
+    # White on black, fully opaque: the alpha says nothing about the mask.
+    paths["rgba_opaque"] = tmp_path / "rgba_opaque.png"
+    cv2.imwrite(str(paths["rgba_opaque"]), np.dstack([grey, grey, grey, np.full_like(grey, 255)]))
+    # Black everywhere, the object only in the alpha channel: the alpha is the mask.
+    paths["rgba_alpha"] = tmp_path / "rgba_alpha.png"
+    zero = np.zeros_like(grey)
+    cv2.imwrite(str(paths["rgba_alpha"]), np.dstack([zero, zero, zero, grey]))
+    paths["grey_alpha"] = tmp_path / "grey_alpha.png"
+    Image.fromarray(np.dstack([grey, np.full_like(grey, 255)]), mode="LA").save(paths["grey_alpha"])
+    for name, path in paths.items():
+        assert np.array_equal(read_mask(path), truth), name
+    # Black and opaque everywhere: an empty mask, not a full one.
+    empty = tmp_path / "empty.png"
+    cv2.imwrite(str(empty), np.dstack([zero, zero, zero, np.full_like(grey, 255)]))
+    assert not read_mask(empty).any()
+
+
+def test_eval_scores_rgba_masks_like_the_grey_ones(tmp_path, capsys):
+    fdir, mdir, _, masks = write_davis(tmp_path, n=4)
+    rgba = tmp_path / "rgba"
+    rgba.mkdir()
+    for i, m in enumerate(masks):
+        grey = m.astype(np.uint8) * 255
+        cv2.imwrite(str(rgba / f"{i:05d}.png"), np.dstack([grey, grey, grey, np.full_like(grey, 255)]))
+    scores = []
+    for folder in (mdir, rgba):
+        assert run_eval(parse(["eval", str(fdir), str(folder), "--json"]),
+                        load_segmenter=lambda a: FakeSegmenter()) == 0
+        scores.append(json.loads(capsys.readouterr().out)["miou"])
+    assert scores[0] > 0.8 and scores[1] == scores[0]
