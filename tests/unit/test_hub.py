@@ -6,10 +6,11 @@ import json
 import struct
 
 import numpy as np
+import pytest
 
 from pipeline.render import Format
 from pipeline.types import Frame, SegmentationResult, now
-from server.hub import Hub
+from server.hub import Client, Hub
 
 
 def result(i: int, sid: str = "s") -> SegmentationResult:
@@ -58,7 +59,10 @@ async def test_each_client_gets_its_format_and_header():
     assert ha["format"] == "raw" and len(pa) == 80 and ha["frame"] == 3 and ha["v"] == 1
     assert hb["format"] == "rle" and pb == b"" and hb["rle"][0]["class"] == 1
     for h in (ha, hb):
-        assert h["dropped"] == {"stale": 2, "client_slow": 0}
+        # every cause is listed, 0 when it never happened
+        assert h["dropped"] == {
+            "stale": 2, "client_slow": 0, "source_overrun": 0, "engine_busy": 0, "error": 0
+        }
         assert h["sent_at"] >= h["captured_at"]
         assert {"infer", "encode", "send", "total"} <= set(h["latency_ms"])
     hub.shutdown()
@@ -193,4 +197,49 @@ async def test_a_discontinuity_dropped_from_a_slow_clients_queue_marks_the_newer
     await wait_for(lambda: slow.pending is not None and slow.pending.header["frame"] == 1)
     header, _ = unpack(hub.finalize(slow, await asyncio.wait_for(slow.next(), 5)))
     assert header["frame"] == 1 and header["discontinuity"] and header["dropped"]["client_slow"] == 1
+    hub.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("stream_fps", "max_fps", "jitter"), [(25, 25, 0.015), (25, 20, 0.01), (25, 1, 0.01), (30, 12, 0.0)]
+)
+def test_max_fps_gives_the_rate_asked_for(stream_fps: int, max_fps: float, jitter: float) -> None:
+    """The client's rate on average from a faster or equal stream, despite capture-time
+    jitter, and never more than max_fps + 2 in any second."""
+    loop = asyncio.new_event_loop()
+    client = Client(id=1, stream_id="s", fmt=Format.RLE, max_fps=max_fps, quality=80, loop=loop)
+    loop.close()
+    rng = np.random.default_rng(0)
+    seconds = 20
+    times = [i / stream_fps + rng.uniform(-jitter, jitter) for i in range(seconds * stream_fps)]
+    taken = [t for t in times if client.wants(t)]
+    expected = min(stream_fps, max_fps) * seconds
+    assert abs(len(taken) - expected) <= 1 + 0.01 * expected, (len(taken), expected)
+    for t in taken:
+        in_window = sum(1 for u in taken if t <= u < t + 1.0)
+        assert in_window <= max_fps + 2
+
+
+def _status(state: str) -> dict:
+    return {"state": state, "error": None, "width": 10, "height": 8}
+
+
+async def test_a_status_is_never_dropped_for_a_result_and_the_end_is_said_last():
+    """A client that is not reading still learns the newest state; when a stream ends while
+    its last results are on their way, the end comes again after them."""
+    hub = Hub(workers=1)
+    c = hub.subscribe("s", fmt=Format.RLE, max_fps=None, quality=80)
+    hub.publish_status("s", _status("reconnecting"))
+    hub.publish_status("s", _status("streaming"))  # replaces the older status still queued
+    hub.publish(result(0), {})
+    await wait_for(lambda: c.sent == 0 and len(c.queue) == 2)
+    hub.publish_status("s", _status("stopped"))  # the source ended; frame 1 is still in flight
+    hub.publish(result(1), {})
+    await wait_for(lambda: any(m.header.get("frame") == 1 for m in c.queue))
+    await asyncio.sleep(0.05)
+    kinds = [(m.header["type"], m.header.get("state") or m.header.get("frame")) for m in c.queue]
+    # frame 0 gave way to frame 1 (one result held); "stopped" replaced "streaming" and comes
+    # again after frame 1, replacing its earlier copy
+    assert kinds == [("result", 1), ("status", "stopped")], kinds
+    assert c.dropped_slow == 1
     hub.shutdown()
