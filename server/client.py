@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -161,13 +161,17 @@ class SegstreamClient:
 
     ``include_status`` also yields ``status`` messages (``stale: true`` while the source
     is down). Fatal close codes (4400, 4401, 4404, 4410) raise :class:`ClientClosed`.
+
+    ``format``, ``max_fps`` and ``quality`` given here replace the same parameters in the
+    URL's query; those not given keep the URL's value. Without either, ``format`` is
+    ``labels`` and the others are the server's defaults.
     """
 
     def __init__(
         self,
         url: str,
         *,
-        format: str = "labels",
+        format: str | None = None,
         max_fps: float | None = None,
         quality: int | None = None,
         token: str | None = None,
@@ -176,10 +180,13 @@ class SegstreamClient:
         open_timeout: float = 10.0,
         max_size: int = 64 * 1024 * 1024,
     ) -> None:
-        if format not in FORMATS:
+        if format is not None and format not in FORMATS:
             raise ValueError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
         self.url = url
-        self.params: dict[str, Any] = {"format": format}
+        # Explicit settings only; DEFAULTS fill in what neither these nor the URL set.
+        self.params: dict[str, Any] = {}
+        if format is not None:
+            self.params["format"] = format
         if max_fps is not None:
             self.params["max_fps"] = max_fps
         if quality is not None:
@@ -191,10 +198,18 @@ class SegstreamClient:
         self.max_size = max_size
         self._ws: Any = None
 
+    DEFAULTS: dict[str, Any] = {"format": "labels"}
+
     def _full_url(self) -> str:
+        """The URL with explicit settings replacing the URL's own, and defaults only where the
+        URL sets nothing (the server reads the last of repeated parameters)."""
         parts = urlsplit(self.url)
-        query = "&".join(q for q in (parts.query, urlencode(self.params)) if q)
-        return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+        given = parse_qsl(parts.query, keep_blank_values=True)
+        in_url = {k for k, _ in given}
+        query = [(k, v) for k, v in given if k not in self.params]
+        query += list(self.params.items())
+        query += [(k, v) for k, v in self.DEFAULTS.items() if k not in in_url and k not in self.params]
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
 
     async def _connect(self) -> Any:
         from websockets.asyncio.client import connect
@@ -310,20 +325,25 @@ def _save(result: Result, directory: Path) -> None:
         stem.with_suffix(".json").write_text(json.dumps(result.header.get("rle", [])))
 
 
-async def watch(args: argparse.Namespace) -> int:
-    url = stream_url(args.target, server=args.server)
-    save_dir = Path(args.save) if args.save else None
-    if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
-    n = 0
-    client = SegstreamClient(
-        url,
+def watch_client(args: argparse.Namespace) -> SegstreamClient:
+    """The client ``segstream watch`` runs: flags not given (None) leave the URL's own query."""
+    return SegstreamClient(
+        stream_url(args.target, server=args.server),
         format=args.format,
         max_fps=args.max_fps,
         quality=args.quality,
         token=args.token,
         include_status=True,
     )
+
+
+async def watch(args: argparse.Namespace) -> int:
+    client = watch_client(args)
+    url = client.url
+    save_dir = Path(args.save) if args.save else None
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    n = 0
     try:
         async with client:
             async for result in client:
@@ -354,8 +374,9 @@ def _run_watch(args: argparse.Namespace) -> int:
 def add_watch_parser(sub: Any) -> None:
     w = sub.add_parser("watch", help="print (and optionally save) results of a stream")
     w.add_argument("target", metavar="URL_OR_STREAM", help="stream id, or ws(s)://…/ws/streams/ID URL")
-    w.add_argument("--format", choices=FORMATS, default="labels")
-    w.add_argument("--max-fps", type=float)
+    # No defaults here: a flag given replaces the URL's own parameter, one not given keeps it.
+    w.add_argument("--format", choices=FORMATS, help="default: the URL's format=, else labels")
+    w.add_argument("--max-fps", type=float, help="most results per second (default: the URL's max_fps=)")
     w.add_argument("--quality", type=int, help="JPEG quality 1..100 (overlay, jpeg, layers)")
     w.add_argument("--token", help="bearer token when the server requires one")
     w.add_argument("--server", default="http://127.0.0.1:8000", help="server for a bare stream id")
