@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.device import resolve_device
 from models.registry import ModelSpec, build_model
 
 PRECISIONS = ("fp32", "fp16", "bf16", "auto")
@@ -99,9 +100,7 @@ def prepare_input(spec: ModelSpec, image: np.ndarray) -> np.ndarray:
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch.device(resolve_device(str(device)))
 
 
 class Segmenter:
@@ -152,8 +151,8 @@ class Segmenter:
         compile: bool = False,
         optimize: bool | None = None,
     ) -> Segmenter:
+        dev = _resolve_device(device)  # an unusable device is refused before any weights are read
         module, spec = build_model(name, weights=weights)
-        dev = _resolve_device(device)
         if channels_last is None:
             channels_last = dev.type == "cuda"
         return cls(

@@ -49,9 +49,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except WeightsError:
         raise
     except Exception as exc:  # corrupt/truncated files surface as many exception types deep in torch
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        if "weights_only" in text or "Weights only load failed" in text:
+            detail = _restricted(text)
+            raise WeightsError(f"{path}: cannot read weights: not a readable checkpoint{detail}") from None
+        reason = text.splitlines()[0] if text else type(exc).__name__
         raise WeightsError(f"{path}: cannot read weights (corrupt or truncated file?): {reason}") from None
     return _unwrap(obj, path)
+
+
+def _restricted(text: str) -> str:
+    """What torch's tensors-only unpickler refused (" (Unsupported operand 209)"), or "".
+
+    Its message also advises loading with ``weights_only=False``, which runs whatever code the
+    file holds; that advice is not passed on.
+    """
+    _, found, detail = text.partition("WeightsUnpickler error:")
+    detail = " ".join(detail.split()).split(" Check the documentation")[0].split(". ")[0].rstrip(".")
+    if not found or not detail or "weights_only" in detail:
+        return ""
+    return f" ({detail})"
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:

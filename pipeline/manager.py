@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import torch
 
+from models.device import resolve_device
 from models.registry import build_model, get_spec
 from models.segmenter import Segmenter, prepare_input
 from models.temporal import TemporalParams
@@ -105,14 +106,6 @@ def default_torch_threads() -> int:
     2 threads ran the default model end to end at 0.07x the frame rate of 1 thread).
     """
     return max(1, (os.cpu_count() or 1) - 1)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return device
 
 
 class StreamManager:

@@ -84,9 +84,12 @@ def _check_model(name: str | None) -> None:
 def _check_startup(cfg: AppConfig) -> None:
     """What would stop the server's start-up, said in one line before anything starts:
     model names, weights files, sources, temporal thresholds and the stream limit."""
+    from models.device import check_device
     from models.temporal import TemporalParams
+    from models.weights import read_state_dict
     from pipeline.sources import parse_source
 
+    check_device(cfg.engine.device)
     if len(cfg.streams) > cfg.limits.max_streams:
         raise CliError(
             f"{len(cfg.streams)} streams configured, above limits.max_streams = {cfg.limits.max_streams}"
@@ -97,6 +100,8 @@ def _check_startup(cfg: AppConfig) -> None:
         path = cfg.weights.get(name)
         if path is not None and not Path(path).is_file():
             raise CliError(f"weights file for {name!r} not found: {path}")
+        if path is not None:
+            read_state_dict(path)  # WeightsError: one line naming the file
     for sc in cfg.streams:
         label = f"stream {sc.id!r}" if sc.id else f"stream {sc.source!r}"
         parse_source(sc.source, options=sc.options, allowed_schemes=cfg.server.allowed_schemes)

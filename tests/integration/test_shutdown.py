@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -101,11 +102,14 @@ def test_sources_stuck_in_an_open_are_waited_for_together_and_exit_1(serve, tmp_
 
 
 def test_a_start_up_failure_stops_what_started_and_exits_1(serve, tmp_path: Path) -> None:
-    """Weights that exist but are not weights fail while the server starts: one clear error,
-    the engine that already started is stopped, and the exit status is 3 (not an abort)."""
-    garbage = tmp_path / "w.safetensors"
-    garbage.write_bytes(b"\xff" * 256)
-    srv = serve("--model", "selfie", "--weights", str(garbage), "--source", "a=demo")
+    """Weights that read but do not fit the model fail while the server starts (an unreadable
+    file is refused before start-up): one clear error, the engine that already started is
+    stopped, and the exit status is 3 (not an abort)."""
+    from safetensors.torch import save_file
+
+    other = tmp_path / "w.safetensors"
+    save_file({"not.this.model": torch.zeros(2)}, str(other))
+    srv = serve("--model", "selfie", "--weights", str(other), "--source", "a=demo")
     rc = srv.proc.wait(EXIT_BOUND_S * 3)
     log = srv.log()
     assert rc == 3, log

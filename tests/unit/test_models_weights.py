@@ -16,7 +16,7 @@ from models.registry import (
     list_models,
     weights_status,
 )
-from models.weights import fetch_cached, hub_cache_path, verify_sha256
+from models.weights import fetch_cached, hub_cache_path, read_state_dict, verify_sha256
 
 
 def _selfie_state() -> dict[str, torch.Tensor]:
@@ -73,6 +73,25 @@ def test_truncated_and_corrupt_files(tmp_path: Path, suffix: str) -> None:
             build_model("selfie", weights=path)
         msg = str(e.value)
         assert str(path) in msg and "cannot read" in msg and "\n" not in msg
+
+
+class _NotATensor:
+    pass
+
+
+def test_a_file_the_tensors_only_loader_refuses_is_not_a_readable_checkpoint(tmp_path: Path) -> None:
+    """torch's advice to load with weights_only=False (which runs the file's code) is not passed on."""
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x80\x02" + bytes(range(256)) * 40)
+    objects = tmp_path / "objects.pth"
+    torch.save({"state_dict": _selfie_state(), "extra": _NotATensor()}, objects)
+    for path in (garbage, objects):
+        with pytest.raises(WeightsError) as e:
+            read_state_dict(path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: cannot read weights: not a readable checkpoint"), msg
+        assert "weights_only" not in msg and "\n" not in msg
+    assert "_NotATensor" in msg  # what the loader refused is still named
 
 
 def test_unsupported_format(tmp_path: Path) -> None:
