@@ -342,13 +342,20 @@ def _load_segmenter(args: argparse.Namespace) -> SegmenterLike:
 def _roi_config(args: argparse.Namespace) -> Any:
     if not getattr(args, "roi", False):
         return None
+    from pydantic import ValidationError
+
     from pipeline.config import RoiConfig
 
+    flags = {"full_every": "--roi-full-every", "max_regions": "--roi-max-regions"}
     given = {"full_every": args.roi_full_every, "max_regions": args.roi_max_regions}
     try:
         return RoiConfig(enabled=True, **{k: v for k, v in given.items() if v is not None})
-    except ValueError as e:  # pydantic's ValidationError names the field
-        raise EvalInputError(f"bad ROI setting: {e}") from None
+    except ValidationError as e:  # one line per bad flag, as for config files
+        bad = [
+            f"{flags.get(str(err['loc'][0]), err['loc'][0])} {given.get(str(err['loc'][0]))}: {err['msg']}"
+            for err in e.errors()
+        ]
+        raise EvalInputError("bad ROI setting " + "; ".join(bad)) from None
 
 
 def run_eval(
@@ -361,10 +368,11 @@ def run_eval(
         params = TemporalParams(
             mode=args.temporal, **{name: getattr(args, name) for name in _PARAM_FLAGS}
         )
+        roi = _roi_config(args)
         seq = load_sequence(args.frames, args.masks)
         segmenter = load_segmenter(args)
         with torch.inference_mode():
-            result = evaluate(seq.frames(), seq.masks(), segmenter, params, roi=_roi_config(args))
+            result = evaluate(seq.frames(), seq.masks(), segmenter, params, roi=roi)
     except (ValueError, FileNotFoundError, KeyError) as e:  # EvalInputError is a ValueError
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"segstream eval: error: {msg}", file=sys.stderr)

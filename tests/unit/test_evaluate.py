@@ -200,3 +200,19 @@ def test_eval_scores_rgba_masks_like_the_grey_ones(tmp_path, capsys):
                         load_segmenter=lambda a: FakeSegmenter()) == 0
         scores.append(json.loads(capsys.readouterr().out)["miou"])
     assert scores[0] > 0.8 and scores[1] == scores[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--roi-full-every", "0"], "--roi-full-every 0: Input should be greater than or equal to 1"),
+        (["--roi-max-regions", "99"], "--roi-max-regions 99: Input should be less than or equal to 16"),
+    ],
+)
+def test_bad_roi_flags_are_one_line_naming_the_flag(tmp_path, capsys, flags, needle):
+    fdir, mdir, _, _ = write_davis(tmp_path, n=2)
+    loaded = []
+    assert run_eval(parse(["eval", str(fdir), str(mdir), "--roi", *flags]), load_segmenter=loaded.append) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "http" not in err, err
+    assert not loaded  # refused before any model is loaded
