@@ -6,6 +6,7 @@ nothing is dropped, and writes an overlaid video and/or one label PNG per frame.
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 from collections.abc import Callable
@@ -17,11 +18,15 @@ import av
 import cv2
 import numpy as np
 
+from models.device import resolve_device
 from pipeline.config import AppConfig, RoiConfig, StreamConfig, TemporalConfig
 from pipeline.manager import StreamManager
 from pipeline.render import overlay
 from pipeline.slot import DropPolicy
+from pipeline.sources import parse_source
 from pipeline.types import SegmentationResult, StreamState
+
+_DEFAULT_FPS = 25.0  # video rate for a source whose rate is not known ahead
 
 
 class OfflineError(RuntimeError):
@@ -42,6 +47,10 @@ class OfflineReport:
 
 
 class _VideoWriter:
+    """H.264 (yuv420p) video of the overlaid frames. 4:2:0 chroma needs even sizes, so an odd
+    width or height is padded by repeating the last column or row: every source pixel is
+    kept at its place (the video of an 853x479 input is 854x480)."""
+
     def __init__(self, path: Path, fps: float) -> None:
         self.path = path
         self.fps = fps
@@ -49,18 +58,21 @@ class _VideoWriter:
         self._stream: av.video.stream.VideoStream | None = None
 
     def write(self, image: np.ndarray) -> None:
+        h, w = image.shape[:2]
         if self._container is None:
             self._container = av.open(str(self.path), mode="w")
             rate = Fraction(self.fps).limit_denominator(1001)
             stream = self._container.add_stream("libx264", rate=rate)
-            stream.width = image.shape[1] - image.shape[1] % 2
-            stream.height = image.shape[0] - image.shape[0] % 2
+            stream.width = w + w % 2
+            stream.height = h + h % 2
             stream.pix_fmt = "yuv420p"
             stream.options = {"preset": "veryfast", "crf": "20"}
             self._stream = stream
         assert self._stream is not None
-        img = image[: self._stream.height, : self._stream.width]
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+        pad_h, pad_w = self._stream.height - h, self._stream.width - w
+        if pad_h or pad_w:
+            image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
 
@@ -71,15 +83,62 @@ class _VideoWriter:
             self._container.close()
 
 
-def probe_frames(path: str) -> tuple[int | None, float]:
+def check_output(path: Path) -> None:
+    """Refuse, before any work, a video output FFmpeg could not write as H.264: no container
+    known for its extension, a container without H.264, or a directory. Writes nothing."""
+    if path.is_dir():
+        raise OfflineError(f"output {path} is a directory; give a file name such as out.mp4")
+    try:
+        container = av.open(str(path), mode="w")  # the file itself is created on the first frame
+    except (ValueError, av.error.FFmpegError):
+        ext = f"the extension {path.suffix!r}" if path.suffix else "a name without an extension"
+        raise OfflineError(
+            f"output {path}: FFmpeg knows no video container for {ext}; use .mp4, .mkv or .mov"
+        ) from None
+    try:
+        container.add_stream("libx264", rate=25)
+    except (ValueError, av.error.FFmpegError):
+        raise OfflineError(
+            f"output {path}: the {container.format.name} container cannot hold H.264 video; "
+            "use .mp4, .mkv or .mov"
+        ) from None
+    finally:
+        container.close()
+
+
+def _make_dir(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OfflineError(f"cannot create the {what} directory {path}: {e.strerror or e}") from None
+
+
+def probe_frames(path: str, format: str | None = None) -> tuple[int | None, float]:
     """(frame count if the container knows it, frame rate) of a video file."""
     try:
-        with av.open(path) as c:
+        with av.open(path, format=format) as c:
             s = c.streams.video[0]
             fps = float(s.average_rate or s.guessed_rate or 25)
             return (int(s.frames) or None), fps
     except (av.error.FFmpegError, IndexError, OSError) as e:
         raise OfflineError(f"cannot read video {path}: {e}") from None
+
+
+def _probe_source(source: str, config: AppConfig) -> tuple[int | None, float]:
+    """(frame count or None, frame rate) of ``source``: a file in any form the service
+    accepts (a path, ``file://…``, with query options) is probed; other sources, whose rate
+    the container cannot tell ahead, are written at 25 fps."""
+    try:
+        spec = parse_source(source, allowed_schemes=config.server.allowed_schemes)
+    except ValueError as e:
+        raise OfflineError(str(e)) from None
+    if spec.kind != "file":
+        return None, _DEFAULT_FPS
+    total, fps = probe_frames(spec.target, spec.format)
+    target = spec.options.target_fps
+    if target and target < fps:  # thinned to target_fps: that is the rate written
+        return None, target
+    return total, fps
 
 
 def segment_file(
@@ -97,18 +156,26 @@ def segment_file(
     """Segment every frame of ``source`` (a file path or URI). Blocks until done."""
     if output is None and masks_dir is None:
         raise OfflineError("nothing to write: give --output and/or --masks-dir")
-    path = Path(source)
-    total, fps = probe_frames(str(path)) if path.exists() else (None, 25.0)
+    # Everything that would stop the run is checked before any work or any file is written.
+    resolve_device(config.engine.device)
+    out_path = Path(output) if output is not None else None
+    if out_path is not None:
+        check_output(out_path)
+    total, fps = _probe_source(str(source), config)
     masks = Path(masks_dir) if masks_dir is not None else None
+    if out_path is not None:
+        _make_dir(out_path.parent, "output")
+        if not os.access(out_path.parent, os.W_OK):
+            raise OfflineError(f"output {out_path}: the directory {out_path.parent} is not writable")
     if masks is not None:
-        masks.mkdir(parents=True, exist_ok=True)
+        _make_dir(masks, "masks")
     engine_cfg = config.engine.model_copy(update={"latency_budget_ms": 1e12})
     cfg = config.model_copy(update={"engine": engine_cfg, "streams": []})
     mgr = StreamManager(cfg, realtime=False, slot_policy=DropPolicy.BLOCK)
     results: queue.Queue[SegmentationResult] = queue.Queue(maxsize=64)
     # Back-pressure: the engine thread waits for the writer rather than dropping results.
     mgr.result_listeners.append(lambda r: results.put(r))
-    writer = _VideoWriter(Path(output), fps) if output is not None else None
+    writer = _VideoWriter(out_path, fps) if out_path is not None else None
     started = time.perf_counter()
     written = 0
     full = 0

@@ -39,3 +39,66 @@ def test_segment_of_garbage_fails_with_one_line(tmp_path, capsys):
     code = main(["segment", str(bad), "--masks-dir", str(tmp_path / "m"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "garbage.mp4" in err and err.count("\n") == 1
+
+
+def test_segment_of_a_file_uri_keeps_the_source_rate_and_knows_the_total(tmp_path):
+    from pipeline.config import build_config
+    from pipeline.offline import segment_file
+
+    clip = make_test_video(tmp_path / "clip.mp4", frames=12, width=64, height=48, fps=12)
+    for source in (str(clip), clip.as_uri(), f"{clip.as_uri()}?realtime=0"):
+        out = tmp_path / "out.mp4"
+        totals: set[int | None] = set()
+        report = segment_file(
+            build_config({}), source, output=out, model="null", progress=lambda d, t, seen=totals: seen.add(t)
+        )
+        assert report.frames == 12, source
+        assert totals == {12}, source  # the progress bar has its total
+        with av.open(str(out)) as c:
+            assert c.streams.video[0].average_rate == 12, source
+
+
+def test_segment_output_is_checked_before_any_work(tmp_path, capsys):
+    clip = make_test_video(tmp_path / "clip.mp4", frames=6, width=64, height=48, fps=12)
+    masks = tmp_path / "masks"
+    for bad, needle in [
+        (tmp_path / "out_noext", "FFmpeg knows no video container for a name without an extension"),
+        (tmp_path / "out.xyz", "FFmpeg knows no video container for the extension '.xyz'"),
+        (tmp_path / "out.wav", "the wav container cannot hold H.264 video"),
+        (tmp_path, "is a directory"),
+    ]:
+        argv = ["segment", str(clip), "-o", str(bad), "--masks-dir", str(masks), "--model", "null", "-q"]
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and str(bad) in err and err.count("\n") == 1, err
+        assert not masks.exists()  # nothing written
+    # Missing parent directories are created, as for --masks-dir.
+    out = tmp_path / "new" / "sub" / "out.mp4"
+    assert main(["segment", str(clip), "-o", str(out), "--model", "null", "-q"]) == 0
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 6
+
+
+def test_odd_sized_input_is_padded_to_even_in_the_video_and_kept_in_the_masks(tmp_path, capsys):
+    clip = tmp_path / "odd.mkv"
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (39, 53, 3), dtype=np.uint8) for _ in range(4)]
+    with av.open(str(clip), mode="w") as c:
+        s = c.add_stream("ffv1", rate=12)  # lossless, and odd sizes are fine in 4:4:4
+        s.width, s.height, s.pix_fmt = 53, 39, "yuv444p"
+        for f in frames:
+            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    out, masks = tmp_path / "out.mp4", tmp_path / "m"
+    code = main(["segment", str(clip), "-o", str(out), "--masks-dir", str(masks), "--model", "null", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert cv2.imread(str(masks / "00000.png"), cv2.IMREAD_UNCHANGED).shape == (39, 53)
+    with av.open(str(out)) as c:
+        first = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    assert first.shape == (40, 54, 3)  # one column and one row added, none lost
+    # The null model predicts background, so the overlay is the frame: the padding repeats the edge.
+    edge = np.abs(first[:39, 53].astype(int) - first[:39, 52].astype(int)).mean()
+    inner = np.abs(first[:39, 51].astype(int) - first[:39, 52].astype(int)).mean()
+    assert edge < inner / 2

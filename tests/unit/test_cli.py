@@ -130,3 +130,64 @@ def test_eval_switch_flags_parse_as_switches():
         parsed("--compensate", "false")
     args = parsed("--agreement", "0.4", "--noise-floor", "0.03", "--keyframe-energy", "0.05")
     assert (args.agreement, args.noise_floor, args.keyframe_energy) == (0.4, 0.03, 0.05)
+
+
+@pytest.fixture
+def no_start(monkeypatch):
+    """Start-up checks must refuse before the app exists: building it fails the test."""
+    import server.app
+
+    def refuse(*a, **k):
+        pytest.fail("the server started despite a bad setting")
+
+    monkeypatch.setattr(server.app, "create_app", refuse)
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+
+
+@pytest.mark.parametrize(
+    ("device", "needle"),
+    [("bogus", "unknown device 'bogus': use auto, cpu, cuda or cuda:N"), ("cuda:0", "no CUDA support")],
+)
+def test_serve_refuses_a_device_it_cannot_use_before_starting(capsys, no_start, no_cuda, device, needle):
+    code, _, err = run(capsys, "serve", "--device", device, "--port", "0")
+    assert code == 2 and needle in err and err.count("\n") == 1, err
+
+
+def test_serve_refuses_a_device_from_the_config_file(capsys, tmp_path, no_start):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[engine]\ndevice = "gpu0"\n')
+    code, _, err = run(capsys, "serve", "--config", str(cfg), "--port", "0")
+    assert code == 2 and "unknown device 'gpu0'" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("content", [b"\x80\x02garbage" + bytes(range(256)) * 40, b""])
+def test_serve_reads_the_weights_file_before_starting(capsys, tmp_path, no_start, content):
+    weights = tmp_path / "garbage.pth"
+    weights.write_bytes(content)
+    code, _, err = run(capsys, "serve", "--weights", str(weights), "--port", "0")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "garbage.pth" in err and "cannot read weights" in err and "weights_only" not in err
+
+
+def test_segment_refuses_an_unknown_device_before_any_work(capsys, tmp_path):
+    masks = tmp_path / "m"
+    clip = str(tmp_path / "x.mp4")
+    code, _, err = run(capsys, "segment", clip, "--device", "bogus", "--masks-dir", str(masks))
+    assert code == 2 and "unknown device 'bogus'" in err and err.count("\n") == 1, err
+    assert not masks.exists()
+
+
+def test_eval_refuses_cuda_without_cuda_in_one_line(capsys, tmp_path, no_cuda):
+    from tests.unit.test_evaluate import write_davis
+
+    fdir, mdir, _, _ = write_davis(tmp_path, n=2)
+    code, _, err = run(capsys, "eval", str(fdir), str(mdir), "--device", "cuda")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "device 'cuda' requested but this torch build has no CUDA support" in err
