@@ -253,10 +253,11 @@ class AvSource(Source):
             opts["rtsp_transport"] = o.rtsp_transport
         if scheme in ("http", "https"):
             opts["reconnect"] = "0"  # reconnection is the stream worker's job, with its own backoff
-        # Only for real-time protocols: ``nobuffer`` makes the MP4 demuxer return no packets
-        # over HTTP, and HLS/progressive files are not low-latency material anyway.
+        # Only for real-time protocols: HLS and progressive files are not low-latency material.
+        # No ``fflags=nobuffer``: it throws away the packets read while the stream is probed,
+        # which hold its first keyframe, so the first picture would wait for the next one (a
+        # whole group of pictures: seconds on many cameras, at every connect and reconnect).
         if o.low_latency and scheme in ("rtsp", "rtsps", "rtmp"):
-            opts["fflags"] = "nobuffer"
             opts["flags"] = "low_delay"
             if self.spec.format is None:
                 # Probing 5 s of a live stream before the first frame is pointless latency.

@@ -161,9 +161,10 @@ def gi_available() -> str | None:
 class RtspServer:
     """The GStreamer RTSP server (``rtsp_server.py``) as a child process that can be killed and restarted."""
 
-    def __init__(self, port: int | None = None, path: str = "/test") -> None:
+    def __init__(self, port: int | None = None, path: str = "/test", gop: int = 15) -> None:
         self.port = port or free_port()
         self.path = path
+        self.gop = gop
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -173,7 +174,7 @@ class RtspServer:
     def start(self, timeout: float = 20.0) -> None:
         assert shutil.which(SYSTEM_PYTHON)
         self.proc = subprocess.Popen(
-            [SYSTEM_PYTHON, str(RTSP_SCRIPT), str(self.port), self.path],
+            [SYSTEM_PYTHON, str(RTSP_SCRIPT), str(self.port), self.path, str(self.gop)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )

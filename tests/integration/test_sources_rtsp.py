@@ -90,7 +90,11 @@ def test_rtsp_survives_server_restart() -> None:
     # The first frame of each connection is marked; the consumer may miss one under ``latest``,
     # but the count of marked frames can never exceed the number of connections.
     assert 1 <= len(disc) <= 1 + after.reconnects
-    assert all(f.captured_at > 0 and f.pts is not None for f in frames)
+    assert all(f.captured_at > 0 for f in frames)
+    # Only the first picture of a connection may come without a timestamp (decoded from the
+    # packets the probe read, before the stream's clock is known).
+    assert all(f.discontinuity for f in frames if f.pts is None)
+    assert sum(f.pts is not None for f in frames) >= len(frames) - 1 - after.reconnects
     assert S.RECONNECTING in seen and seen[-1] is S.STOPPED
     assert not any(t.name == "source-cam" for t in threading.enumerate()), "no leaked thread"
 
@@ -159,3 +163,20 @@ def test_rtsp_frozen_server_is_a_stall_and_stop_is_bounded() -> None:
             server.proc.send_signal(signal.SIGCONT)
             worker.stop(timeout=5.0)
     assert worker.status().state is S.STOPPED
+
+
+@needs_gst
+def test_rtsp_first_picture_comes_from_the_first_keyframe() -> None:
+    """A camera with five seconds between keyframes: the first picture arrives at once, not
+    at the second keyframe (the probe's packets, which hold the first one, are kept)."""
+    with RtspServer(gop=150) as server:
+        slot = FrameSlot(capacity=1)
+        worker = StreamWorker("gop", parse_source(server.url), slot, reconnect=FAST)
+        t0 = time.monotonic()
+        worker.start()
+        try:
+            assert worker.wait_frames(1, timeout=15)
+            took = time.monotonic() - t0
+            assert took < 2.5, f"first picture after {took:.2f} s with a keyframe every 5 s"
+        finally:
+            assert worker.stop(timeout=5.0)
