@@ -29,7 +29,7 @@ from pipeline.slot import DropCounter, DropPolicy, FrameSlot
 from pipeline.sources import SourceSpec, parse_source
 from pipeline.stats import RollingWindow
 from pipeline.stream import StreamStatus, StreamWorker
-from pipeline.types import DropCause, SegmentationResult, StreamState, now
+from pipeline.types import DropCause, SegmentationResult, StreamState, every_cause, now
 
 log = logging.getLogger("segstream.manager")
 
@@ -87,9 +87,11 @@ class StreamHandle:
             "frames": self.frames_out,
             "reconnects": st.reconnects,
             "latency_ms": self.latency.percentiles(),
-            "drops": self.drops.snapshot(),
+            "drops": every_cause(self.drops.snapshot()),
             "temporal": self.temporal.mode,
             "roi": self.roi.enabled,
+            "temporal_settings": self.temporal.model_dump(),
+            "roi_settings": self.roi.model_dump(),
         }
 
 

@@ -30,6 +30,12 @@ class DropCause(enum.StrEnum):
     ERROR = "error"  # the model raised on the batch holding this frame
 
 
+def every_cause(drops: dict[str, int]) -> dict[str, int]:
+    """Drop counters with every cause present (0 where it never happened), for readers that
+    should not have to guess that a missing key means none."""
+    return {**{c.value: 0 for c in DropCause}, **drops}
+
+
 class StreamState(enum.StrEnum):
     CONNECTING = "connecting"
     STREAMING = "streaming"

@@ -26,7 +26,7 @@ from itertools import count
 from typing import Any
 
 from pipeline.render import Format, render
-from pipeline.types import DropCause, SegmentationResult, StreamState, now
+from pipeline.types import DropCause, SegmentationResult, StreamState, every_cause, now
 
 log = logging.getLogger("segstream.hub")
 
@@ -42,11 +42,6 @@ def json_finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_finite(v) for v in value]
     return value
-
-
-def every_cause(drops: dict[str, int]) -> dict[str, int]:
-    """Drop counters with every cause present (0 when it never happened)."""
-    return {**{c.value: 0 for c in DropCause}, **drops}
 
 
 def pack_message(header: dict[str, Any], payload: bytes = b"") -> bytes:

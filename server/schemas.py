@@ -59,6 +59,8 @@ class StreamInfo(BaseModel):
     clients: int
     temporal: str
     roi: bool
+    temporal_settings: dict[str, Any]  # every temporal threshold in force
+    roi_settings: dict[str, Any]  # every ROI setting in force
 
 
 class ModelInfo(BaseModel):
@@ -76,17 +78,29 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+def _merged(value: Any, current: Any) -> Any:
+    """``value``'s fields that were given, over ``current`` (a PATCH changes only what it
+    names; a POST, with no current settings, starts from the defaults)."""
+    if current is None:
+        return value
+    return type(current).model_validate({**current.model_dump(), **value.model_dump(exclude_unset=True)})
+
+
 def temporal_from(
     value: TemporalConfig | str | None, current: TemporalConfig | None = None
 ) -> TemporalConfig | None:
-    if value is None or isinstance(value, TemporalConfig):
-        return value
+    if value is None:
+        return None
+    if isinstance(value, TemporalConfig):
+        return _merged(value, current)
     base = current or TemporalConfig()
     return base.model_copy(update={"mode": value})
 
 
 def roi_from(value: RoiConfig | bool | None, current: RoiConfig | None = None) -> RoiConfig | None:
-    if value is None or isinstance(value, RoiConfig):
-        return value
+    if value is None:
+        return None
+    if isinstance(value, RoiConfig):
+        return _merged(value, current)
     base = current or RoiConfig()
     return base.model_copy(update={"enabled": bool(value)})

@@ -153,3 +153,18 @@ async def test_adding_and_removing_one_id_at_once_never_fails(live_server, null_
             await http.delete("/api/streams/race")
         assert (await http.get("/api/streams")).json() == []
         assert any(p == 201 for p, _ in seen)
+
+
+def test_patch_with_an_object_changes_only_the_fields_it_names(live_server, null_config) -> None:
+    srv = live_server(null_config)
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        assert http.post("/api/streams", json={"source": "demo", "id": "cam"}).status_code == 201
+        http.patch("/api/streams/cam", json={"roi": True, "temporal": "smooth"})
+        r = http.patch("/api/streams/cam", json={"roi": {"full_every": 3}, "temporal": {"blend": 0.3}})
+        assert r.status_code == 200, r.text
+        info = http.get("/api/streams/cam").json()
+        assert set(info["drops"]) == {"source_overrun", "engine_busy", "client_slow", "stale", "error"}
+        assert info["temporal"] == "smooth" and info["temporal_settings"]["blend"] == 0.3, info
+        assert info["roi"] is True and info["roi_settings"]["full_every"] == 3, info
+        r = http.patch("/api/streams/cam", json={"temporal": {"motion_high": 0.01}})  # below motion_low
+        assert r.status_code == 400 and "motion_high" in r.text
