@@ -275,6 +275,7 @@ class AvSource(Source):
             fmt = reference_format(self.spec.format) or sniff_reference_format(self.spec.target)
             if fmt is not None:
                 raise self._refuse_reference(fmt)
+        started = time.monotonic()
         try:
             self._container = av.open(
                 self.spec.target,
@@ -284,6 +285,15 @@ class AvSource(Source):
                 timeout=(o.open_timeout_s, o.read_timeout_s) if network else None,
             )
         except Exception as e:  # noqa: BLE001 - every failure becomes a SourceError with a clear message
+            waited = time.monotonic() - started
+            limit = min(o.open_timeout_s, o.read_timeout_s)
+            if network and isinstance(e, av.error.InvalidDataError) and waited >= 0.9 * limit:
+                # FFmpeg's RTSP client ends a silent server's open as "invalid data" once a
+                # timeout has run out: nothing was sent at all.
+                raise SourceError(
+                    f"cannot open: timed out connecting: no answer from the source within {waited:.0f} s",
+                    retryable=True,
+                ) from None
             if not network and isinstance(e, av.error.ArgumentError):
                 # What ``format_whitelist`` answers for a demuxer in REFERENCE_FORMATS.
                 raise SourceError(
