@@ -1,6 +1,8 @@
 """Logging set-up: one line per event, plain or JSON, the stream id on every stream line.
 
-Two filters sit on the handler:
+Every line, uvicorn's included, has passwords in URIs and secret query parameters
+(``token=``, ``pwd=``, ...) masked: uvicorn logs each websocket's path with its query,
+which holds the viewer's ``?token=``. Two filters sit on the handler:
 
 - :class:`StreamContext` gives every record a ``stream`` attribute: from
   ``extra={"stream": id}`` when the caller passed one, else from the ``"stream <id>: …"``
@@ -22,6 +24,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TextIO
+
+from pipeline.sources import redact_secrets
 
 _STREAM_PREFIX = re.compile(r"^stream ([A-Za-z0-9_.-]{1,64}):")
 
@@ -96,7 +100,7 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact_secrets(record.getMessage()),
         }
         stream = getattr(record, "stream", None)
         if stream is not None:
@@ -105,7 +109,7 @@ class JsonFormatter(logging.Formatter):
         if suppressed:
             out["suppressed"] = suppressed
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = redact_secrets(self.formatException(record.exc_info))
         return json.dumps(out, ensure_ascii=False)
 
 
@@ -118,7 +122,7 @@ class PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stream = getattr(record, "stream", None)
         record.ctx = f" [stream={stream}]" if stream is not None else ""
-        text = super().format(record) + _suppressed_note(record)
+        text = redact_secrets(super().format(record)) + _suppressed_note(record)
         # One event, one line: tracebacks keep their content but not their newlines.
         return text.replace("\n", " | ") if record.exc_info or "\n" in text else text
 

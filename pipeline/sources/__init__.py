@@ -57,19 +57,38 @@ _FORMAT_RE = re.compile(r"^[a-z0-9_,]{1,32}$")
 _WEBCAM_DEV_RE = re.compile(r"^/dev/video(\d{1,3})$")
 
 
+# Query parameters that hold secrets on cameras and signed URLs (``?user=admin&pwd=…``,
+# ``?token=…``, ``?X-Amz-Signature=…``): a name that is one of these or contains one.
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&;](?:[\w.-]*(?:pass|pwd|secret|token|signature|credential|auth|apikey|api_key|sig)"
+    r"[\w.-]*|key)=)[^&;#\s\"'\\]*"
+)
+_USERINFO = re.compile(r"(://[^/@:\s\"'\\]*:)[^/@\s\"'\\]*@")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` (a URI, a log line) with passwords in URIs and secret query parameters
+    replaced by ``***``."""
+    if "=" not in text and "@" not in text:
+        return text
+    return _USERINFO.sub(r"\1***@", _SECRET_PARAM.sub(r"\1***", text))
+
+
 def redact(uri: str) -> str:
-    """The URI with any password replaced by ``***`` (for logs, status and errors)."""
+    """The URI with any password replaced by ``***`` (for logs, status and errors): in its
+    user information and in query parameters named like one (``pwd``, ``token``, ...)."""
     try:
         parts = urlsplit(uri)
     except ValueError:
-        return uri
+        return redact_secrets(uri)
+    query = redact_secrets("?" + parts.query)[1:] if parts.query else parts.query
     if parts.password is None:
-        return uri
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
     host = parts.hostname or ""
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"
     netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 @dataclass(frozen=True)

@@ -106,3 +106,25 @@ def test_rate_limit_key_table_is_bounded() -> None:
         rec = logging.LogRecord("x", logging.INFO, __file__, 1, f"msg {i}", None, None)
         assert f.filter(rec)
     assert len(f._seen) <= 10
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+def test_tokens_and_passwords_never_reach_the_log(restore_root: None, json_lines: bool) -> None:
+    """uvicorn logs each websocket's path with its query (the viewer's ``?token=``); sources
+    may carry passwords. Every line has them masked, and JSON lines stay valid JSON."""
+    buf = io.StringIO()
+    setup_logging("info", json_lines=json_lines, stream=buf)
+    logging.getLogger("uvicorn.error").info(
+        '%s - "WebSocket %s" [%s]', "127.0.0.1:5", "/ws/streams/cam?format=rle&token=s3cr3t", "accepted"
+    )
+    logging.getLogger("segstream.source").warning("stream cam: connecting to %s", "http://c/v?pwd=hunter2")
+    try:
+        raise OSError("cannot open rtsp://admin:letmein@10.0.0.7/live")
+    except OSError:
+        logging.getLogger("segstream.source").exception("stream cam: open failed")
+    text = buf.getvalue()
+    for secret in ("s3cr3t", "hunter2", "letmein"):
+        assert secret not in text, text
+    assert "token=***" in text and "pwd=***" in text and "admin:***@" in text
+    if json_lines:
+        assert [json.loads(line)["level"] for line in text.splitlines()] == ["info", "warning", "error"]

@@ -45,6 +45,21 @@ def test_http_keeps_the_cameras_own_query_parameters() -> None:
     assert spec.format == "mpjpeg"
 
 
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("http://cam/video.cgi?user=admin&pwd=hunter2", "http://cam/video.cgi?user=admin&pwd=***"),
+        ("http://cam/a.mjpg?password=p&fps=5", "http://cam/a.mjpg?password=***&fps=5"),
+        ("https://s3/x.mp4?X-Amz-Signature=abc&X-Amz-Credential=zz", "https://s3/x.mp4?X-Amz-Signature=***&X-Amz-Credential=***"),
+        ("http://h/live?token=t0k&key=k3y&keyframe=3", "http://h/live?token=***&key=***&keyframe=3"),
+        ("rtsp://u:p@cam/live?rtsp_transport=tcp", "rtsp://u:***@cam/live?rtsp_transport=tcp"),
+    ],
+)
+def test_secrets_in_query_parameters_are_redacted_too(uri: str, shown: str) -> None:
+    assert redact(uri) == shown
+    assert parse_source(uri).display == shown
+
+
 def test_credentials_are_redacted_for_display() -> None:
     spec = parse_source("rtsp://admin:hunter2@192.168.1.5:554/stream1")
     assert spec.display == "rtsp://admin:***@192.168.1.5:554/stream1"
