@@ -130,6 +130,7 @@ class LimitsConfig(_Strict):
     max_source_pixels: int = Field(3840 * 2160, ge=1)
     max_ws_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_request_bytes: int = Field(64 * 1024, ge=1024)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)  # request line and headers of one request
     client_queue: int = Field(1, ge=1, le=16)
 
 
@@ -137,7 +138,18 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     token: str | None = None
-    allowed_origins: list[str] = Field(default_factory=lambda: ["*"])
+    # Other origins whose pages may call the API and open the websockets; the viewer's own
+    # origin always may. "*" lets any web page in (and drive the server from a visitor's browser).
+    allowed_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            # An empty value (an unset environment variable in a template) must not quietly
+            # mean "no authentication".
+            raise ValueError("the token is empty: give one, or leave it out to run without a token")
+        return v
     media_dir: str | None = None  # API-added file sources must live under this directory
     allowed_schemes: list[str] = Field(
         default_factory=lambda: ["rtsp", "rtsps", "rtmp", "http", "https", "file", "webcam", "demo"]

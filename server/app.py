@@ -48,6 +48,11 @@ def uvicorn_options(config: AppConfig) -> dict[str, Any]:
         "ws_max_size": config.limits.max_ws_message_bytes,
         "ws_per_message_deflate": config.server.ws_compression,
         "lifespan": "on",
+        # h11 caps what it buffers of a request's head; httptools buffers headers without
+        # limit (four connections sending 50 MB of headers held 200 MB). The REST calls are
+        # few and small, and websocket traffic does not go through this parser.
+        "http": "h11",
+        "h11_max_incomplete_event_size": config.limits.max_header_bytes,
     }
 
 

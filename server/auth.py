@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request, WebSocket, status
 
@@ -14,6 +15,19 @@ def token_matches(expected: str | None, given: str | None) -> bool:
     if not given:
         return False
     return hmac.compare_digest(expected.encode("utf-8"), given.encode("utf-8"))
+
+
+def origin_allowed(ws: WebSocket, allowed: list[str]) -> bool:
+    """Whether a websocket's ``Origin`` may connect: none given (not a browser), the page's
+    own origin (its host is the one connected to), or one of ``server.allowed_origins``
+    (``*``: any). Browsers apply no CORS to websockets, so without this check any web page
+    could open the results or the camera upload (cross-site websocket hijacking)."""
+    origin = ws.headers.get("origin")
+    if origin is None or "*" in allowed or origin in allowed:
+        return True
+    host = (ws.headers.get("host") or "").lower()
+    netloc = urlsplit(origin).netloc.lower()
+    return bool(host) and netloc == host
 
 
 def _bearer(header: str | None) -> str | None:

@@ -14,8 +14,8 @@ browser is connected, and removed when it leaves.
 A malformed picture (not a JPEG, a header that is not JSON, a ``t`` that is not a finite
 number) gets ``{"type": "error", "error": "bad picture: ..."}`` and the upload goes on.
 Close codes: 4400 bad parameters or a picture above ``limits.max_source_pixels`` (refused
-from its JPEG header, before decoding), 4401 unauthorised, 4409 the id is in use, 4410
-the stream was removed, 4429 stream limit, 1009 a message above
+from its JPEG header, before decoding), 4401 unauthorised, 4403 origin not allowed, 4409 the id
+is in use, 4410 the stream was removed, 4429 stream limit, 1009 a message above
 ``limits.max_ws_message_bytes``, 1001 server shutting down.
 """
 
@@ -44,9 +44,10 @@ from pipeline.config import StreamConfig, check_stream_id
 from pipeline.manager import LimitError, StreamExistsError
 from pipeline.render import decode_jpeg
 from pipeline.sources.push import PushFeed, push_spec
-from server.auth import presented_token, token_matches
+from server.auth import origin_allowed, presented_token, token_matches
 from server.ws import (
     CLOSE_BAD_PARAMS,
+    CLOSE_FORBIDDEN_ORIGIN,
     CLOSE_GOING_AWAY,
     CLOSE_STREAM_REMOVED,
     CLOSE_TOO_BIG,
@@ -162,6 +163,9 @@ async def ingest(ws: WebSocket) -> None:
     config = app.state.config
     mgr = app.state.manager
     await ws.accept()
+    if not origin_allowed(ws, config.server.allowed_origins):
+        await _close(ws, CLOSE_FORBIDDEN_ORIGIN, "origin not allowed (server.allowed_origins)")
+        return
     if not token_matches(config.server.token, presented_token(ws)):
         await _close(ws, CLOSE_UNAUTHORISED, "missing or wrong token")
         return

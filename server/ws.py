@@ -1,7 +1,7 @@
 """Websocket endpoint for results: ``/ws/streams/{id}`` speaking protocol v1.
 
 Close codes (also in the README):
-    4400 bad parameters, 4401 unauthorised, 4404 unknown stream,
+    4400 bad parameters, 4401 unauthorised, 4403 origin not allowed, 4404 unknown stream,
     4410 stream removed, 4429 too many clients, 1001 server shutting down,
     1009 message too big.
 """
@@ -20,7 +20,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from pipeline.render import Format
-from server.auth import presented_token, token_matches
+from server.auth import origin_allowed, presented_token, token_matches
 from server.hub import Client, Hub
 
 log = logging.getLogger("segstream.ws")
@@ -28,6 +28,7 @@ router = APIRouter()
 
 CLOSE_BAD_PARAMS = 4400
 CLOSE_UNAUTHORISED = 4401
+CLOSE_FORBIDDEN_ORIGIN = 4403
 CLOSE_UNKNOWN_STREAM = 4404
 CLOSE_STREAM_REMOVED = 4410
 CLOSE_TOO_MANY = 4429
@@ -169,6 +170,9 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
     hub: Hub = app.state.hub
     config = app.state.config
     await ws.accept()
+    if not origin_allowed(ws, config.server.allowed_origins):
+        await _close(ws, CLOSE_FORBIDDEN_ORIGIN, "origin not allowed (server.allowed_origins)")
+        return
     if not token_matches(config.server.token, presented_token(ws)):
         await _close(ws, CLOSE_UNAUTHORISED, "missing or wrong token")
         return

@@ -168,3 +168,38 @@ def test_patch_with_an_object_changes_only_the_fields_it_names(live_server, null
         assert info["roi"] is True and info["roi_settings"]["full_every"] == 3, info
         r = http.patch("/api/streams/cam", json={"temporal": {"motion_high": 0.01}})  # below motion_low
         assert r.status_code == 400 and "motion_high" in r.text
+
+
+async def test_websockets_from_another_sites_page_are_refused(live_server, null_config) -> None:
+    """Browsers apply no CORS to websockets: the server checks the Origin itself. The page's
+    own origin and configured ones may connect, clients that send none (programs) too."""
+    server = null_config.server.model_copy(update={"allowed_origins": ["http://good.example"]})
+    srv = live_server(null_config.model_copy(update={"server": server}))
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        assert http.post("/api/streams", json={"source": "demo", "id": "d"}).status_code == 201
+        preflight = http.options(
+            "/api/streams",
+            headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert "access-control-allow-origin" not in preflight.headers
+    host = srv.url.removeprefix("http://")
+    ingest = srv.url.replace("http://", "ws://") + "/ws/ingest"
+    for url in (srv.stream_ws("d", format="rle"), ingest):
+        async with connect(url, origin="http://evil.example", open_timeout=5) as ws:
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+            assert ws.close_code == 4403 and "origin" in ws.close_reason
+    for origin in (None, f"http://{host}", "http://good.example"):
+        async with connect(srv.stream_ws("d", format="rle"), origin=origin, open_timeout=5) as ws:
+            assert isinstance(await asyncio.wait_for(ws.recv(), 5), bytes), origin
+
+
+def test_oversized_request_headers_are_refused(live_server, null_config) -> None:
+    srv = live_server(null_config)
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        assert http.get("/healthz", headers={"X-Filler": "a" * 8000}).status_code == 200
+        try:
+            r = http.get("/healthz", headers={"X-Filler": "a" * 200_000})
+        except httpx.HTTPError:
+            return  # the server dropped the connection: refused as well
+        assert r.status_code in (400, 431), r.status_code

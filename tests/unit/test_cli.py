@@ -191,3 +191,12 @@ def test_eval_refuses_cuda_without_cuda_in_one_line(capsys, tmp_path, no_cuda):
     code, _, err = run(capsys, "eval", str(fdir), str(mdir), "--device", "cuda")
     assert code == 2 and err.count("\n") == 1, err
     assert "device 'cuda' requested but this torch build has no CUDA support" in err
+
+
+def test_an_empty_token_is_refused_rather_than_running_open(capsys, tmp_path):
+    code, _, err = run(capsys, "serve", "--token", "", "--port", "0")
+    assert code == 2 and "token is empty" in err, err
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\ntoken = " "\n')
+    code, _, err = run(capsys, "serve", "--config", str(cfg), "--port", "0")
+    assert code == 2 and "token is empty" in err, err
