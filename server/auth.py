@@ -25,9 +25,11 @@ def origin_allowed(ws: WebSocket, allowed: list[str]) -> bool:
     origin = ws.headers.get("origin")
     if origin is None or "*" in allowed or origin in allowed:
         return True
-    host = (ws.headers.get("host") or "").lower()
     netloc = urlsplit(origin).netloc.lower()
-    return bool(host) and netloc == host
+    # Behind a proxy that rewrites Host, the public host comes as X-Forwarded-Host.
+    given = ",".join(ws.headers.get(k, "") for k in ("host", "x-forwarded-host"))
+    hosts = {h.strip().lower() for h in given.split(",")}
+    return bool(netloc) and netloc in hosts
 
 
 def _bearer(header: str | None) -> str | None:

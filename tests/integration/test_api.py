@@ -192,6 +192,14 @@ async def test_websockets_from_another_sites_page_are_refused(live_server, null_
     for origin in (None, f"http://{host}", "http://good.example"):
         async with connect(srv.stream_ws("d", format="rle"), origin=origin, open_timeout=5) as ws:
             assert isinstance(await asyncio.wait_for(ws.recv(), 5), bytes), origin
+    # behind a proxy that rewrites Host: the public host it forwards
+    async with connect(
+        srv.stream_ws("d", format="rle"),
+        origin="https://cams.example",
+        additional_headers={"X-Forwarded-Host": "cams.example"},
+        open_timeout=5,
+    ) as ws:
+        assert isinstance(await asyncio.wait_for(ws.recv(), 5), bytes)
 
 
 def test_oversized_request_headers_are_refused(live_server, null_config) -> None:
