@@ -137,6 +137,7 @@ class StreamManager:
         self._counter = 0
         self.result_listeners: list[Callable[[SegmentationResult], None]] = []
         self.status_listeners: list[Callable[[str, StreamStatus], None]] = []
+        self.removal_listeners: list[Callable[[str], None]] = []  # called with the id of a stream removed
         self.engine = Engine(
             config=config.engine,
             segmenter_factory=self._make_segmenter,
@@ -252,12 +253,12 @@ class StreamManager:
         model = sc.model or self.config.default_model
         self.load_model(model)  # raises UnknownModelError / WeightsError before anything starts
         with self._lock:
-            if len(self._streams) >= self.config.limits.max_streams:
-                raise LimitError(f"stream limit reached ({self.config.limits.max_streams} streams)")
             sid = sc.id or self._new_id()
             check_stream_id(sid)
-            if sid in self._streams:
+            if sid in self._streams:  # named before the limit: the id is the caller's mistake
                 raise StreamExistsError(f"stream {sid!r} already exists")
+            if len(self._streams) >= self.config.limits.max_streams:
+                raise LimitError(f"stream limit reached ({self.config.limits.max_streams} streams)")
             drops = DropCounter()
             capacity = 2 if self.slot_policy is DropPolicy.BLOCK else 1
             slot = FrameSlot(
@@ -301,6 +302,11 @@ class StreamManager:
         self.engine.remove_stream(stream_id)
         handle.worker.request_stop()
         handle.slot.close()  # a source waiting to hand over a frame gives up at once
+        for listener in list(self.removal_listeners):
+            try:
+                listener(stream_id)
+            except Exception:  # an observer must not stop a removal
+                log.exception("stream %s: removal listener failed", stream_id)
         return handle
 
     def remove(self, stream_id: str, timeout: float = 5.0) -> bool:

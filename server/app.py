@@ -71,6 +71,7 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
 
         if app.state.metrics is not None:
             mgr.result_listeners.append(app.state.metrics.observe)
+            mgr.removal_listeners.append(app.state.metrics.forget)
         bound = config.server.shutdown_timeout_s
         try:
             await anyio.to_thread.run_sync(mgr.start)

@@ -161,6 +161,12 @@ class Metrics:
                 self._hists[sid] = hists
             return hists
 
+    def forget(self, sid: str) -> None:
+        """A stream was removed: its histograms go with it (a stream added again under the same
+        id starts afresh, like its counters, whether or not a scrape came in between)."""
+        with self._lock:
+            self._hists.pop(sid, None)
+
     def forget_missing(self, live: Iterable[str]) -> None:
         """Drop label sets of removed streams, so weeks of stream churn do not grow the output."""
         keep = set(live)

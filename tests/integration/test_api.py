@@ -211,3 +211,12 @@ def test_oversized_request_headers_are_refused(live_server, null_config) -> None
         except httpx.HTTPError:
             return  # the server dropped the connection: refused as well
         assert r.status_code in (400, 431), r.status_code
+
+
+def test_a_taken_id_is_a_409_even_at_the_stream_limit(live_server, null_config) -> None:
+    limits = null_config.limits.model_copy(update={"max_streams": 1})
+    srv = live_server(null_config.model_copy(update={"limits": limits}))
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        assert http.post("/api/streams", json={"source": "demo", "id": "a"}).status_code == 201
+        assert http.post("/api/streams", json={"source": "demo", "id": "a"}).status_code == 409
+        assert http.post("/api/streams", json={"source": "demo", "id": "b"}).status_code == 429

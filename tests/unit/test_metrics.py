@@ -139,6 +139,16 @@ def test_stage_latency_histograms_and_removed_streams_are_forgotten() -> None:
     assert not any(("stream", "a") in k[1] for k in s)
 
 
+def test_a_stream_removed_and_added_again_between_scrapes_starts_its_histograms_afresh() -> None:
+    h = FakeHandle("a", info())
+    m = Metrics(FakeManager([h]), FakeHub(), process=False)
+    for _ in range(5):
+        m.observe(result("a", infer_ms=3.0, total_s=0.02))
+    m.forget("a")  # removed (the manager's removal listener) and added again before any scrape
+    m.observe(result("a", infer_ms=3.0, total_s=0.02))
+    assert samples(m)[("segstream_latency_seconds_count", (("stream", "a"),))] == 1
+
+
 def test_engine_batch_histogram_and_counters() -> None:
     mgr = FakeManager([])
     mgr.engine.stats = EngineStats(
