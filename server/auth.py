@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request, WebSocket, status
+
+log = logging.getLogger("segstream.auth")
+
+
+def refused(conn: Request | WebSocket, why: str) -> None:
+    """Log a refused request (rate-limited like every line): who, where and why."""
+    client = conn.client.host if conn.client else "?"
+    log.warning("refused %s from %s: %s", conn.url.path, client, why)
 
 
 def token_matches(expected: str | None, given: str | None) -> bool:
@@ -45,6 +54,7 @@ def presented_token(conn: Request | WebSocket) -> str | None:
 def require_token(request: Request) -> None:
     expected = request.app.state.config.server.token
     if not token_matches(expected, presented_token(request)):
+        refused(request, "missing or wrong token")
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing or wrong token: send 'Authorization: Bearer <token>' or ?token=",

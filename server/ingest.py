@@ -44,7 +44,7 @@ from pipeline.config import StreamConfig, check_stream_id
 from pipeline.manager import LimitError, StreamExistsError
 from pipeline.render import decode_jpeg
 from pipeline.sources.push import PushFeed, push_spec
-from server.auth import origin_allowed, presented_token, token_matches
+from server.auth import origin_allowed, presented_token, refused, token_matches
 from server.ws import (
     CLOSE_BAD_PARAMS,
     CLOSE_FORBIDDEN_ORIGIN,
@@ -164,9 +164,11 @@ async def ingest(ws: WebSocket) -> None:
     mgr = app.state.manager
     await ws.accept()
     if not origin_allowed(ws, config.server.allowed_origins):
+        refused(ws, f"origin {ws.headers.get('origin')!r} not allowed")
         await _close(ws, CLOSE_FORBIDDEN_ORIGIN, "origin not allowed (server.allowed_origins)")
         return
     if not token_matches(config.server.token, presented_token(ws)):
+        refused(ws, "missing or wrong token")
         await _close(ws, CLOSE_UNAUTHORISED, "missing or wrong token")
         return
     try:

@@ -20,7 +20,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from pipeline.render import Format
-from server.auth import origin_allowed, presented_token, token_matches
+from server.auth import origin_allowed, presented_token, refused, token_matches
 from server.hub import Client, Hub
 
 log = logging.getLogger("segstream.ws")
@@ -171,9 +171,11 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
     config = app.state.config
     await ws.accept()
     if not origin_allowed(ws, config.server.allowed_origins):
+        refused(ws, f"origin {ws.headers.get('origin')!r} not allowed")
         await _close(ws, CLOSE_FORBIDDEN_ORIGIN, "origin not allowed (server.allowed_origins)")
         return
     if not token_matches(config.server.token, presented_token(ws)):
+        refused(ws, "missing or wrong token")
         await _close(ws, CLOSE_UNAUTHORISED, "missing or wrong token")
         return
     try:

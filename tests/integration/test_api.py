@@ -220,3 +220,15 @@ def test_a_taken_id_is_a_409_even_at_the_stream_limit(live_server, null_config) 
         assert http.post("/api/streams", json={"source": "demo", "id": "a"}).status_code == 201
         assert http.post("/api/streams", json={"source": "demo", "id": "a"}).status_code == 409
         assert http.post("/api/streams", json={"source": "demo", "id": "b"}).status_code == 429
+
+
+def test_a_refused_token_is_logged_without_the_token(live_server, caplog) -> None:
+    config = AppConfig(
+        default_model="null", server=ServerConfig(token="s3cret"), engine=EngineConfig(threads=1, encode_workers=1)
+    )
+    srv = live_server(config)
+    with caplog.at_level("WARNING", logger="segstream.auth"):
+        assert httpx.get(f"{srv.url}/api/streams?token=guess1", timeout=5).status_code == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "segstream.auth"]
+    assert any("refused /api/streams from 127.0.0.1: missing or wrong token" in line for line in lines), lines
+    assert not any("guess1" in line for line in lines)
