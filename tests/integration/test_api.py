@@ -223,9 +223,8 @@ def test_a_taken_id_is_a_409_even_at_the_stream_limit(live_server, null_config) 
 
 
 def test_a_refused_token_is_logged_without_the_token(live_server, caplog) -> None:
-    config = AppConfig(
-        default_model="null", server=ServerConfig(token="s3cret"), engine=EngineConfig(threads=1, encode_workers=1)
-    )
+    engine = EngineConfig(threads=1, encode_workers=1)
+    config = AppConfig(default_model="null", server=ServerConfig(token="s3cret"), engine=engine)
     srv = live_server(config)
     with caplog.at_level("WARNING", logger="segstream.auth"):
         assert httpx.get(f"{srv.url}/api/streams?token=guess1", timeout=5).status_code == 401
