@@ -147,5 +147,6 @@ def setup_logging(
         lg = logging.getLogger(name)
         lg.handlers[:] = []
         lg.propagate = True
+        lg.setLevel(logging.NOTSET)  # the root's level, whatever an earlier set-up left
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     return handler
