@@ -25,9 +25,11 @@ router = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
 
 _errors: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody},
+    401: {"model": ErrorBody, "description": "missing or wrong token (when the server has one)"},
     404: {"model": ErrorBody},
     409: {"model": ErrorBody},
     422: {"model": ErrorBody},
+    413: {"model": ErrorBody, "description": "request body too large"},
     429: {"model": ErrorBody},
 }
 

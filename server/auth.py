@@ -6,7 +6,8 @@ import hmac
 import logging
 from urllib.parse import urlsplit
 
-from fastapi import HTTPException, Request, WebSocket, status
+from fastapi import HTTPException, Request, Security, WebSocket, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 log = logging.getLogger("segstream.auth")
 
@@ -51,7 +52,14 @@ def presented_token(conn: Request | WebSocket) -> str | None:
     return _bearer(conn.headers.get("authorization")) or conn.query_params.get("token")
 
 
-def require_token(request: Request) -> None:
+# Declares the bearer scheme in the OpenAPI document, so /docs offers "Authorize" and sends
+# the token; the check itself is ``presented_token`` (header or ?token=).
+_BEARER = HTTPBearer(auto_error=False, description="the server's --token (when one is set)")
+
+
+def require_token(
+    request: Request, _credentials: HTTPAuthorizationCredentials | None = Security(_BEARER)
+) -> None:
     expected = request.app.state.config.server.token
     if not token_matches(expected, presented_token(request)):
         refused(request, "missing or wrong token")

@@ -99,6 +99,10 @@ async def test_token_guards_rest_and_websockets(live_server) -> None:
         assert http.post("/api/streams", json={"source": "demo", "id": "d"}, headers=good).status_code == 201
         assert http.get("/api/streams?token=s3cret").status_code == 200
         assert http.get("/").status_code == 200  # the viewer page itself asks for the token
+        # /docs can send the token: the scheme is declared, and every /api route requires it
+        spec = http.get("/openapi.json").json()
+        assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+        assert spec["paths"]["/api/streams"]["post"]["security"] == [{"HTTPBearer": []}]
     for url in (srv.stream_ws("d"), srv.stream_ws("d", token="wrong"), srv.stream_ws("nope")):
         async with connect(url, open_timeout=5) as ws:
             with pytest.raises(ConnectionClosed):
