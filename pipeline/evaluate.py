@@ -340,14 +340,17 @@ def _load_segmenter(args: argparse.Namespace) -> SegmenterLike:
 
 
 def _roi_config(args: argparse.Namespace) -> Any:
+    flags = {"full_every": "--roi-full-every", "max_regions": "--roi-max-regions"}
+    given = {"full_every": args.roi_full_every, "max_regions": args.roi_max_regions}
     if not getattr(args, "roi", False):
+        stray = [flags[k] for k, v in given.items() if v is not None]
+        if stray:  # a setting for a mode that is off would be ignored without a word
+            raise EvalInputError(f"{', '.join(stray)} applies to ROI mode only: add --roi")
         return None
     from pydantic import ValidationError
 
     from pipeline.config import RoiConfig
 
-    flags = {"full_every": "--roi-full-every", "max_regions": "--roi-max-regions"}
-    given = {"full_every": args.roi_full_every, "max_regions": args.roi_max_regions}
     try:
         return RoiConfig(enabled=True, **{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:  # one line per bad flag, as for config files

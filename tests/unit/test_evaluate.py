@@ -216,3 +216,9 @@ def test_bad_roi_flags_are_one_line_naming_the_flag(tmp_path, capsys, flags, nee
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "http" not in err, err
     assert not loaded  # refused before any model is loaded
+
+
+def test_roi_flags_without_roi_are_refused(tmp_path, capsys):
+    fdir, mdir, _, _ = write_davis(tmp_path, n=2)
+    assert run_eval(parse(["eval", str(fdir), str(mdir), "--roi-full-every", "3"]), load_segmenter=list) == 2
+    assert "--roi-full-every applies to ROI mode only: add --roi" in capsys.readouterr().err
