@@ -322,8 +322,11 @@ class StreamWorker:
                 return
             delay = backoff_delay(attempt, self.reconnect, self._rng)
             # One line per attempt; the backoff grows, so a dead camera never floods the log.
+            # The error is part of the log's rate-limit key: a camera whose trouble changes
+            # (refused, then 401) is reported at once, a repeated one is held back.
             log.warning(
-                "stream %s: %s; reconnecting in %.1f s (attempt %d)", self.stream_id, error, delay, attempt
+                "stream %s: %s; reconnecting in %.1f s (attempt %d)",
+                self.stream_id, error, delay, attempt, extra={"rate_key": str(error)},
             )
             self._set_state(StreamState.RECONNECTING, str(error))
             if self._stop.wait(delay):

@@ -9,7 +9,8 @@ which holds the viewer's ``?token=``. Two filters sit on the handler:
   prefix the pipeline's messages use. Plain lines show it as ``[stream=<id>]``, JSON
   lines as a ``stream`` field, so ``grep``/``jq`` can follow one camera.
 - :class:`RateLimit` keeps a camera that is down for days from filling the disk: the
-  same message template from the same logger and stream passes ``burst`` times per
+  same message template from the same logger and stream (and ``rate_key``, when the
+  caller gives one: a reconnect line gives its error) passes ``burst`` times per
   ``interval_s`` window, then is held back; the next line that passes says how many
   were suppressed.
 """
@@ -60,12 +61,14 @@ class RateLimit(logging.Filter):
         self._max_keys = max_keys
         self._lock = threading.Lock()
         # key -> [window start, passed in window, suppressed since the last line that passed]
-        self._seen: dict[tuple[str, str, str | None], list[float]] = {}
+        self._seen: dict[tuple[str, str, str | None, str | None], list[float]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.interval_s == 0:
             return True
-        key = (record.name, str(record.msg), getattr(record, "stream", None))
+        # ``extra={"rate_key": ...}`` splits one template into several keys (e.g. by error)
+        stream, rate_key = getattr(record, "stream", None), getattr(record, "rate_key", None)
+        key = (record.name, str(record.msg), stream, rate_key)
         t = self._clock()
         with self._lock:
             entry = self._seen.get(key)

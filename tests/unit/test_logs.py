@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from pipeline.types import StreamState
 from server.logs import RateLimit, setup_logging
 
 
@@ -87,6 +88,38 @@ def test_a_dead_camera_does_not_flood_the_log(restore_root: None) -> None:
     assert 10 * 3 <= len(dead) <= 11 * 3  # `burst` lines per minute instead of 30
     assert any("27 similar messages suppressed" in ln for ln in dead)
     assert sum("[stream=other]" in ln for ln in lines) == 1  # another stream is not held back
+
+
+def test_a_camera_whose_error_changes_is_reported_at_once(restore_root: None) -> None:
+    """The stream worker keys its reconnect line's rate limit by the error as well: a repeated
+    error is held back, a new one (refused, then 401) is reported at once."""
+    from pipeline.config import ReconnectConfig
+    from pipeline.slot import FrameSlot
+    from pipeline.sources.base import Source, SourceError
+    from pipeline.stream import StreamWorker
+    from tests.unit.test_stream import fake_spec
+
+    errors = ["connection refused"] * 6 + ["server refused access (401): check the credentials"] * 6
+
+    class Failing(Source):
+        def open(self):  # type: ignore[no-untyped-def]
+            raise SourceError(errors.pop(0) if len(errors) > 1 else errors[0])
+
+        def frames(self):  # type: ignore[no-untyped-def]
+            return iter(())
+
+        def close(self) -> None:
+            pass
+
+    buf = io.StringIO()
+    setup_logging("info", stream=buf, rate_limit_s=60, burst=2)
+    fast = ReconnectConfig(initial_backoff_s=0.001, max_backoff_s=0.002, jitter=0.0, max_attempts=11)
+    worker = StreamWorker("cam", fake_spec(Failing), FrameSlot(), reconnect=fast)
+    worker.start()
+    assert worker.wait_state({StreamState.FAILED}, timeout=5) is StreamState.FAILED
+    lines = [ln for ln in buf.getvalue().splitlines() if "reconnecting in" in ln]
+    assert sum("connection refused" in ln for ln in lines) == 2, lines  # held back after 2
+    assert sum("401" in ln for ln in lines) == 2, lines  # the new error is not held back
 
 
 def test_rate_limit_zero_disables_it_and_bad_values_are_rejected() -> None:
