@@ -163,15 +163,16 @@ def segment_file(
         check_output(out_path)
     total, fps = _probe_source(str(source), config)
     masks = Path(masks_dir) if masks_dir is not None else None
+    engine_cfg = config.engine.model_copy(update={"latency_budget_ms": 1e12})
+    cfg = config.model_copy(update={"engine": engine_cfg, "streams": []})
+    mgr = StreamManager(cfg, realtime=False, slot_policy=DropPolicy.BLOCK)
+    mgr.load_model(model or cfg.default_model)  # the name and the weights, before any directory is made
     if out_path is not None:
         _make_dir(out_path.parent, "output")
         if not os.access(out_path.parent, os.W_OK):
             raise OfflineError(f"output {out_path}: the directory {out_path.parent} is not writable")
     if masks is not None:
         _make_dir(masks, "masks")
-    engine_cfg = config.engine.model_copy(update={"latency_budget_ms": 1e12})
-    cfg = config.model_copy(update={"engine": engine_cfg, "streams": []})
-    mgr = StreamManager(cfg, realtime=False, slot_policy=DropPolicy.BLOCK)
     results: queue.Queue[SegmentationResult] = queue.Queue(maxsize=64)
     # Back-pressure: the engine thread waits for the writer rather than dropping results.
     mgr.result_listeners.append(lambda r: results.put(r))

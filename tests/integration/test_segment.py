@@ -102,3 +102,15 @@ def test_odd_sized_input_is_padded_to_even_in_the_video_and_kept_in_the_masks(tm
     edge = np.abs(first[:39, 53].astype(int) - first[:39, 52].astype(int)).mean()
     inner = np.abs(first[:39, 51].astype(int) - first[:39, 52].astype(int)).mean()
     assert edge < inner / 2
+
+
+def test_segment_with_unreadable_weights_writes_nothing(tmp_path, capsys):
+    clip = make_test_video(tmp_path / "c.mp4", frames=3)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"\xff" * 64)
+    masks, out = tmp_path / "masks", tmp_path / "out" / "o.mp4"
+    code = main(["segment", str(clip), "--weights", str(weights), "--masks-dir", str(masks),
+                 "--output", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "w.safetensors" in err and err.count("\n") == 1, err
+    assert not masks.exists() and not out.parent.exists()  # refused before any directory is made
