@@ -83,10 +83,11 @@ def _check_model(name: str | None) -> None:
 
 def _check_startup(cfg: AppConfig) -> None:
     """What would stop the server's start-up, said in one line before anything starts:
-    model names, weights files, sources, temporal thresholds and the stream limit."""
+    the device, model names, weights files (read and applied to their network), sources,
+    temporal thresholds and the stream limit."""
     from models.device import check_device
+    from models.registry import build_model
     from models.temporal import TemporalParams
-    from models.weights import read_state_dict
     from pipeline.sources import parse_source
 
     check_device(cfg.engine.device)
@@ -101,7 +102,9 @@ def _check_startup(cfg: AppConfig) -> None:
         if path is not None and not Path(path).is_file():
             raise CliError(f"weights file for {name!r} not found: {path}")
         if path is not None:
-            read_state_dict(path)  # WeightsError: one line naming the file
+            # The network built and the file applied to it, as start-up will: an unreadable
+            # file, or one made for another network, is one line naming it (WeightsError).
+            build_model(name, weights=path)
     for sc in cfg.streams:
         label = f"stream {sc.id!r}" if sc.id else f"stream {sc.source!r}"
         parse_source(sc.source, options=sc.options, allowed_schemes=cfg.server.allowed_schemes)

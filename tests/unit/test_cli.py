@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from server.cli import CliError, _parse_source_arg, main
 
@@ -200,3 +201,12 @@ def test_an_empty_token_is_refused_rather_than_running_open(capsys, tmp_path):
     cfg.write_text('[server]\ntoken = " "\n')
     code, _, err = run(capsys, "serve", "--config", str(cfg), "--port", "0")
     assert code == 2 and "token is empty" in err, err
+
+
+def test_serve_refuses_weights_made_for_another_network(capsys, tmp_path, no_start):
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"not.this.model": torch.zeros(2)}, str(other))
+    code, _, err = run(capsys, "serve", "--model", "selfie", "--weights", str(other), "--port", "0")
+    assert code == 2 and "other.safetensors" in err and err.count("\n") == 1, err
