@@ -32,6 +32,7 @@ from pipeline.stream import StreamStatus, StreamWorker
 from pipeline.types import DropCause, SegmentationResult, StreamState, every_cause, now
 
 log = logging.getLogger("segstream.manager")
+_STALL_CHECK_S = 0.5  # how often the watchdog looks for live streams without pictures
 
 
 
@@ -138,6 +139,8 @@ class StreamManager:
         self.result_listeners: list[Callable[[SegmentationResult], None]] = []
         self.status_listeners: list[Callable[[str, StreamStatus], None]] = []
         self.removal_listeners: list[Callable[[str], None]] = []  # called with the id of a stream removed
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_stop = threading.Event()
         self.engine = Engine(
             config=config.engine,
             segmenter_factory=self._make_segmenter,
@@ -187,9 +190,23 @@ class StreamManager:
         return functools.partial(prepare_input, self.load_model(model))
 
     # -- lifecycle -------------------------------------------------------------------
+    def _watch_stalls(self) -> None:
+        """Marks live streams ``stalled`` whose source thread is blocked in a read (see
+        ``StreamWorker.check_stall``): users see it at ``stall_timeout_s``, not only when
+        FFmpeg's read timeout runs out."""
+        while not self._watchdog_stop.wait(_STALL_CHECK_S):
+            for handle in self.list():
+                try:
+                    handle.worker.check_stall()
+                except Exception:  # the watchdog must outlive any one stream's trouble
+                    log.exception("stream %s: stall check failed", handle.id)
+
     def start(self) -> None:
         if self._started:
             return
+        self._watchdog_stop.clear()
+        self._watchdog = threading.Thread(target=self._watch_stalls, name="stall-watchdog", daemon=True)
+        self._watchdog.start()
         self.load_model(self.config.default_model)
         self.engine.start()
         self._started = True
@@ -217,6 +234,9 @@ class StreamManager:
                 "source threads did not stop within %.1f s (blocked in an open or a read): %s",
                 timeout, ", ".join(stuck),
             )
+        self._watchdog_stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(1.0)
         ok = self.engine.stop(max(0.5, deadline - time.monotonic())) and not stuck
         self._started = False
         return ok

@@ -179,6 +179,21 @@ class StreamWorker:
         with self._cond:
             return self._cond.wait_for(lambda: self._frames >= count, timeout=timeout)
 
+    def check_stall(self) -> bool:
+        """Mark a live stream ``stalled`` once no picture came for ``stall_timeout_s``, even
+        while its thread is still blocked in a read (FFmpeg ends that read only by its own
+        timeout: for RTSP up to twice ``read_timeout_s``). Called from outside the thread
+        (the manager's watchdog); the next picture makes it ``streaming`` again, the read's
+        timeout a reconnect. True when it marked the stream."""
+        stall_s = self.reconnect.stall_timeout_s
+        with self._cond:
+            if self.spec.kind == "file" or self._state is not StreamState.STREAMING or not self._recent:
+                return False
+            if time.monotonic() - self._recent[-1] <= stall_s:
+                return False
+        self._set_state(StreamState.STALLED, f"stalled: no picture for {stall_s:g} s")
+        return True
+
     @property
     def finished(self) -> bool:
         """True when a file ended (not looping): the stream stopped on its own, without error."""

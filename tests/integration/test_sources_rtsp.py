@@ -180,3 +180,33 @@ def test_rtsp_first_picture_comes_from_the_first_keyframe() -> None:
             assert took < 2.5, f"first picture after {took:.2f} s with a keyframe every 5 s"
         finally:
             assert worker.stop(timeout=5.0)
+
+
+@needs_gst
+def test_a_frozen_rtsp_camera_shows_as_stalled_at_the_stall_timeout() -> None:
+    """The manager's watchdog marks a camera frozen inside FFmpeg's read ``stalled`` at
+    ``stall_timeout_s`` (1 s), not only when the read times out (here up to 2 x 4 s)."""
+    from pipeline.config import AppConfig, EngineConfig, StreamConfig
+    from pipeline.manager import StreamManager
+
+    cfg = AppConfig(
+        default_model="null",
+        engine=EngineConfig(device="cpu", threads=1),
+        reconnect=ReconnectConfig(stall_timeout_s=1.0, initial_backoff_s=0.1, jitter=0.0),
+    )
+    with RtspServer() as server:
+        assert server.proc is not None
+        manager = StreamManager(cfg)
+        manager.start()
+        try:
+            handle = manager.add(StreamConfig(id="cam", source=server.url + "?read_timeout=4"))
+            assert handle.worker.wait_state({S.STREAMING}, timeout=15) is S.STREAMING
+            server.proc.send_signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+            state = handle.worker.wait_state({S.STALLED, S.RECONNECTING}, timeout=10)
+            took = time.monotonic() - t0
+            assert state is S.STALLED, (state, handle.worker.status().error)
+            assert took < 1.0 + 1.5, f"stalled after {took:.1f} s"
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+            assert manager.shutdown()

@@ -379,6 +379,27 @@ def test_stop_is_bounded_when_the_source_will_not_let_go() -> None:
     assert not worker.alive, "the thread ends once the blocked read returns"
 
 
+def test_a_read_blocked_past_the_stall_timeout_shows_as_stalled_before_it_returns() -> None:
+    """A camera frozen inside a read: the watchdog's check marks the stream ``stalled`` at
+    ``stall_timeout_s`` (0.3 s here), long before the read gives up (1 s here)."""
+    factory, _ = script(Scripted("hang", 3, ignore_interrupt=True), Scripted("live", 0))
+    worker, slot, seen = run(fake_spec(factory), slot=FrameSlot(capacity=8))
+    assert worker.wait_frames(3, 2)
+    t0 = time.monotonic()
+    while worker.status().state is S.STREAMING and time.monotonic() - t0 < 0.9:
+        worker.check_stall()
+        time.sleep(0.02)
+    took = time.monotonic() - t0
+    st = worker.status()
+    assert st.state is S.STALLED and "no picture for 0.3 s" in (st.error or ""), st
+    assert took < 0.8, f"marked stalled after {took:.2f} s"
+    # the read ends, the source reconnects and pictures come again: streaming
+    assert worker.wait_state({S.STREAMING}, 5) is S.STREAMING
+    assert [x.state for x in seen].count(S.STALLED) >= 1
+    assert not worker.check_stall()  # pictures flow: nothing to mark
+    assert worker.stop(2)
+
+
 def test_stop_racing_start_never_fails() -> None:
     """A stop that lands while the stream is being started (the REST API removing a stream
     that is being added) neither raises nor leaves a thread running."""
