@@ -104,6 +104,12 @@ def run(frames, params, seg=None, *, indexes=None, discontinuities=()):
     return preds, plans, state
 
 
+def planned(refiner, seg, frame, state, index):
+    """The plan for one frame from ``state`` and the model's probabilities for it."""
+    x = seg.preprocess([frame])
+    return refiner.plan(x, state, index=index), seg.infer(x)[0]
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     u = np.count_nonzero(a | b)
     return 1.0 if u == 0 else np.count_nonzero(a & b) / u
@@ -339,9 +345,7 @@ def test_cpu_gate_prepared_before_the_model_changes_nothing(mode: str) -> None:
     state = refiner.initial_state()
     blended = 0
     for i, frame in enumerate(frames):
-        x = seg.preprocess([frame])
-        plan = refiner.plan(x, state, index=i)
-        probs = seg.infer(x)[0]
+        plan, probs = planned(refiner, seg, frame, state, i)
         plain, _ = refiner.refine(dataclasses.replace(plan, gate=None), probs.clone(), state)
         kept = probs.clone()
         out, state = refiner.refine(plan, probs, state, overwrite=True)
@@ -434,9 +438,7 @@ def test_smooth_remembers_where_its_output_is_unsure() -> None:
     state = refiner.initial_state()
     boxes = 0
     for i, frame in enumerate(frames):
-        x = seg.preprocess([frame])
-        plan = refiner.plan(x, state, index=i)
-        probs = seg.infer(x)[0]
+        plan, probs = planned(refiner, seg, frame, state, i)
         ref = None
         if plan.gate is not None and state.probs is not None:
             prev, residual = state.probs.double(), plan.residual.double()
