@@ -191,7 +191,8 @@ class StreamWorker:
                 return False
             if time.monotonic() - self._recent[-1] <= stall_s:
                 return False
-        self._set_state(StreamState.STALLED, f"stalled: no picture for {stall_s:g} s")
+        # (the state says "stalled"; the error says what is seen)
+        self._set_state(StreamState.STALLED, f"no picture for {stall_s:g} s")
         return True
 
     @property
