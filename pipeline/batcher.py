@@ -7,7 +7,6 @@ supplies the real ones.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -95,8 +94,7 @@ class Batcher:
             if lane.pending_mark:
                 # The engine must still reset this stream's temporal and ROI state.
                 lane.pending_mark = False
-                if not frame.discontinuity:
-                    frame = dataclasses.replace(frame, discontinuity=True)
+                frame = frame.marked()
             return frame
 
     def poll(self, wait: Callable[[float], None]) -> Batch | None:

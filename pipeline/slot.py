@@ -11,7 +11,6 @@ frame after a (re)connect or loop restart is the one dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import threading
 from collections import deque
@@ -24,11 +23,6 @@ class DropPolicy(enum.StrEnum):
     LATEST = "latest"  # keep only the newest frames; older ones are dropped
     DROP_OLDEST = "drop_oldest"  # a short FIFO; when full, the oldest goes
     BLOCK = "block"  # the producer waits for room (offline work: nothing is dropped)
-
-
-def _marked(frame: Frame) -> Frame:
-    """``frame`` carrying the discontinuity mark."""
-    return frame if frame.discontinuity else dataclasses.replace(frame, discontinuity=True)
 
 
 class DropCounter:
@@ -95,11 +89,11 @@ class FrameSlot:
                         if dropped.discontinuity:
                             # the frame now first in line (or the incoming one) takes the mark
                             if self._items:
-                                self._items[0] = _marked(self._items[0])
+                                self._items[0] = self._items[0].marked()
                             else:
                                 self._pending_mark = True
             if self._pending_mark:
-                frame = _marked(frame)
+                frame = frame.marked()
                 self._pending_mark = False
             self._items.append(frame)
         if self._on_put is not None:

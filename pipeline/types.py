@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -100,6 +100,11 @@ class Frame:
     @property
     def width(self) -> int:
         return int(self.image.shape[1])
+
+    def marked(self) -> Frame:
+        """This frame carrying the discontinuity mark: it takes the mark of a frame dropped
+        before it, so state is still not carried across the restart that frame began."""
+        return self if self.discontinuity else replace(self, discontinuity=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -277,10 +277,9 @@ class Hub:
                 if gate.waiting is not None:
                     if self._on_drop is not None:
                         self._on_drop(sid, DropCause.ENGINE_BUSY)
-                    skipped = gate.waiting[0].frame
-                    if skipped.discontinuity and not result.frame.discontinuity:
+                    if gate.waiting[0].frame.discontinuity:
                         # the newer result takes the mark of the one it replaces
-                        result = replace(result, frame=replace(result.frame, discontinuity=True))
+                        result = replace(result, frame=result.frame.marked())
                 gate.waiting = (result, drops)
                 return
             gate.busy = True
