@@ -44,16 +44,14 @@ from pipeline.config import StreamConfig, check_stream_id
 from pipeline.manager import LimitError, StreamExistsError
 from pipeline.render import decode_jpeg
 from pipeline.sources.push import PushFeed, push_spec
-from server.auth import origin_allowed, presented_token, refused, token_matches
 from server.ws import (
     CLOSE_BAD_PARAMS,
-    CLOSE_FORBIDDEN_ORIGIN,
     CLOSE_GOING_AWAY,
     CLOSE_STREAM_REMOVED,
     CLOSE_TOO_BIG,
     CLOSE_TOO_MANY,
-    CLOSE_UNAUTHORISED,
     ParamError,
+    admit,
     close_reason,
     list_names,
     number_param,
@@ -160,16 +158,8 @@ async def _send(ws: WebSocket, body: dict[str, Any]) -> None:
 @router.websocket("/ws/ingest")
 async def ingest(ws: WebSocket) -> None:
     app = ws.app
-    config = app.state.config
     mgr = app.state.manager
-    await ws.accept()
-    if not origin_allowed(ws, config.server.allowed_origins):
-        refused(ws, f"origin {ws.headers.get('origin')!r} not allowed")
-        await _close(ws, CLOSE_FORBIDDEN_ORIGIN, "origin not allowed (server.allowed_origins)")
-        return
-    if not token_matches(config.server.token, presented_token(ws)):
-        refused(ws, "missing or wrong token")
-        await _close(ws, CLOSE_UNAUTHORISED, "missing or wrong token")
+    if not await admit(ws):
         return
     try:
         params = parse_ingest_params(dict(ws.query_params))

@@ -164,19 +164,28 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
         await ws.close(code=code, reason=close_reason(reason))
 
 
+async def admit(ws: WebSocket) -> bool:
+    """Accept the websocket and check its origin and token (both endpoints); False when it
+    was refused and closed (4403, 4401) with the reason logged."""
+    server = ws.app.state.config.server
+    await ws.accept()
+    if not origin_allowed(ws, server.allowed_origins):
+        refused(ws, f"origin {ws.headers.get('origin')!r} not allowed")
+        await _close(ws, CLOSE_FORBIDDEN_ORIGIN, "origin not allowed (server.allowed_origins)")
+        return False
+    if not token_matches(server.token, presented_token(ws)):
+        refused(ws, "missing or wrong token")
+        await _close(ws, CLOSE_UNAUTHORISED, "missing or wrong token")
+        return False
+    return True
+
+
 @router.websocket("/ws/streams/{stream_id}")
 async def stream_results(ws: WebSocket, stream_id: str) -> None:
     app = ws.app
     hub: Hub = app.state.hub
     config = app.state.config
-    await ws.accept()
-    if not origin_allowed(ws, config.server.allowed_origins):
-        refused(ws, f"origin {ws.headers.get('origin')!r} not allowed")
-        await _close(ws, CLOSE_FORBIDDEN_ORIGIN, "origin not allowed (server.allowed_origins)")
-        return
-    if not token_matches(config.server.token, presented_token(ws)):
-        refused(ws, "missing or wrong token")
-        await _close(ws, CLOSE_UNAUTHORISED, "missing or wrong token")
+    if not await admit(ws):
         return
     try:
         settings = parse_settings(dict(ws.query_params), partial=False)
