@@ -507,9 +507,15 @@ class Engine:
             log.error("engine: %s", msg, exc_info=e)
         self._report(batch.lanes, msg)
 
-    def _fail_frame(self, batch: Batch, i: int, e: Exception) -> None:
-        """One stream's own step (ROI planning or pasting) failed: only its frame is lost."""
+    def _fail_frame(self, batch: Batch, i: int, e: Exception, failed: set[int]) -> None:
+        """One stream's own step (ROI planning or pasting) failed: only its frame is lost
+        (batch position ``i`` goes to ``failed``), and that stream's tracking starts again
+        from a full frame."""
         frame, lane = batch.frames[i], batch.lanes[i]
+        failed.add(i)
+        ctx = self._ctx(frame.stream_id)
+        if ctx is not None:
+            ctx.roi_state = None
         msg = f"frame {frame.index} failed in the stream's own processing: {type(e).__name__}: {e}"
         log.error("engine: stream %s: %s", frame.stream_id, msg, exc_info=e)
         self._report([lane], msg)
@@ -600,9 +606,7 @@ class Engine:
                     frame.image, index=frame.index, discontinuity=frame.discontinuity
                 )
             except Exception as e:
-                ctx.roi_state = None  # start that stream again from a full frame
-                failed.add(i)
-                self._fail_frame(batch, i, e)
+                self._fail_frame(batch, i, e, failed)
                 continue
             jobs[i] = (tracker, plan, images)
         return jobs
@@ -620,11 +624,7 @@ class Engine:
             try:
                 outs[i] = tracker.finish(plan, probs[row : row + n] if n else None)
             except Exception as e:
-                ctx = self._ctx(batch.frames[i].stream_id)
-                if ctx is not None:
-                    ctx.roi_state = None
-                failed.add(i)
-                self._fail_frame(batch, i, e)
+                self._fail_frame(batch, i, e, failed)
                 continue
             finally:
                 row += n
