@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import struct
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -30,6 +33,14 @@ def strict_json(text: str | bytes) -> object:
         raise ValueError(f"{name} is not JSON")
 
     return json.loads(text, parse_constant=refuse)
+
+
+@contextlib.asynccontextmanager
+async def camera(srv, query: str = "") -> AsyncIterator[Any]:
+    """A camera upload to stream ``cam``, past the server's ``ready``."""
+    async with connect(f"{srv.ws_url}/ws/ingest?id=cam{query}", open_timeout=5) as up:
+        assert (await recv_text(up))["type"] == "ready"
+        yield up
 
 
 def picture() -> bytes:
@@ -73,44 +84,46 @@ async def test_malformed_control_messages_get_an_error_and_the_connection_stays_
     live_server, null_config
 ) -> None:
     srv = live_server(null_config)
-    async with connect(f"{srv.ws_url}/ws/ingest?id=cam", open_timeout=5) as up:
-        assert (await recv_text(up))["type"] == "ready"
-        async with connect(srv.stream_ws("cam", format="rle"), open_timeout=5, max_size=None) as ws:
-            for text in CONTROL:
-                await ws.send(text)
-                reply = await recv_text(ws)
-                assert reply["type"] == "error", (text[:40], reply)
-                assert "bad control message" in reply["error"], (text[:40], reply)
-            await ws.send('{"max_fps": 5, "quality": 70}')
-            settings = await recv_text(ws)
-            assert settings == {"type": "settings", "format": "rle", "max_fps": 5.0, "quality": 70}
+    async with (
+        camera(srv),
+        connect(srv.stream_ws("cam", format="rle"), open_timeout=5, max_size=None) as ws,
+    ):
+        for text in CONTROL:
+            await ws.send(text)
+            reply = await recv_text(ws)
+            assert reply["type"] == "error", (text[:40], reply)
+            assert "bad control message" in reply["error"], (text[:40], reply)
+        await ws.send('{"max_fps": 5, "quality": 70}')
+        settings = await recv_text(ws)
+        assert settings == {"type": "settings", "format": "rle", "max_fps": 5.0, "quality": 70}
 
 
 async def test_a_non_finite_capture_time_is_a_bad_picture_and_viewers_only_get_json(
     live_server, null_config
 ) -> None:
     srv = live_server(null_config)
-    async with connect(f"{srv.ws_url}/ws/ingest?id=cam&max_fps=100", open_timeout=5) as up:
-        assert (await recv_text(up))["type"] == "ready"
-        async with connect(srv.stream_ws("cam", format="rle"), open_timeout=5) as viewer:
-            for header in (b'{"t": NaN}', b'{"t": Infinity}', b'{"t": 1e999}', b'{"t": -Infinity}'):
-                await up.send(framed(header, picture()))
-                reply = await recv_text(up)
-                assert reply["type"] == "error" and "bad picture" in reply["error"], (header, reply)
-            t = time.time()
-            await up.send(framed(json.dumps({"t": t}).encode(), picture()))
-            assert (await recv_text(up))["type"] == "ack"
-            deadline = time.monotonic() + 10
-            while True:
-                assert time.monotonic() < deadline, "no result"
-                msg = await asyncio.wait_for(viewer.recv(), 5)
-                assert isinstance(msg, bytes)
-                (n,) = struct.unpack(">I", msg[:4])
-                header = strict_json(msg[4 : 4 + n])
-                assert isinstance(header, dict)
-                if header["type"] == "result":
-                    assert header["pts"] == t
-                    break
+    async with (
+        camera(srv, "&max_fps=100") as up,
+        connect(srv.stream_ws("cam", format="rle"), open_timeout=5) as viewer,
+    ):
+        for header in (b'{"t": NaN}', b'{"t": Infinity}', b'{"t": 1e999}', b'{"t": -Infinity}'):
+            await up.send(framed(header, picture()))
+            reply = await recv_text(up)
+            assert reply["type"] == "error" and "bad picture" in reply["error"], (header, reply)
+        t = time.time()
+        await up.send(framed(json.dumps({"t": t}).encode(), picture()))
+        assert (await recv_text(up))["type"] == "ack"
+        deadline = time.monotonic() + 10
+        while True:
+            assert time.monotonic() < deadline, "no result"
+            msg = await asyncio.wait_for(viewer.recv(), 5)
+            assert isinstance(msg, bytes)
+            (n,) = struct.unpack(">I", msg[:4])
+            header = strict_json(msg[4 : 4 + n])
+            assert isinstance(header, dict)
+            if header["type"] == "result":
+                assert header["pts"] == t
+                break
 
 
 def claiming_size(jpeg: bytes, width: int, height: int) -> bytes:
@@ -132,8 +145,7 @@ async def test_an_oversized_picture_is_refused_before_it_is_decoded(
 
     monkeypatch.setattr(ingest, "decode_jpeg", spy)
     srv = live_server(null_config)
-    async with connect(f"{srv.ws_url}/ws/ingest?id=cam", open_timeout=5) as up:
-        assert (await recv_text(up))["type"] == "ready"
+    async with camera(srv) as up:
         await up.send(framed(b'{"t": 1.0}', picture()))
         assert (await recv_text(up))["type"] == "ack"
         assert decoded
@@ -200,8 +212,7 @@ async def test_a_camera_that_leaves_is_logged_at_info_not_error(live_server, nul
 async def test_sigterm_closes_the_camera_ingest_with_1001(serve) -> None:
     srv = serve("--model", "null", "--device", "cpu")
     srv.wait_ready()
-    async with connect(f"{srv.ws_url}/ws/ingest?id=cam", open_timeout=5) as up:
-        assert (await recv_text(up))["type"] == "ready"
+    async with camera(srv) as up:
         await up.send(framed(b'{"t": 1.0}', picture()))
         assert (await recv_text(up))["type"] == "ack"
         os.kill(srv.proc.pid, signal.SIGTERM)
