@@ -99,9 +99,9 @@ def _check_startup(cfg: AppConfig) -> None:
     for name in sorted(used):
         _check_model(name)
         path = cfg.weights.get(name)
-        if path is not None and not Path(path).is_file():
-            raise CliError(f"weights file for {name!r} not found: {path}")
         if path is not None:
+            if not Path(path).is_file():
+                raise CliError(f"weights file for {name!r} not found: {path}")
             # The network built and the file applied to it, as start-up will: an unreadable
             # file, or one made for another network, is one line naming it (WeightsError).
             build_model(name, weights=path)
