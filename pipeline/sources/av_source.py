@@ -181,7 +181,12 @@ def _unresolvable_host(url: str) -> str | None:
 
 
 def describe_av_error(
-    exc: BaseException, *, network: bool, read_timeout_s: float, open_timeout_s: float | None = None
+    exc: BaseException,
+    *,
+    network: bool,
+    read_timeout_s: float,
+    open_timeout_s: float | None = None,
+    waited_s: float | None = None,
 ) -> tuple[str, bool]:
     """A user-facing message (never containing the URL, which may hold a password) and
     whether retrying can help.
@@ -189,7 +194,9 @@ def describe_av_error(
     ``open_timeout_s`` is given for errors raised while opening the source: a timeout then
     names the limit that ran out. PyAV's open timeout ends the open with ``ExitError``; the
     socket timeout (``read_timeout_s``) also applies to the connect and the first reads and
-    ends it with ``TimeoutError``.
+    ends it with ``TimeoutError``. FFmpeg's RTSP client ends a silent server's open as
+    invalid data instead, once a timeout has run out: with ``waited_s`` (how long the open
+    took) that is told apart from a server that sent garbage.
     """
     strerror = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     if isinstance(exc, av.error.HTTPNotFoundError):
@@ -204,6 +211,15 @@ def describe_av_error(
         return f"timed out connecting: no answer from the source within {open_timeout_s:g} s", True
     if open_timeout_s is not None and isinstance(exc, av.error.TimeoutError | TimeoutError):
         return f"timed out connecting: no data from the source for {read_timeout_s:g} s", True
+    limit = min(open_timeout_s, read_timeout_s) if open_timeout_s is not None else None
+    if (
+        network
+        and limit is not None
+        and waited_s is not None
+        and waited_s >= 0.9 * limit
+        and isinstance(exc, av.error.InvalidDataError)
+    ):
+        return f"timed out connecting: no answer from the source within {limit:g} s", True
     if isinstance(exc, av.error.TimeoutError | av.error.ExitError | TimeoutError):
         return f"timed out: no data from the source for {read_timeout_s:g} s", True
     if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
@@ -285,15 +301,6 @@ class AvSource(Source):
                 timeout=(o.open_timeout_s, o.read_timeout_s) if network else None,
             )
         except Exception as e:  # noqa: BLE001 - every failure becomes a SourceError with a clear message
-            waited = time.monotonic() - started
-            limit = min(o.open_timeout_s, o.read_timeout_s)
-            if network and isinstance(e, av.error.InvalidDataError) and waited >= 0.9 * limit:
-                # FFmpeg's RTSP client ends a silent server's open as "invalid data" once a
-                # timeout has run out: nothing was sent at all.
-                raise SourceError(
-                    f"cannot open: timed out connecting: no answer from the source within {waited:.0f} s",
-                    retryable=True,
-                ) from None
             if not network and isinstance(e, av.error.ArgumentError):
                 # What ``format_whitelist`` answers for a demuxer in REFERENCE_FORMATS.
                 raise SourceError(
@@ -306,6 +313,7 @@ class AvSource(Source):
                 network=network,
                 read_timeout_s=o.read_timeout_s,
                 open_timeout_s=o.open_timeout_s if network else None,
+                waited_s=time.monotonic() - started,
             )
             if network and (unresolved := _unresolvable_host(self.spec.target)) is not None:
                 # FFmpeg reports a failed name lookup as a generic I/O error.
