@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
 from models.registry import UnknownModelError, WeightsError
-from pipeline.config import StreamConfig, check_stream_id
+from pipeline.config import StreamConfig, check_stream_id, format_validation_error
 from pipeline.manager import LimitError, StreamExistsError
 from pipeline.render import decode_jpeg
 from pipeline.sources.push import PushFeed, push_spec
@@ -52,7 +52,7 @@ from server.ws import (
     CLOSE_TOO_MANY,
     ParamError,
     admit,
-    close_reason,
+    close,
     list_names,
     number_param,
     parse_json,
@@ -142,15 +142,6 @@ def decode_picture(jpeg: bytes, *, max_pixels: int) -> np.ndarray:
     return image
 
 
-def _validation_message(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
-
-
-async def _close(ws: WebSocket, code: int, reason: str) -> None:
-    with contextlib.suppress(Exception):
-        await ws.close(code=code, reason=close_reason(reason))
-
-
 async def _send(ws: WebSocket, body: dict[str, Any]) -> None:
     await ws.send_text(json.dumps(body))
 
@@ -164,7 +155,7 @@ async def ingest(ws: WebSocket) -> None:
     try:
         params = parse_ingest_params(dict(ws.query_params))
     except ParamError as e:
-        await _close(ws, CLOSE_BAD_PARAMS, str(e))
+        await close(ws, CLOSE_BAD_PARAMS, str(e))
         return
     feed = PushFeed(open_timeout_s=10.0)
     sid = params["id"]
@@ -172,16 +163,16 @@ async def ingest(ws: WebSocket) -> None:
         sc = StreamConfig(id=sid, source=f"push:{sid}", model=params["model"])
         handle = await anyio.to_thread.run_sync(lambda: mgr.add(sc, spec=push_spec(sid, feed)))
     except StreamExistsError as e:
-        await _close(ws, CLOSE_EXISTS, str(e))
+        await close(ws, CLOSE_EXISTS, str(e))
         return
     except LimitError as e:
-        await _close(ws, CLOSE_TOO_MANY, str(e))
+        await close(ws, CLOSE_TOO_MANY, str(e))
         return
     except ValidationError as e:
-        await _close(ws, CLOSE_BAD_PARAMS, _validation_message(e))
+        await close(ws, CLOSE_BAD_PARAMS, format_validation_error(e))
         return
     except (UnknownModelError, WeightsError, ValueError) as e:
-        await _close(ws, CLOSE_BAD_PARAMS, str(e).splitlines()[0])
+        await close(ws, CLOSE_BAD_PARAMS, str(e).splitlines()[0])
         return
     hub = app.state.hub
     closing = hub.closing(sid)  # set when the stream is removed or the server shuts down
@@ -205,11 +196,11 @@ async def ingest(ws: WebSocket) -> None:
             log.warning("stream %s: browser camera ended with %r", sid, error)
         if WebSocketState.DISCONNECTED not in (ws.application_state, ws.client_state):
             if error is not None:
-                await _close(ws, CLOSE_INTERNAL, "internal error")
+                await close(ws, CLOSE_INTERNAL, "internal error")
             elif app.state.shutting_down:
-                await _close(ws, CLOSE_GOING_AWAY, "server shutting down")
+                await close(ws, CLOSE_GOING_AWAY, "server shutting down")
             elif mgr.find(sid) is not handle:
-                await _close(ws, CLOSE_STREAM_REMOVED, f"stream {sid!r} was removed")
+                await close(ws, CLOSE_STREAM_REMOVED, f"stream {sid!r} was removed")
     finally:
         hub.forget_closing(sid, closing)
         # Stop the stream before closing the feed: a closed feed reads to the source thread
@@ -230,14 +221,14 @@ async def _pump(ws: WebSocket, app: Any, feed: PushFeed, handle: Any, max_fps: f
     last_ack = 0.0
     while (message := await receive(ws)) is not None:
         if app.state.manager.find(handle.id) is not handle:
-            await _close(ws, CLOSE_STREAM_REMOVED, f"stream {handle.id!r} was removed")
+            await close(ws, CLOSE_STREAM_REMOVED, f"stream {handle.id!r} was removed")
             return
         data = message.get("bytes")
         if data is None:
             await _send(ws, {"type": "error", "error": "send pictures as binary messages"})
             continue
         if len(data) > limits.max_ws_message_bytes:
-            await _close(
+            await close(
                 ws, CLOSE_TOO_BIG, f"picture of {len(data)} bytes exceeds {limits.max_ws_message_bytes}"
             )
             return
@@ -250,7 +241,7 @@ async def _pump(ws: WebSocket, app: Any, feed: PushFeed, handle: Any, max_fps: f
             )
             decode_ms = (time.perf_counter() - t0) * 1000.0
         except PictureTooLarge as e:
-            await _close(ws, CLOSE_BAD_PARAMS, str(e))
+            await close(ws, CLOSE_BAD_PARAMS, str(e))
             return
         except (ParamError, ValueError, RuntimeError) as e:
             await _send(ws, {"type": "error", "error": f"bad picture: {e}"})

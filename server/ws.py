@@ -159,7 +159,9 @@ def close_reason(reason: str) -> str:
     return data[:120].decode("utf-8", errors="ignore") + "..."
 
 
-async def _close(ws: WebSocket, code: int, reason: str) -> None:
+async def close(ws: WebSocket, code: int, reason: str) -> None:
+    """Close with ``code`` and ``reason`` (cut to fit a close frame); a socket already gone
+    is not an error."""
     with contextlib.suppress(Exception):
         await ws.close(code=code, reason=close_reason(reason))
 
@@ -171,11 +173,11 @@ async def admit(ws: WebSocket) -> bool:
     await ws.accept()
     if not origin_allowed(ws, server.allowed_origins):
         refused(ws, f"origin {ws.headers.get('origin')!r} not allowed")
-        await _close(ws, CLOSE_FORBIDDEN_ORIGIN, "origin not allowed (server.allowed_origins)")
+        await close(ws, CLOSE_FORBIDDEN_ORIGIN, "origin not allowed (server.allowed_origins)")
         return False
     if not token_matches(server.token, presented_token(ws)):
         refused(ws, "missing or wrong token")
-        await _close(ws, CLOSE_UNAUTHORISED, "missing or wrong token")
+        await close(ws, CLOSE_UNAUTHORISED, "missing or wrong token")
         return False
     return True
 
@@ -190,14 +192,14 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
     try:
         settings = parse_settings(dict(ws.query_params), partial=False)
     except ParamError as e:
-        await _close(ws, CLOSE_BAD_PARAMS, str(e))
+        await close(ws, CLOSE_BAD_PARAMS, str(e))
         return
     handle = app.state.manager.find(stream_id)
     if handle is None:
-        await _close(ws, CLOSE_UNKNOWN_STREAM, f"unknown stream {stream_id!r}")
+        await close(ws, CLOSE_UNKNOWN_STREAM, f"unknown stream {stream_id!r}")
         return
     if hub.client_count(stream_id) >= config.limits.max_clients_per_stream:
-        await _close(ws, CLOSE_TOO_MANY, f"client limit reached ({config.limits.max_clients_per_stream})")
+        await close(ws, CLOSE_TOO_MANY, f"client limit reached ({config.limits.max_clients_per_stream})")
         return
     client = hub.subscribe(
         stream_id,
@@ -228,9 +230,9 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
             and ws.client_state != WebSocketState.DISCONNECTED
         ):
             if app.state.shutting_down:
-                await _close(ws, CLOSE_GOING_AWAY, "server shutting down")
+                await close(ws, CLOSE_GOING_AWAY, "server shutting down")
             elif app.state.manager.find(stream_id) is None:
-                await _close(ws, CLOSE_STREAM_REMOVED, f"stream {stream_id!r} was removed")
+                await close(ws, CLOSE_STREAM_REMOVED, f"stream {stream_id!r} was removed")
 
 
 async def _send_loop(ws: WebSocket, hub: Hub, client: Client) -> None:
@@ -249,7 +251,7 @@ async def _receive_loop(ws: WebSocket, client: Client) -> None:
         text = message.get("text")
         size = len(text.encode("utf-8") if text is not None else message.get("bytes") or b"")
         if size > MAX_CONTROL_BYTES:
-            await _close(ws, CLOSE_TOO_BIG, f"message of {size} bytes exceeds {MAX_CONTROL_BYTES} bytes")
+            await close(ws, CLOSE_TOO_BIG, f"message of {size} bytes exceeds {MAX_CONTROL_BYTES} bytes")
             return
         if text is None:
             await ws.send_text(json.dumps({"type": "error", "error": "control messages must be JSON text"}))
