@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import av
 import av.error
+import numpy as np
+from av.sidedata.sidedata import Type as SideDataType
 
 from pipeline.sources.base import (
     RawFrame,
@@ -96,6 +98,47 @@ def sniff_reference_format(path: str | Path) -> str | None:
         if b"<CompositionPlaylist" in head:
             return "imf"
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Orientation:
+    """How a decoded picture is turned to show it as a player does (a display matrix: phone
+    videos are stored sideways with a rotation in their metadata)."""
+
+    transpose: bool
+    flip_rows: bool  # after the transpose
+    flip_cols: bool
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        if self.transpose:
+            image = image.transpose(1, 0, 2)
+        if self.flip_rows:
+            image = image[::-1]
+        if self.flip_cols:
+            image = image[:, ::-1]
+        return np.ascontiguousarray(image)
+
+
+_UPRIGHT = _Orientation(False, False, False)
+
+
+@functools.lru_cache(maxsize=16)
+def _orientation(matrix: bytes) -> _Orientation:
+    """The quarter-turns and mirrors of an FFmpeg display matrix (nine int32 values, row-major
+    ``a b u / c d v / x y w``), which maps a stored pixel (p, q) to the shown (a*p + c*q,
+    b*p + d*q). Angles between quarter turns (rare, and not shown rotated by most players)
+    are taken as the nearest one."""
+    if len(matrix) < 36:
+        return _UPRIGHT
+    a, b, _, c, d = np.frombuffer(matrix[:20], dtype="<i4").tolist()
+    if abs(a) + abs(d) >= abs(b) + abs(c):  # shown x from stored x: no transpose
+        return _Orientation(False, flip_rows=d < 0, flip_cols=a < 0)
+    return _Orientation(True, flip_rows=b < 0, flip_cols=c < 0)
+
+
+def _display_orientation(frame: Any) -> _Orientation:
+    data = frame.side_data.get(SideDataType.DISPLAYMATRIX)
+    return _UPRIGHT if data is None else _orientation(bytes(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +420,9 @@ class AvSource(Source):
                     yield None  # still alive; lets the worker check its stall deadline
                 for frame in decoded:
                     image = frame.to_ndarray(format="rgb24")
+                    turn = _display_orientation(frame)
+                    if turn != _UPRIGHT:
+                        image = turn.apply(image)
                     t1 = time.perf_counter()
                     pts = float(frame.time) if frame.time is not None else None
                     frames += 1

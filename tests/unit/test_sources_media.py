@@ -1,0 +1,74 @@
+"""Unusual but real media files: each decodes to the pictures a player shows, or fails clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from pipeline.sources import parse_source
+from tests.helpers_video import pattern_frame
+
+W, H = 48, 32
+
+
+def _encode(path: Path, *, frames: int = 3, fps: int = 10, rotation: float = 0, hflip: bool = False) -> Path:
+    """A lossless H.264 clip of the pattern, with a display matrix when asked for."""
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv444p"
+        stream.options = {"qp": "0", "preset": "ultrafast"}
+        if rotation or hflip:
+            stream.set_display_rotation(rotation, hflip=hflip)
+        for i in range(frames):
+            vf = av.VideoFrame.from_ndarray(pattern_frame(i, width=W, height=H), format="rgb24")
+            for packet in stream.encode(vf):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def _pictures(uri: str) -> list[np.ndarray]:
+    src = parse_source(uri).create()
+    try:
+        src.open()
+        return [f.image for f in src.frames() if f is not None]
+    finally:
+        src.close()
+
+
+def _stored(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+@pytest.mark.parametrize(
+    ("rotation", "hflip", "shown"),
+    [
+        # what FFmpeg's own player and command line show (autorotate)
+        (90, False, lambda img: np.rot90(img, 1)),
+        (-90, False, lambda img: np.rot90(img, -1)),
+        (180, False, lambda img: img[::-1, ::-1]),
+        (0, True, lambda img: img[:, ::-1]),
+        (90, True, lambda img: img.transpose(1, 0, 2)[::-1, ::-1]),  # transpose=clock_flip
+    ],
+)
+def test_display_matrix_turns_pictures_as_a_player_shows_them(tmp_path: Path, rotation, hflip, shown) -> None:
+    clip = _encode(tmp_path / "phone.mp4", rotation=rotation, hflip=hflip)
+    got, stored = _pictures(str(clip)), _stored(clip)
+    assert len(got) == len(stored) == 3
+    for g, s in zip(got, stored, strict=True):
+        want = shown(s)
+        assert g.shape == want.shape
+        assert g.flags.c_contiguous
+        assert np.array_equal(g, want)
+
+
+def test_upright_video_is_passed_through_unchanged(tmp_path: Path) -> None:
+    clip = _encode(tmp_path / "plain.mp4")
+    got = _pictures(str(clip))
+    assert [g.shape for g in got] == [(H, W, 3)] * 3
+    assert all(np.array_equal(g, s) for g, s in zip(got, _stored(clip), strict=True))
