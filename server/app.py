@@ -20,7 +20,7 @@ from pipeline.config import AppConfig
 from pipeline.manager import StreamManager, default_threads
 from pipeline.stream import StreamStatus
 from pipeline.types import SegmentationResult
-from server import api, ingest, ws
+from server import api, ingest, pictures, ws
 from server.hub import Hub, json_finite
 from server.limits import BodySizeLimit
 from server.metrics import CONTENT_TYPE_LATEST, Metrics, cuda_memory
@@ -165,6 +165,7 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
     app.include_router(api.router)
     app.include_router(ws.router)
     app.include_router(ingest.router)
+    app.include_router(pictures.router)
 
     @app.get("/healthz", include_in_schema=True, summary="Process is alive")
     def healthz() -> dict[str, str]:

@@ -1,0 +1,227 @@
+"""Results as plain HTTP pictures, for tools that show images but speak no websocket.
+
+    GET /api/streams/{id}/snapshot   the next segmented frame as one JPEG (or PNG labels)
+    GET /api/streams/{id}/mjpeg      segmented frames as an MJPEG stream
+                                     (multipart/x-mixed-replace: an <img> tag, VLC, ffplay,
+                                     a dashboard or NVR that takes an MJPEG camera)
+
+Both subscribe to the stream like a websocket client (same ``format``, ``quality`` and
+``max_fps`` parameters, same per-stream client limit, same token, also as ``?token=``), so
+pictures are only encoded while someone asks for them, and a slow reader loses older
+frames (counted as ``client_slow``) instead of holding up the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pipeline.render import Format
+from pipeline.types import StreamState
+from server.auth import require_token
+from server.hub import Client, Hub
+from server.schemas import ErrorBody
+from server.ws import ParamError, number_param, parse_settings
+
+router = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
+
+BOUNDARY = "segstream-frame"
+SNAPSHOT_TIMEOUT_S = 3.0  # default wait for the next segmented frame
+MAX_SNAPSHOT_TIMEOUT_S = 30.0
+MEDIA_TYPES = {Format.OVERLAY: "image/jpeg", Format.JPEG: "image/jpeg", Format.LABELS: "image/png"}
+MJPEG_FORMATS = (Format.OVERLAY, Format.JPEG)
+
+_errors: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "bad query parameter"},
+    401: {"model": ErrorBody, "description": "missing or wrong token (when the server has one)"},
+    404: {"model": ErrorBody, "description": "unknown stream, or removed while waiting"},
+    409: {"model": ErrorBody, "description": "the stream has ended (stopped or failed)"},
+    429: {"model": ErrorBody, "description": "the stream's client limit is reached"},
+    503: {"model": ErrorBody, "description": "no picture in time, or the server is shutting down"},
+}
+
+
+def _query(request: Request, formats: tuple[Format, ...], *, snapshot: bool) -> tuple[dict[str, Any], float]:
+    """Validated settings (``fmt``, ``quality``, ``max_fps``) and the snapshot's timeout."""
+    values = dict(request.query_params)
+    timeout = SNAPSHOT_TIMEOUT_S
+    try:
+        if snapshot:
+            if "max_fps" in values:
+                raise ParamError("max_fps applies to /mjpeg, not to a snapshot")
+            if "timeout" in values:
+                timeout = number_param("timeout", values.pop("timeout"))
+                if not 0 < timeout <= MAX_SNAPSHOT_TIMEOUT_S:
+                    limit = f"(0, {MAX_SNAPSHOT_TIMEOUT_S:g}]"
+                    raise ParamError(f"timeout must be in {limit} seconds, got {timeout:g}")
+        settings = parse_settings(values, partial=False)
+    except ParamError as e:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from None
+    fmt = settings.setdefault("fmt", Format.OVERLAY)
+    if fmt not in formats:
+        names = ", ".join(f.value for f in formats)
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, f"format {fmt.value!r} is not a picture here; use {names}"
+        )
+    return settings, timeout
+
+
+def _subscribe(
+    request: Request, stream_id: str, settings: dict[str, Any]
+) -> tuple[Hub, Client, dict[str, Any]]:
+    """Subscribe like a websocket client; the stream's description at that moment."""
+    app = request.app
+    if app.state.shutting_down:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "server shutting down")
+    handle = app.state.manager.find(stream_id)
+    if handle is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown stream {stream_id!r}")
+    hub: Hub = app.state.hub
+    limit = app.state.config.limits.max_clients_per_stream
+    if hub.client_count(stream_id) >= limit:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, f"client limit reached ({limit})")
+    info = handle.describe()
+    client = hub.subscribe(
+        stream_id, fmt=settings["fmt"], max_fps=settings.get("max_fps"), quality=settings.get("quality", 80)
+    )
+    return hub, client, info
+
+
+def _ended(header_or_info: dict[str, Any]) -> bool:
+    try:
+        return StreamState(str(header_or_info.get("state"))).terminal
+    except ValueError:
+        return False
+
+
+def _why(info: dict[str, Any]) -> str:
+    state = info.get("state")
+    error = info.get("error")
+    return f"stream is {state}" + (f": {error}" if error else "")
+
+
+@router.get(
+    "/streams/{stream_id}/snapshot",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/jpeg": {}, "image/png": {}}, "description": "the picture"},
+        **_errors,
+    },
+    summary="The next segmented frame as a picture",
+)
+async def snapshot(request: Request, stream_id: str) -> Response:
+    """Waits (up to ``timeout`` seconds, default 3) for the stream's next segmented frame and
+    returns it: ``format=overlay`` (JPEG, default), ``jpeg`` (the frame alone) or ``labels``
+    (PNG of class indices). The frame's index and capture time come as ``X-Frame-Index`` and
+    ``X-Captured-At`` headers."""
+    settings, timeout = _query(request, tuple(MEDIA_TYPES), snapshot=True)
+    hub, client, info = _subscribe(request, stream_id, settings)
+    try:
+        if _ended(info):
+            raise HTTPException(status.HTTP_409_CONFLICT, f"no picture will come: {_why(info)}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                msg = await asyncio.wait_for(client.next(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                handle = request.app.state.manager.find(stream_id)
+                now = handle.describe() if handle is not None else info
+                raise HTTPException(
+                    status.HTTP_503_SERVICE_UNAVAILABLE,
+                    f"no picture within {timeout:g} s ({_why(now)})",
+                    headers={"Retry-After": "1"},
+                ) from None
+            if msg is None:
+                if request.app.state.shutting_down:
+                    raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "server shutting down")
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"stream {stream_id!r} was removed")
+            header = msg.header
+            if header.get("type") == "status":
+                if _ended(header):
+                    raise HTTPException(status.HTTP_409_CONFLICT, f"no picture will come: {_why(header)}")
+                continue
+            client.sent += 1
+            return Response(
+                msg.payload,
+                media_type=MEDIA_TYPES[settings["fmt"]],
+                headers={
+                    "Cache-Control": "no-store",
+                    "X-Frame-Index": str(header["frame"]),
+                    "X-Captured-At": f"{header['captured_at']:.6f}",
+                },
+            )
+    finally:
+        hub.unsubscribe(client)
+
+
+class _Subscribed(StreamingResponse):
+    """A streaming response that holds a hub subscription: it ends the subscription however
+    the response ends (all sent, the client gone, the server stopping), and it notices a
+    client that went away while no frame was coming (a stalled camera) at once."""
+
+    def __init__(self, content: AsyncIterator[bytes], hub: Hub, client: Client, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._hub = hub
+        self._client = client
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.create_task(self._watch(receive))
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            self._hub.unsubscribe(self._client)
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._client.close()  # ends the parts below, and with them the response
+
+
+async def _parts(client: Client) -> AsyncIterator[bytes]:
+    while (msg := await client.next()) is not None:
+        header = msg.header
+        if header.get("type") == "status":
+            if _ended(header):
+                break  # no frame will come: end the stream instead of hanging
+            continue
+        client.sent += 1
+        head = (
+            f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(msg.payload)}\r\n"
+            f"X-Frame-Index: {header['frame']}\r\nX-Captured-At: {header['captured_at']:.6f}\r\n\r\n"
+        )
+        yield head.encode("ascii") + msg.payload + b"\r\n"
+    yield f"--{BOUNDARY}--\r\n".encode("ascii")
+
+
+@router.get(
+    "/streams/{stream_id}/mjpeg",
+    response_class=StreamingResponse,
+    responses={200: {"content": {f"multipart/x-mixed-replace; boundary={BOUNDARY}": {}},
+                     "description": "JPEG parts until the stream ends or is removed"}, **_errors},
+    summary="Segmented frames as an MJPEG stream",
+)
+async def mjpeg(request: Request, stream_id: str) -> StreamingResponse:
+    """``format=overlay`` (default) or ``jpeg``; ``max_fps`` and ``quality`` as on the
+    websocket. Ends when the stream ends (stopped, failed) or is removed."""
+    settings, _ = _query(request, MJPEG_FORMATS, snapshot=False)
+    hub, client, info = _subscribe(request, stream_id, settings)
+    if _ended(info):
+        hub.unsubscribe(client)
+        raise HTTPException(status.HTTP_409_CONFLICT, f"no picture will come: {_why(info)}")
+    return _Subscribed(
+        _parts(client),
+        hub,
+        client,
+        media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+        headers={"Cache-Control": "no-store"},
+    )

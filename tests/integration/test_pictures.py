@@ -1,0 +1,230 @@
+"""Results as plain HTTP pictures (snapshot, MJPEG) against a real uvicorn, read by real clients:
+httpx, and FFmpeg's own MJPEG-over-HTTP demuxer."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from pipeline.config import AppConfig
+from pipeline.render import decode_jpeg, decode_png_labels
+from server.pictures import BOUNDARY
+from tests.helpers_video import make_test_video
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout:g} s"
+        time.sleep(0.05)
+
+
+def server_with(live_server, config: AppConfig, **streams: str):
+    srv = live_server(config)
+    for sid, source in streams.items():
+        r = httpx.post(f"{srv.url}/api/streams", json={"id": sid, "source": source}, timeout=10)
+        assert r.status_code == 201, r.text
+    return srv
+
+
+class Parts:
+    """Reads a multipart/x-mixed-replace body part by part, on one iterator over the body
+    (closing an iterator closes httpx's connection, which the server sees as the client
+    leaving)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.chunks = response.iter_bytes()
+        self.buf = b""
+
+    def read(self, count: int) -> list[tuple[dict[str, str], bytes]]:
+        """The next ``count`` parts: (headers, body)."""
+        parts: list[tuple[dict[str, str], bytes]] = []
+        while len(parts) < count:
+            head_end = self.buf.find(b"\r\n\r\n")
+            if head_end >= 0:
+                lines = self.buf[:head_end].decode("ascii").split("\r\n")
+                assert lines[0] == f"--{BOUNDARY}", lines[0]
+                headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+                end = head_end + 4 + int(headers["content-length"]) + 2
+                if len(self.buf) >= end:
+                    assert self.buf[end - 2 : end] == b"\r\n"
+                    parts.append((headers, self.buf[head_end + 4 : end - 2]))
+                    self.buf = self.buf[end:]
+                    continue
+            self.buf += next(self.chunks)
+        return parts
+
+    def rest(self) -> bytes:
+        """Everything left, once the server ends the response."""
+        return self.buf + b"".join(self.chunks)
+
+
+def test_a_snapshot_is_the_streams_next_frame_in_the_format_asked(live_server, null_config) -> None:
+    srv = server_with(live_server, null_config, cam="demo")
+    wait_for(lambda: httpx.get(f"{srv.url}/api/streams/cam").json()["state"] == "streaming", what="streaming")
+    info = httpx.get(f"{srv.url}/api/streams/cam").json()
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        r = http.get("/api/streams/cam/snapshot")
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "image/jpeg"
+        assert r.headers["cache-control"] == "no-store"
+        first = int(r.headers["x-frame-index"])
+        assert float(r.headers["x-captured-at"]) > 0
+        assert decode_jpeg(r.content).shape == (info["height"], info["width"], 3)
+
+        r = http.get("/api/streams/cam/snapshot", params={"format": "labels"})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        labels = decode_png_labels(r.content)
+        assert labels.shape == (info["height"], info["width"])
+        assert int(r.headers["x-frame-index"]) > first  # the next frame, not a cached one
+
+        r = http.get("/api/streams/cam/snapshot", params={"format": "jpeg", "quality": 30})
+        assert r.status_code == 200 and decode_jpeg(r.content).shape[:2] == labels.shape
+    # the snapshot's subscription is gone once it has answered
+    assert srv.app.state.hub.client_count("cam") == 0
+
+
+def test_mjpeg_parts_are_consecutive_jpeg_frames_at_the_rate_asked(live_server, null_config) -> None:
+    srv = server_with(live_server, null_config, cam="demo")
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        with http.stream("GET", "/api/streams/cam/mjpeg") as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"] == f"multipart/x-mixed-replace; boundary={BOUNDARY}"
+            reader = Parts(r)
+            parts = reader.read(6)
+            assert http.get("/api/streams/cam").json()["clients"] == 1
+            assert len(reader.read(1)) == 1  # still streaming
+        indices = [int(h["x-frame-index"]) for h, _ in parts]
+        assert indices == sorted(indices) and len(set(indices)) == 6
+        for headers, body in parts:
+            assert headers["content-type"] == "image/jpeg"
+            assert decode_jpeg(body).ndim == 3
+
+        # max_fps as on the websocket: the demo runs at 25 fps, 5 fps gives every fifth frame or so
+        with http.stream("GET", "/api/streams/cam/mjpeg", params={"max_fps": 5, "format": "jpeg"}) as r:
+            parts = Parts(r).read(4)
+        captured = [float(h["x-captured-at"]) for h, _ in parts]
+        gaps = np.diff(captured)
+        assert gaps.min() > 0.1, gaps  # at 25 fps unthrottled, frames are 0.04 s apart
+    wait_for(lambda: srv.app.state.hub.client_count("cam") == 0, 5, "subscriptions released")
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+def test_ffmpeg_reads_the_mjpeg_url_as_a_video(live_server, null_config, tmp_path: Path) -> None:
+    srv = server_with(live_server, null_config, cam="demo")
+    info = httpx.get(f"{srv.url}/api/streams/cam").json()
+    out = tmp_path / "frames.mjpeg"
+    proc = subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "mpjpeg", "-i", f"{srv.url}/api/streams/cam/mjpeg",
+         "-frames:v", "5", "-c", "copy", "-f", "mjpeg", str(out)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+         "stream=width,height,nb_read_frames", "-of", "csv=p=0", str(out)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert probe.stdout.strip() == f"{info['width']},{info['height']},5"
+    wait_for(lambda: srv.app.state.hub.client_count("cam") == 0, 5, "ffmpeg's subscription released")
+
+
+def test_mjpeg_ends_when_its_stream_is_removed(live_server, null_config) -> None:
+    srv = server_with(live_server, null_config, cam="demo")
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        with http.stream("GET", "/api/streams/cam/mjpeg") as r:
+            reader = Parts(r)
+            reader.read(1)
+            assert http.delete("/api/streams/cam").status_code == 204
+            t0 = time.monotonic()
+            rest = reader.rest()  # returns once the server ends the response
+            assert time.monotonic() - t0 < 5
+        assert rest.endswith(f"--{BOUNDARY}--\r\n".encode())
+
+
+def test_a_client_that_leaves_a_stream_without_frames_is_let_go(live_server, null_config) -> None:
+    """No frame comes from a camera that is down; a reader that gives up must not stay
+    subscribed (it would count against the client limit until the camera came back)."""
+    srv = server_with(live_server, null_config, cam="rtsp://127.0.0.1:1/down")
+    hub = srv.app.state.hub
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        with http.stream("GET", "/api/streams/cam/mjpeg") as r:
+            assert r.status_code == 200
+            wait_for(lambda: hub.client_count("cam") == 1, 5, "subscribed")
+        wait_for(lambda: hub.client_count("cam") == 0, 5, "subscription released after the client left")
+
+        r = http.get("/api/streams/cam/snapshot", params={"timeout": 0.5})
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert "no picture within 0.5 s" in r.json()["detail"]
+        assert "reconnecting" in r.json()["detail"] or "connecting" in r.json()["detail"]
+        assert http.get("/api/streams/cam").json()["state"] != "streaming"
+
+
+def test_a_stream_that_has_ended_answers_409_at_once(live_server, null_config, tmp_path: Path) -> None:
+    server = null_config.server.model_copy(update={"media_dir": str(tmp_path)})
+    clip = make_test_video(tmp_path / "clip.mp4", frames=3)
+    srv = server_with(live_server, null_config.model_copy(update={"server": server}), still=str(clip))
+    wait_for(lambda: httpx.get(f"{srv.url}/api/streams/still").json()["state"] == "stopped", what="stopped")
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        for path in ("snapshot", "mjpeg"):
+            t0 = time.monotonic()
+            r = http.get(f"/api/streams/still/{path}")
+            assert r.status_code == 409, (path, r.text)
+            assert "stream is stopped" in r.json()["detail"]
+            assert time.monotonic() - t0 < 2
+    assert srv.app.state.hub.client_count("still") == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "needle"),
+    [
+        ("nope/snapshot", {}, 404, "unknown stream 'nope'"),
+        ("nope/mjpeg", {}, 404, "unknown stream 'nope'"),
+        ("cam/snapshot", {"format": "rle"}, 400, "'rle' is not a picture"),
+        ("cam/mjpeg", {"format": "labels"}, 400, "use overlay, jpeg"),
+        ("cam/snapshot", {"format": "gif"}, 400, "unknown format"),
+        ("cam/snapshot", {"quality": 0}, 400, "quality must be 1..100"),
+        ("cam/snapshot", {"max_fps": 5}, 400, "max_fps applies to /mjpeg"),
+        ("cam/snapshot", {"timeout": -1}, 400, "timeout must be in"),
+        ("cam/snapshot", {"timeout": "nan"}, 400, "finite"),
+        ("cam/mjpeg", {"max_fps": 1000}, 400, "max_fps must be in"),
+        ("cam/mjpeg", {"colour": "red"}, 400, "unknown parameter(s): colour"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(live_server, null_config, path, params, status, needle) -> None:
+    srv = server_with(live_server, null_config, cam="demo")
+    r = httpx.get(f"{srv.url}/api/streams/{path}", params=params, timeout=10)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"]
+    assert srv.app.state.hub.client_count("cam") == 0
+
+
+def test_pictures_take_the_token_and_count_against_the_client_limit(live_server, null_config) -> None:
+    server = null_config.server.model_copy(update={"token": "s3cret"})
+    limits = null_config.limits.model_copy(update={"max_clients_per_stream": 1})
+    srv = live_server(null_config.model_copy(update={"server": server, "limits": limits}))
+    auth = {"Authorization": "Bearer s3cret"}
+    r = httpx.post(f"{srv.url}/api/streams", json={"id": "cam", "source": "demo"}, headers=auth)
+    assert r.status_code == 201
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        assert http.get("/api/streams/cam/snapshot").status_code == 401
+        assert http.get("/api/streams/cam/snapshot", params={"token": "wrong"}).status_code == 401
+        # an <img> tag sends no header: the token may come in the query string
+        with http.stream("GET", "/api/streams/cam/mjpeg", params={"token": "s3cret"}) as r:
+            assert r.status_code == 200
+            reader = Parts(r)
+            reader.read(1)
+            r2 = http.get("/api/streams/cam/snapshot", headers=auth)
+            assert r2.status_code == 429 and "client limit reached (1)" in r2.json()["detail"]
+            assert len(reader.read(1)) == 1
+        wait_for(lambda: srv.app.state.hub.client_count("cam") == 0, 5, "subscription released")
+        assert http.get("/api/streams/cam/snapshot", headers=auth).status_code == 200
