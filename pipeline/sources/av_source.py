@@ -25,6 +25,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +135,20 @@ def _orientation(matrix: bytes) -> _Orientation:
     if abs(a) + abs(d) >= abs(b) + abs(c):  # shown x from stored x: no transpose
         return _Orientation(False, flip_rows=d < 0, flip_cols=a < 0)
     return _Orientation(True, flip_rows=b < 0, flip_cols=c < 0)
+
+
+def _sample_aspect_ratio(stream: Any) -> Fraction | None:
+    """The stream's pixel aspect ratio when it is not square (the container's, else the
+    codec's, as FFmpeg guesses it), else None."""
+    for sar in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
+        if sar is not None and sar.numerator > 0 and sar.denominator > 0:
+            # Sanity bounds: a broken header must not make a picture hundreds of times wider.
+            return Fraction(sar) if sar != 1 and Fraction(1, 8) <= sar <= 8 else None
+    return None
+
+
+def _shown_width(width: int, sar: Fraction) -> int:
+    return max(1, round(width * sar))
 
 
 def _display_orientation(frame: Any) -> _Orientation:
@@ -296,6 +311,7 @@ class AvSource(Source):
         self._stream: Any = None
         self._declared: _DeclaredLength | None = None
         self._frame_s: float | None = None
+        self._sar: Fraction | None = None  # non-square pixels: stored width x this = shown width
 
     def _av_options(self) -> dict[str, str]:
         o = self.spec.options
@@ -375,6 +391,10 @@ class AvSource(Source):
         stream.thread_type = "SLICE" if (network and o.low_latency) else "AUTO"
         self._stream = stream
         cc = stream.codec_context
+        self._sar = _sample_aspect_ratio(stream)
+        width = int(cc.width or 0)
+        if self._sar is not None and width:
+            width = _shown_width(width, self._sar)
         rate = stream.average_rate or stream.base_rate or stream.guessed_rate
         fps = float(rate) if rate else None
         if fps is not None and not (0 < fps < 1000):
@@ -383,7 +403,7 @@ class AvSource(Source):
             self._declared = _declared_length(self._container, stream, fps)
             self._frame_s = 1.0 / fps if fps else None
         return SourceInfo(
-            width=int(cc.width or 0),
+            width=width,
             height=int(cc.height or 0),
             fps=fps,
             codec=str(cc.name or ""),
@@ -419,7 +439,15 @@ class AvSource(Source):
                 if not decoded:
                     yield None  # still alive; lets the worker check its stall deadline
                 for frame in decoded:
-                    image = frame.to_ndarray(format="rgb24")
+                    if self._sar is not None:
+                        # Stretched to square pixels, as players show it (an anamorphic
+                        # 720x576 PAL picture is 1047x576 on screen): masks and overlays
+                        # then fit what users see, in every viewer.
+                        image = frame.to_ndarray(
+                            format="rgb24", width=_shown_width(frame.width, self._sar), height=frame.height
+                        )
+                    else:
+                        image = frame.to_ndarray(format="rgb24")
                     turn = _display_orientation(frame)
                     if turn != _UPRIGHT:
                         image = turn.apply(image)

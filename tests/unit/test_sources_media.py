@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -14,12 +16,22 @@ from tests.helpers_video import pattern_frame
 W, H = 48, 32
 
 
-def _encode(path: Path, *, frames: int = 3, fps: int = 10, rotation: float = 0, hflip: bool = False) -> Path:
-    """A lossless H.264 clip of the pattern, with a display matrix when asked for."""
+def _encode(
+    path: Path,
+    *,
+    frames: int = 3,
+    fps: int = 10,
+    rotation: float = 0,
+    hflip: bool = False,
+    sar: Fraction | None = None,
+) -> Path:
+    """A lossless H.264 clip of the pattern, with a display matrix or non-square pixels when asked for."""
     with av.open(str(path), mode="w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv444p"
         stream.options = {"qp": "0", "preset": "ultrafast"}
+        if sar is not None:
+            stream.codec_context.sample_aspect_ratio = sar
         if rotation or hflip:
             stream.set_display_rotation(rotation, hflip=hflip)
         for i in range(frames):
@@ -72,3 +84,26 @@ def test_upright_video_is_passed_through_unchanged(tmp_path: Path) -> None:
     got = _pictures(str(clip))
     assert [g.shape for g in got] == [(H, W, 3)] * 3
     assert all(np.array_equal(g, s) for g, s in zip(got, _stored(clip), strict=True))
+
+
+@pytest.mark.parametrize(("sar", "shown_width"), [(Fraction(2, 1), 96), (Fraction(3, 4), 36)])
+def test_non_square_pixels_are_stretched_as_a_player_shows(tmp_path: Path, sar, shown_width) -> None:
+    clip = _encode(tmp_path / "anamorphic.mp4", sar=sar)
+    with av.open(str(clip)) as c:
+        assert c.streams.video[0].sample_aspect_ratio == sar  # (what ffprobe calls SAR)
+    src = parse_source(str(clip)).create()
+    try:
+        info = src.open()
+        got = [f.image for f in src.frames() if f is not None]
+    finally:
+        src.close()
+    assert (info.width, info.height) == (shown_width, H)
+    assert [g.shape for g in got] == [(H, shown_width, 3)] * 3
+    for g, s in zip(got, _stored(clip), strict=True):
+        want = cv2.resize(s, (shown_width, H), interpolation=cv2.INTER_LINEAR)
+        assert np.abs(g.astype(int) - want).mean() < 8
+
+
+def test_non_square_pixels_are_stretched_before_the_picture_is_turned(tmp_path: Path) -> None:
+    clip = _encode(tmp_path / "both.mp4", sar=Fraction(2, 1), rotation=90)
+    assert [g.shape for g in _pictures(str(clip))] == [(2 * W, H, 3)] * 3
