@@ -6,6 +6,7 @@ nothing is dropped, and writes an overlaid video and/or one label PNG per frame.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import time
@@ -23,7 +24,7 @@ from pipeline.config import AppConfig, RoiConfig, StreamConfig, TemporalConfig
 from pipeline.manager import StreamManager
 from pipeline.render import overlay
 from pipeline.slot import DropPolicy
-from pipeline.sources import parse_source
+from pipeline.sources import SourceError, parse_source
 from pipeline.types import SegmentationResult, StreamState
 
 _DEFAULT_FPS = 25.0  # video rate for a source whose rate is not known ahead
@@ -49,20 +50,41 @@ class OfflineReport:
 class _VideoWriter:
     """H.264 (yuv420p) video of the overlaid frames. 4:2:0 chroma needs even sizes, so an odd
     width or height is padded by repeating the last column or row: every source pixel is
-    kept at its place (the video of an 853x479 input is 854x480)."""
+    kept at its place (the video of an 853x479 input is 854x480).
+
+    Frames keep their source timestamps (relative to the first), so a variable-frame-rate
+    input (a phone video, a screen recording) plays at its own pace rather than at its
+    average rate; frames without a usable timestamp follow the previous one by 1/fps."""
+
+    _TIME_BASE = Fraction(1, 90000)
 
     def __init__(self, path: Path, fps: float) -> None:
         self.path = path
         self.fps = fps
         self._container: av.container.OutputContainer | None = None
         self._stream: av.video.stream.VideoStream | None = None
+        self._first_pts: float | None = None
+        self._last_tick = -1
 
-    def write(self, image: np.ndarray) -> None:
+    def _tick(self, pts: float | None) -> int:
+        step = max(1, round(1.0 / (self.fps * self._TIME_BASE)))
+        tick = self._last_tick + step if self._last_tick >= 0 else 0
+        if pts is not None and math.isfinite(pts):
+            if self._first_pts is None:
+                self._first_pts = pts
+            at = round((pts - self._first_pts) / self._TIME_BASE)
+            if at > self._last_tick:  # never backwards (a loop, a broken timestamp)
+                tick = at
+        self._last_tick = tick
+        return tick
+
+    def write(self, image: np.ndarray, pts: float | None = None) -> None:
         h, w = image.shape[:2]
         if self._container is None:
             self._container = av.open(str(self.path), mode="w")
             rate = Fraction(self.fps).limit_denominator(1001)
             stream = self._container.add_stream("libx264", rate=rate)
+            stream.codec_context.time_base = self._TIME_BASE
             stream.width = w + w % 2
             stream.height = h + h % 2
             stream.pix_fmt = "yuv420p"
@@ -73,6 +95,8 @@ class _VideoWriter:
         if pad_h or pad_w:
             image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        frame.pts = self._tick(pts)
+        frame.time_base = self._TIME_BASE
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
 
@@ -113,20 +137,10 @@ def _make_dir(path: Path, what: str) -> None:
         raise OfflineError(f"cannot create the {what} directory {path}: {e.strerror or e}") from None
 
 
-def probe_frames(path: str, format: str | None = None) -> tuple[int | None, float]:
-    """(frame count if the container knows it, frame rate) of a video file."""
-    try:
-        with av.open(path, format=format) as c:
-            s = c.streams.video[0]
-            fps = float(s.average_rate or s.guessed_rate or 25)
-            return (int(s.frames) or None), fps
-    except (av.error.FFmpegError, IndexError, OSError) as e:
-        raise OfflineError(f"cannot read video {path}: {e}") from None
-
-
 def _probe_source(source: str, config: AppConfig) -> tuple[int | None, float]:
     """(frame count or None, frame rate) of ``source``: a file in any form the service
-    accepts (a path, ``file://…``, with query options) is probed; other sources, whose rate
+    accepts (a path, ``file://…``, with query options) is opened as the stream will open it,
+    so what cannot be served fails here, with the same message; other sources, whose rate
     the container cannot tell ahead, are written at 25 fps."""
     try:
         spec = parse_source(source, allowed_schemes=config.server.allowed_schemes)
@@ -134,11 +148,18 @@ def _probe_source(source: str, config: AppConfig) -> tuple[int | None, float]:
         raise OfflineError(str(e)) from None
     if spec.kind != "file":
         return None, _DEFAULT_FPS
-    total, fps = probe_frames(spec.target, spec.format)
+    reader = spec.create()
+    try:
+        info = reader.open()
+    except SourceError as e:
+        raise OfflineError(f"cannot read video {spec.display}: {e}") from None
+    finally:
+        reader.close()
+    fps = info.fps or _DEFAULT_FPS
     target = spec.options.target_fps
     if target and target < fps:  # thinned to target_fps: that is the rate written
         return None, target
-    return total, fps
+    return info.frames, fps
 
 
 def segment_file(
@@ -214,7 +235,7 @@ def segment_file(
             if masks is not None:
                 cv2.imwrite(str(masks / f"{written:05d}.png"), res.labels)
             if writer is not None:
-                writer.write(overlay(res.frame.image, res.labels))
+                writer.write(overlay(res.frame.image, res.labels), res.frame.pts)
             written += 1
             full += int(res.full_pass)
             if progress is not None:

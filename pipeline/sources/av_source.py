@@ -350,6 +350,9 @@ class AvSource(Source):
             fmt = reference_format(self.spec.format) or sniff_reference_format(self.spec.target)
             if fmt is not None:
                 raise self._refuse_reference(fmt)
+            with contextlib.suppress(OSError):
+                if Path(self.spec.target).stat().st_size == 0:
+                    raise SourceError("the file is empty (0 bytes)", retryable=False)
         started = time.monotonic()
         try:
             self._container = av.open(
@@ -408,6 +411,7 @@ class AvSource(Source):
             fps=fps,
             codec=str(cc.name or ""),
             live=network or bool(o.realtime),
+            frames=None if network else (int(stream.frames or 0) or None),
         )
 
     def frames(self) -> Iterator[RawFrame | None]:

@@ -70,6 +70,7 @@ class SourceInfo:
     fps: float | None  # nominal frame rate, None when unknown
     codec: str = ""
     live: bool = True  # True when frames arrive in real time (cameras, network streams)
+    frames: int | None = None  # how many frames a file's header declares, when it does
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,83 @@
+"""Unusual but real media through `segstream segment`: the output keeps the source's timing,
+and what cannot be read fails in one line that says why."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from server.cli import main
+from tests.helpers_video import pattern_frame
+
+pytestmark = pytest.mark.integration
+
+# A phone or screen recording: bursts and pauses (seconds).
+VFR_PTS = [0.0, 0.1, 0.2, 0.6, 0.7, 0.75, 0.8, 1.5, 1.6]
+
+
+def _vfr_clip(path: Path) -> Path:
+    tb = Fraction(1, 1000)
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = tb
+        stream.options = {"preset": "ultrafast", "bf": "0"}
+        for i, t in enumerate(VFR_PTS):
+            vf = av.VideoFrame.from_ndarray(pattern_frame(i, width=64, height=48), format="rgb24")
+            vf.pts, vf.time_base = round(t / tb), tb
+            for packet in stream.encode(vf):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def _frame_times(path: Path) -> list[float]:
+    with av.open(str(path)) as c:
+        return [float(f.time) for f in c.decode(video=0)]
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_segment_of_a_variable_frame_rate_video_keeps_its_timing(tmp_path: Path, suffix: str) -> None:
+    clip = _vfr_clip(tmp_path / "vfr.mp4")
+    assert _frame_times(clip) == pytest.approx(VFR_PTS, abs=1e-3)
+    out = tmp_path / f"out{suffix}"
+    assert main(["segment", str(clip), "-o", str(out), "--model", "null", "-q"]) == 0
+    # (written at the average rate, the pause at 0.8-1.5 s was gone and the bursts slowed down)
+    assert _frame_times(out) == pytest.approx(VFR_PTS, abs=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda p: p.write_bytes(b""), "the file is empty (0 bytes)"),
+        (lambda p: p.write_text("hello, this is not a video\n"), "not a video stream FFmpeg can read"),
+        (None, "no video stream in the source"),  # an audio-only file
+    ],
+    ids=["empty", "text", "audio-only"],
+)
+def test_segment_of_unreadable_file_says_why_in_one_line(tmp_path: Path, capsys, make, needle: str) -> None:
+    bad = tmp_path / "input.mp4"
+    if make is not None:
+        make(bad)
+    else:
+        with av.open(str(bad), mode="w") as out:
+            stream = out.add_stream("aac", rate=8000)
+            samples = np.zeros((1, 1024), dtype=np.float32)
+            for i in range(4):
+                af = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+                af.sample_rate, af.pts = 8000, i * 1024
+                for packet in stream.encode(af):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+    code = main(["segment", str(bad), "-o", str(tmp_path / "out.mp4"), "--model", "null", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in err and "input.mp4" in err and err.count("\n") == 1, err
+    assert "index out of range" not in err and "Errno" not in err
+    assert not (tmp_path / "out.mp4").exists()
