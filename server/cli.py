@@ -140,8 +140,6 @@ def serve_app(app: Any, cfg: AppConfig) -> int:
     """
     import asyncio
     import signal
-    import threading
-    import time
 
     import uvicorn
 
@@ -182,11 +180,27 @@ def serve_app(app: Any, cfg: AppConfig) -> int:
             **uvicorn_options(cfg),
         )
     )
-    server.run()
-    if not server.started:
-        return 1  # lifespan start-up failed (logged by uvicorn)
+    server.run()  # a failed start-up (lifespan, port in use) exits 3 from inside uvicorn
+    return exit_status(app, started=server.started, bound=bound)
+
+
+def exit_status(app: Any, *, started: bool, bound: float) -> int:
+    """``serve``'s exit status once uvicorn has returned: 3 when start-up failed, 1 when a
+    thread outlived the shutdown bound (named in the log), else 0."""
+    import threading
+    import time
+
+    log = logging.getLogger("segstream.server")
+    if not started:
+        return 3  # uvicorn exits 3 itself on a failed start-up; the same status should it return
     if not getattr(app.state, "clean_shutdown", True):
-        return 1  # a source or engine thread outlived the bound (named in the log)
+        # A source or engine thread outlived the bound. The manager names stuck sources; an
+        # engine still building or warming a model would otherwise go unnamed.
+        left = pipeline_threads_alive()
+        log.error(
+            "threads still running %.1f s after shutdown: %s", bound, ", ".join(left) or "(ended meanwhile)"
+        )
+        return 1
     # The interpreter waits for non-daemon threads; join them within the bound so a stuck
     # one is named in the log instead of silently holding the process.
     deadline = time.monotonic() + bound
@@ -198,6 +212,19 @@ def serve_app(app: Any, cfg: AppConfig) -> int:
         log.error("threads still running %.1f s after shutdown: %s", bound, ", ".join(stuck))
         return 1
     return 0
+
+
+_PIPELINE_THREADS = ("engine", "source-", "stall-watchdog")
+
+
+def pipeline_threads_alive() -> list[str]:
+    """Names of the pipeline's threads (engine, its finisher and model builders, sources,
+    the stall watchdog) that are still running."""
+    import threading
+
+    return sorted(
+        t.name for t in threading.enumerate() if t.is_alive() and t.name.startswith(_PIPELINE_THREADS)
+    )
 
 
 def _websockets_open(server: Any) -> bool:
@@ -279,15 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the viewer, REST API and websockets")
     s.add_argument("--source", action="append", metavar="[ID=]URI", help="a source to serve (repeatable)")
     s.add_argument("--model", help="default model name (see `segstream models`)")
-    s.add_argument("--weights", help="weights file for the default model")
-    s.add_argument("--device", help="auto | cpu | cuda[:N]")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
+    s.add_argument("--weights", metavar="FILE", help="weights file for the default model")
+    s.add_argument("--device", help="engine.device: auto | cpu | cuda | cuda:N (default: auto)")
+    s.add_argument("--host", help="server.host (default: 127.0.0.1; 0.0.0.0 serves other machines)")
+    s.add_argument("--port", type=int, help="server.port (default: 8000)")
     s.add_argument("--config", metavar="FILE", help="TOML config file (streams, models, limits)")
     s.add_argument("--token", help="require this bearer token for the API and websockets")
-    s.add_argument("--media-dir", help="directory that API-added file sources must live in")
-    s.add_argument("--max-batch", type=int)
-    s.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    s.add_argument("--media-dir", metavar="DIR", help="directory that API-added file sources must live in")
+    s.add_argument(
+        "--max-batch", type=int, metavar="N", help="engine.max_batch: frames per model call (default: 8)"
+    )
+    s.add_argument(
+        "--precision", choices=["auto", "fp32", "fp16", "bf16"], help="engine.precision (auto: fp16 on CUDA)"
+    )
     s.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     s.add_argument(
         "--temporal", choices=["off", "smooth", "keyframe"], help="temporal refinement for --source streams"
@@ -299,22 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("segment", help="segment a video file offline, every frame")
     g.add_argument("input", help="video file (or URI)")
-    g.add_argument("--output", "-o", help="write an overlaid video (mp4)")
-    g.add_argument("--masks-dir", help="write one label PNG per frame (00000.png, …)")
-    g.add_argument("--model", help="model name")
-    g.add_argument("--weights", help="weights file for the model")
-    g.add_argument("--device", help="auto | cpu | cuda[:N]")
-    g.add_argument("--temporal", choices=["off", "smooth", "keyframe"])
-    g.add_argument("--roi", action="store_true")
-    g.add_argument("--max-batch", type=int)
-    g.add_argument("--quiet", "-q", action="store_true")
+    g.add_argument("--output", "-o", metavar="OUT", help="write an overlaid video (.mp4, .mkv, .mov, …)")
+    g.add_argument("--masks-dir", metavar="DIR", help="write one label PNG per frame (00000.png, …)")
+    g.add_argument("--model", help="model name (default: selfie)")
+    g.add_argument("--weights", metavar="FILE", help="weights file for the model")
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
+    g.add_argument(
+        "--temporal", choices=["off", "smooth", "keyframe"], help="temporal refinement (default: off)"
+    )
+    g.add_argument("--roi", action="store_true", help="segment crops around the people found (ROI mode)")
+    g.add_argument("--max-batch", type=int, metavar="N", help="frames per model call (default: 8)")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     g.add_argument(
         "--progress", action="store_true", help="show the progress bar even when not on a terminal"
     )
     g.set_defaults(func=cmd_segment)
 
     m = sub.add_parser("models", help="list the registered models")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     m.set_defaults(func=cmd_models)
 
     _add_eval_and_watch(sub)

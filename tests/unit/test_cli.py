@@ -210,3 +210,51 @@ def test_serve_refuses_weights_made_for_another_network(capsys, tmp_path, no_sta
     save_file({"not.this.model": torch.zeros(2)}, str(other))
     code, _, err = run(capsys, "serve", "--model", "selfie", "--weights", str(other), "--port", "0")
     assert code == 2 and "other.safetensors" in err and err.count("\n") == 1, err
+
+
+class _App:
+    def __init__(self, clean_shutdown: bool) -> None:
+        self.state = type("State", (), {"clean_shutdown": clean_shutdown})()
+
+
+def test_a_thread_left_after_shutdown_is_named_and_the_status_is_1(caplog):
+    """An engine still busy (building or warming a model when SIGTERM came) outlives the bound:
+    the exit status is 1 and the log names it, as for a stuck source."""
+    import threading
+
+    from server.cli import exit_status
+
+    release = threading.Event()
+    engine = threading.Thread(target=release.wait, name="engine", daemon=True)
+    engine.start()
+    try:
+        with caplog.at_level("ERROR", logger="segstream.server"):
+            assert exit_status(_App(clean_shutdown=False), started=True, bound=0.1) == 1
+    finally:
+        release.set()
+        engine.join(2.0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "segstream.server"]
+    assert any("still running" in m and "engine" in m for m in lines), lines
+
+
+def test_exit_status_after_a_clean_shutdown_and_a_failed_start_up():
+    from server.cli import exit_status
+
+    assert exit_status(_App(clean_shutdown=True), started=True, bound=0.1) == 0
+    assert exit_status(_App(clean_shutdown=True), started=False, bound=0.1) == 3
+
+
+def test_serve_exits_3_when_start_up_fails_after_the_checks(monkeypatch, capsys):
+    """What only start-up can see (the engine started, then a failure) ends with status 3."""
+    from pipeline.manager import StreamManager
+
+    real_start = StreamManager.start
+
+    def start(self):
+        real_start(self)
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(StreamManager, "start", start)
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--model", "null", "--no-demo", "--port", "0"])
+    assert exc.value.code == 3
