@@ -60,6 +60,8 @@ _DURATION_FORMATS = frozenset({"mov", "mp4", "matroska", "webm"})
 
 _SNIFF_BYTES = 4096
 
+_AVFMT_NOTIMESTAMPS = 0x0080  # libavformat: the format has no timestamps of its own
+
 
 @functools.cache
 def _local_format_whitelist() -> str:
@@ -312,6 +314,7 @@ class AvSource(Source):
         self._declared: _DeclaredLength | None = None
         self._frame_s: float | None = None
         self._sar: Fraction | None = None  # non-square pixels: stored width x this = shown width
+        self._made_up_pts = False  # the demuxer numbers frames at a guessed rate (MJPEG over HTTP)
 
     def _av_options(self) -> dict[str, str]:
         o = self.spec.options
@@ -402,6 +405,14 @@ class AvSource(Source):
         fps = float(rate) if rate else None
         if fps is not None and not (0 < fps < 1000):
             fps = None
+        # Formats without timestamps (multipart MJPEG, raw H.264/HEVC/JPEG streams): FFmpeg
+        # numbers their frames at an assumed 25 fps. From a file that is what every player
+        # does; from a live camera it is fiction (a 1 fps camera's frames would be 0.04 s
+        # apart, and ``target_fps`` would thin them to nothing): no pts and no rate, so the
+        # worker goes by the pictures' arrival.
+        self._made_up_pts = network and bool(self._container.format.flags & _AVFMT_NOTIMESTAMPS)
+        if self._made_up_pts:
+            fps = None
         if not network:
             self._declared = _declared_length(self._container, stream, fps)
             self._frame_s = 1.0 / fps if fps else None
@@ -456,7 +467,7 @@ class AvSource(Source):
                     if turn != _UPRIGHT:
                         image = turn.apply(image)
                     t1 = time.perf_counter()
-                    pts = float(frame.time) if frame.time is not None else None
+                    pts = float(frame.time) if frame.time is not None and not self._made_up_pts else None
                     frames += 1
                     if pts is not None and (last_pts is None or pts > last_pts):
                         last_pts = pts

@@ -81,3 +81,31 @@ def test_segment_of_unreadable_file_says_why_in_one_line(tmp_path: Path, capsys,
     assert needle in err and "input.mp4" in err and err.count("\n") == 1, err
     assert "index out of range" not in err and "Errno" not in err
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_mjpeg_camera_frames_are_timed_by_arrival_not_by_a_guessed_rate() -> None:
+    """Multipart MJPEG has no timestamps; FFmpeg numbers its frames at 25 fps. A 4 fps camera
+    thinned to ``target_fps=10`` must keep all its frames (it kept one in three), and neither
+    the made-up pts nor the made-up rate reach users."""
+    from pipeline.config import ReconnectConfig
+    from pipeline.slot import FrameSlot
+    from pipeline.sources import parse_source
+    from pipeline.stream import StreamWorker
+    from pipeline.types import StreamState
+    from tests.integration.fakes_net import MjpegServer
+
+    with MjpegServer(fps=4, width=64, height=48) as server:
+        slot = FrameSlot()
+        spec = parse_source(f"http://127.0.0.1:{server.port}/video.mjpg?target_fps=10")
+        worker = StreamWorker("mjpeg", spec, slot, reconnect=ReconnectConfig(stall_timeout_s=5.0))
+        worker.start()
+        try:
+            assert worker.wait_state({StreamState.STREAMING}, timeout=8) is StreamState.STREAMING
+            start = worker.status().frames
+            # 8 more frames take 2 s at 4 fps (6 s when two in three were dropped)
+            assert worker.wait_frames(start + 8, timeout=4.5), worker.status()
+            frame = slot.take()
+            assert frame is not None and frame.pts is None
+            assert worker.status().source_fps is None
+        finally:
+            assert worker.stop(timeout=3)
