@@ -7,6 +7,10 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
 PYTEST_ARGS ?=
+# TORCH_VARIANT=cpu (or cu126, cu128, ...) installs PyTorch from its own index first, as the
+# Docker image does; left empty, pip takes PyTorch from PyPI (on Linux, a wheel with CUDA).
+TORCH_VARIANT ?=
+TORCH_VERSION ?= 2.13.0
 
 .PHONY: run test test-unit test-integration lint bench bench-quick soak install install-test system-deps clean docker-config
 
@@ -15,6 +19,7 @@ $(VENV)/bin/activate:
 	$(PIP) install --upgrade pip >/dev/null
 
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/activate
+	$(if $(TORCH_VARIANT),$(PIP) install --index-url https://download.pytorch.org/whl/$(TORCH_VARIANT) "torch==$(TORCH_VERSION)")
 	$(PIP) install -e .
 	touch $@
 
