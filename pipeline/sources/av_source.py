@@ -299,6 +299,8 @@ def describe_av_error(
         # e.g. an HTTP redirect to file:// or another protocol, which FFmpeg will not follow
         return f"FFmpeg refused the source ({strerror}): a redirect to another protocol?", True
     if isinstance(exc, av.error.EOFError):
+        if not network:
+            return "the file ends before its first picture (truncated, or still being written?)", False
         return "stream ended", network
     return f"{type(exc).__name__}: {strerror}", network
 

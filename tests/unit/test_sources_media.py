@@ -107,3 +107,19 @@ def test_non_square_pixels_are_stretched_as_a_player_shows(tmp_path: Path, sar, 
 def test_non_square_pixels_are_stretched_before_the_picture_is_turned(tmp_path: Path) -> None:
     clip = _encode(tmp_path / "both.mp4", sar=Fraction(2, 1), rotation=90)
     assert [g.shape for g in _pictures(str(clip))] == [(2 * W, H, 3)] * 3
+
+
+def test_file_with_a_header_and_no_picture_yet_says_so(tmp_path: Path) -> None:
+    """A recording still being written (or cut short) holds its header and nothing else."""
+    from pipeline.sources import SourceError
+
+    data = _encode(tmp_path / "whole.mkv").read_bytes()
+    cluster = data.index(bytes.fromhex("1F43B675"))  # Matroska's first Cluster: the pictures
+    partial = tmp_path / "recording.mkv"
+    partial.write_bytes(data[:cluster])
+    src = parse_source(str(partial)).create()
+    with pytest.raises(SourceError) as exc:
+        src.open()
+    src.close()
+    assert "ends before its first picture" in str(exc.value), exc.value
+    assert not exc.value.retryable
