@@ -481,9 +481,26 @@ class AvSource(Source):
             raise
         except Exception as e:  # noqa: BLE001
             msg, retry = describe_av_error(e, network=self._network, read_timeout_s=o.read_timeout_s)
+            if frames == 0 and self._index_out_of_reach(e):
+                msg = (
+                    "the MP4's index (moov) is at the end of the file and the server cannot send "
+                    "parts of it (no HTTP range requests): re-encode it with -movflags +faststart, "
+                    "or serve it from a server that supports ranges"
+                )
             if isinstance(e, av.error.TimeoutError | av.error.ExitError | TimeoutError):
                 raise SourceStalled(msg) from None
             raise SourceError(msg, retryable=retry) from None
+
+    def _index_out_of_reach(self, exc: BaseException) -> bool:
+        """An MP4 over HTTP whose index follows the pictures: FFmpeg reads the index by
+        jumping to the end and must jump back for the pictures, which a server that ignores
+        range requests makes impossible (the read fails with an I/O error)."""
+        if not self._network or not self.spec.target.lower().startswith(("http:", "https:")):
+            return False
+        if not (isinstance(exc, OSError) and exc.errno == errno.EIO):
+            return False
+        container = self._container
+        return container is not None and "mp4" in str(container.format.name).split(",")
 
     def _check_complete(self, packets: int, frames: int, last_pts: float | None) -> None:
         """Raise when a local file ended clearly before the length its header states.

@@ -109,3 +109,36 @@ def test_mjpeg_camera_frames_are_timed_by_arrival_not_by_a_guessed_rate() -> Non
             assert worker.status().source_fps is None
         finally:
             assert worker.stop(timeout=3)
+
+
+def test_http_mp4_with_its_index_at_the_end_from_a_server_without_ranges_says_why(tmp_path: Path) -> None:
+    from pipeline.sources import SourceError, parse_source
+    from tests.integration.fakes_net import FileHttpServer
+
+    # Noise, so the file is larger than FFmpeg's read buffer (a small one is read whole).
+    clip = tmp_path / "clip.mp4"
+    rng = np.random.default_rng(0)
+    with av.open(str(clip), mode="w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        for _ in range(8):
+            img = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    data = clip.read_bytes()
+    assert data.index(b"moov") > data.index(b"mdat") and len(data) > 100_000, len(data)
+    with FileHttpServer(tmp_path) as server:  # (Python's file server ignores Range headers)
+        src = parse_source(f"http://127.0.0.1:{server.port}/clip.mp4?open_timeout=5&read_timeout=5").create()
+        try:
+            src.open()
+            with pytest.raises(SourceError) as exc:
+                for _ in src.frames():
+                    pass
+        finally:
+            src.close()
+    msg = str(exc.value)
+    assert "moov" in msg and "faststart" in msg and "range" in msg, msg
+    assert exc.value.retryable  # the server may be fixed
