@@ -170,11 +170,13 @@ class Client:
 
 
 class _EncodeGate:
-    """At most one encode in flight per stream; a newer result replaces a waiting one."""
+    """At most one encode in flight per stream; a newer result replaces a waiting one.
+
+    A stream has a gate only while one of its results is being encoded (the hub's table of
+    gates would otherwise keep one for every stream id ever served). Its fields change under
+    the hub's lock."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.busy = False
         self.waiting: tuple[SegmentationResult, dict[str, int]] | None = None
 
 
@@ -270,35 +272,43 @@ class Hub:
         if self._closed or not self.clients(result.frame.stream_id):
             return  # nobody listens: encode nothing
         sid = result.frame.stream_id
+        queued = replaced = False
         with self._lock:
-            gate = self._gates.setdefault(sid, _EncodeGate())
-        with gate.lock:
-            if gate.busy:
+            gate = self._gates.get(sid)
+            if gate is not None:  # an encode is in flight: wait behind it, replacing any waiting
                 if gate.waiting is not None:
-                    if self._on_drop is not None:
-                        self._on_drop(sid, DropCause.ENGINE_BUSY)
+                    replaced = True
                     if gate.waiting[0].frame.discontinuity:
                         # the newer result takes the mark of the one it replaces
                         result = replace(result, frame=result.frame.marked())
                 gate.waiting = (result, drops)
-                return
-            gate.busy = True
+                queued = True
+            else:
+                gate = self._gates[sid] = _EncodeGate()
+        if queued:
+            if replaced and self._on_drop is not None:
+                self._on_drop(sid, DropCause.ENGINE_BUSY)
+            return
         try:
-            self._pool.submit(self._encode_loop, gate, result, drops)
+            self._pool.submit(self._encode_loop, sid, gate, result, drops)
         except RuntimeError:  # pool shut down during exit
-            gate.busy = False
+            with self._lock:
+                if self._gates.get(sid) is gate:
+                    del self._gates[sid]
 
-    def _encode_loop(self, gate: _EncodeGate, result: SegmentationResult, drops: dict[str, int]) -> None:
+    def _encode_loop(
+        self, sid: str, gate: _EncodeGate, result: SegmentationResult, drops: dict[str, int]
+    ) -> None:
         item: tuple[SegmentationResult, dict[str, int]] | None = (result, drops)
         while item is not None:
             try:
                 self._encode_one(*item)
             except Exception:
                 log.exception("hub: encoding failed for stream %s", item[0].frame.stream_id)
-            with gate.lock:
+            with self._lock:
                 item, gate.waiting = gate.waiting, None
-                if item is None:
-                    gate.busy = False
+                if item is None and self._gates.get(sid) is gate:
+                    del self._gates[sid]  # idle: the next result opens a new gate
 
     def _encode_one(self, result: SegmentationResult, drops: dict[str, int]) -> None:
         frame = result.frame

@@ -1,0 +1,167 @@
+"""Days of operation in seconds: streams and websocket clients come and go against a real
+server, and nothing may be left behind (threads, descriptors, per-stream tables, metric
+series); /healthz and /readyz tell the truth when the engine or its model is gone."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from pipeline.config import AppConfig, EngineConfig, ReconnectConfig, ServerConfig
+from tests.helpers_video import make_test_video
+
+pytestmark = pytest.mark.integration
+
+LOOP = {"loop": True}
+FAST = ReconnectConfig(initial_backoff_s=0.1, max_backoff_s=0.3, jitter=0.1)
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def samples(url: str) -> dict[str, float]:
+    """``name{a=x,b=y}`` -> value for every sample of ``/metrics`` (parsed by prometheus_client)."""
+    out = {}
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def config(media: Path, **kw: Any) -> AppConfig:
+    return AppConfig(
+        default_model="null",
+        engine=EngineConfig(threads=1, encode_workers=2),
+        server=ServerConfig(media_dir=str(media)),
+        reconnect=FAST,
+        **kw,
+    )
+
+
+def raw_ws(port: int, path: str, *, rcvbuf: int | None = None) -> socket.socket:
+    """A websocket opened by hand: a client that can misbehave (never read, reset, send junk)."""
+    s = socket.socket()
+    if rcvbuf is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    return s
+
+
+def reset(s: socket.socket) -> None:
+    """Close with a TCP reset, as a client that crashes does."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def tables(app: Any) -> dict[str, int]:
+    """Sizes of every per-stream or per-client table of the app."""
+    hub, mgr, metrics = app.state.hub, app.state.manager, app.state.metrics
+    return {
+        "streams": len(mgr.list()),
+        "engine streams": len(mgr.engine._streams),
+        "batcher lanes": len(mgr.engine._batcher.lanes()),
+        "hub clients": len(hub._clients),
+        "hub encode gates": len(hub._gates),
+        "hub ended": len(hub._ended),
+        "hub closing": len(hub._closing),
+        "latency histograms": len(metrics._hists),
+    }
+
+
+def server_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.is_alive())
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_stream_and_client_churn_leaves_nothing_behind(live_server, tmp_path: Path) -> None:
+    clip = make_test_video(tmp_path / "clip.mp4", frames=25, width=64, height=48, fps=25)
+    srv = live_server(config(tmp_path))
+    sources: list[dict[str, Any]] = [
+        {"source": str(clip), "options": {"loop": True, "realtime": True}},
+        {"source": "demo"},
+        {"source": "rtsp://127.0.0.1:1/x", "options": {"open_timeout_s": 1}},
+    ]
+    http = httpx.Client(base_url=srv.url, timeout=10)
+    # one warm-up cycle so lazily made things (pools, caches) exist before counting
+    before_threads = before_fds = 0
+    previous: dict[str, float] = {}
+    cycles = 30
+    for i in range(cycles + 1):
+        sid = f"churn-{i}.x_{i % 3}"
+        r = http.post("/api/streams", json={"id": sid, **sources[i % 3]})
+        assert r.status_code == 201, r.text
+        reader = connect(srv.stream_ws(sid, format="labels"), open_timeout=5)
+        crasher = raw_ws(srv.port, f"/ws/streams/{sid}?format=raw")
+        junk = connect(srv.stream_ws(sid), open_timeout=5)
+        junk.send("{not json")
+        junk.send(b"\x00\xff")
+        if i % 3 != 2:  # a source that delivers: results reach the clients
+            wait_for(lambda: reader.recv(timeout=5) and True, 10, "a message")  # noqa: B023
+            wait_for(lambda: http.get(f"/api/streams/{sid}").json()["frames"] > 0, 10, "frames")  # noqa: B023
+        with contextlib.suppress(OSError, ConnectionClosed):
+            crasher.recv(100)
+        reset(crasher)
+        patches = ({"temporal": "smooth"}, {"roi": True}, {"temporal": {"mode": "keyframe"}, "roi": False})
+        for patch in patches:
+            assert http.patch(f"/api/streams/{sid}", json=patch).status_code == 200
+        junk.close()
+        assert http.delete(f"/api/streams/{sid}").status_code == 204
+        with contextlib.suppress(OSError, ConnectionClosed):
+            while True:
+                reader.recv(timeout=5)
+        reader.close()
+        m = samples(srv.url)
+        for key, value in m.items():
+            if key.split("{")[0].endswith("_total") and key in previous:
+                assert value >= previous[key], f"counter {key} went back: {previous[key]} -> {value}"
+        previous = m
+        if i == 0:
+            wait_for(lambda: tables(srv.app)["hub clients"] == 0, 10, "no clients")
+            before_threads, before_fds = server_threads(), fds()
+    http.close()
+
+    # All gone: the tables, the threads (source threads end; a source blocked in an open ends
+    # by its timeout), the descriptors, and every label series of the removed streams.
+    deadline = time.monotonic() + 10
+    while any(tables(srv.app).values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(tables(srv.app).values()), tables(srv.app)
+    wait_for(lambda: server_threads() <= before_threads + 1, 10, "threads back to the start")
+    wait_for(lambda: fds() <= before_fds + 2, 10, "descriptors back to the start")
+    m = samples(srv.url)
+    assert [k for k in m if "stream=" in k] == []
+    assert m["segstream_streams"] == 0 and m["segstream_clients"] == 0
+    assert m["segstream_engine_up"] == 1 and m["segstream_engine_ready"] == 1
