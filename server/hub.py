@@ -77,6 +77,7 @@ class Client:
     capacity: int = 1  # messages held for this client before the oldest is dropped (limits.client_queue)
     queue: deque[Outgoing] = field(default_factory=deque)
     event: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set by close()
     dropped_slow: int = 0
     sent: int = 0
     # max_fps: the time the next result is due (virtual scheduling; see ``wants``)
@@ -167,6 +168,7 @@ class Client:
     def close(self) -> None:
         self.closed = True
         self.event.set()
+        self.ended.set()
 
 
 class _EncodeGate:

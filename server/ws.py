@@ -3,7 +3,7 @@
 Close codes (also in the README):
     4400 bad parameters, 4401 unauthorised, 4403 origin not allowed, 4404 unknown stream,
     4410 stream removed, 4429 too many clients, 1001 server shutting down,
-    1009 message too big.
+    1008 the client took no message for ``SEND_TIMEOUT_S``, 1009 message too big.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from starlette.websockets import WebSocketState
+from starlette.websockets import WebSocketDisconnected, WebSocketState
 
 from pipeline.render import Format
 from server.auth import origin_allowed, presented_token, refused, token_matches
@@ -35,7 +35,17 @@ CLOSE_TOO_MANY = 4429
 CLOSE_GOING_AWAY = 1001
 CLOSE_TOO_BIG = 1009
 
+CLOSE_NOT_READING = 1008
+
 MAX_CONTROL_BYTES = 64 * 1024  # control messages are tiny JSON objects
+# A message the transport cannot take for this long (its buffer stays full) means the client
+# does not read: it is closed instead of holding its slot, its encoder output and its
+# connection for ever (the server's keepalive ping cannot end it: the ping waits behind the
+# same full buffer). A reader on a slow link empties the buffer in well under a second.
+SEND_TIMEOUT_S = 20.0
+# How long a removed stream's (or a stopping server's) sender may take to finish, and how
+# long the close frame may wait to be written, before the handler gives up on the client.
+CLOSE_WAIT_S = 2.0
 
 
 class ParamError(ValueError):
@@ -212,16 +222,30 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
     hub.publish_status(stream_id, {**info, "classes": list(app.state.classes_for(handle.model))}, only=client)
     sender = asyncio.create_task(_send_loop(ws, hub, client))
     receiver = asyncio.create_task(_receive_loop(ws, client))
+    ended = asyncio.create_task(client.ended.wait())  # stream removed, server stopping
+    not_reading = False
     try:
-        done, pending = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
+        done, _ = await asyncio.wait({sender, receiver, ended}, return_when=asyncio.FIRST_COMPLETED)
+        if ended in done and not sender.done():
+            # The sender ends by itself now, unless it is blocked on a client that does not read.
+            await asyncio.wait({sender}, timeout=CLOSE_WAIT_S)
+        tasks = (sender, receiver, ended)
+        for task in tasks:
             task.cancel()
-        for task in pending:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for task in done:
-            error = task.exception()
-            if error is not None and not isinstance(error, WebSocketDisconnect):
+        for task in (sender, receiver):
+            error = None if task.cancelled() else task.exception()
+            if error is None or _disconnected(error):
+                continue
+            if task is sender and isinstance(error, TimeoutError):
+                not_reading = True
+                log.info(
+                    "stream %s: websocket client took no message for %.0f s: closing it",
+                    stream_id, SEND_TIMEOUT_S,
+                )
+            else:
                 log.warning("stream %s: websocket client ended with %r", stream_id, error)
     finally:
         hub.unsubscribe(client)
@@ -230,9 +254,31 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
             and ws.client_state != WebSocketState.DISCONNECTED
         ):
             if app.state.shutting_down:
-                await close(ws, CLOSE_GOING_AWAY, "server shutting down")
-            elif app.state.manager.find(stream_id) is None:
-                await close(ws, CLOSE_STREAM_REMOVED, f"stream {stream_id!r} was removed")
+                await _close_within(ws, CLOSE_GOING_AWAY, "server shutting down")
+            elif app.state.manager.find(stream_id) is not handle:
+                await _close_within(ws, CLOSE_STREAM_REMOVED, f"stream {stream_id!r} was removed")
+            elif not_reading:
+                await _close_within(
+                    ws, CLOSE_NOT_READING, f"client took no message for {SEND_TIMEOUT_S:.0f} s"
+                )
+
+
+def _disconnected(error: BaseException) -> bool:
+    """Whether a websocket call failed only because the connection was already closing (the
+    client went away or closed, or the server closed it): nothing to report."""
+    if isinstance(error, WebSocketDisconnect | WebSocketDisconnected | OSError):
+        return True
+    # uvicorn's answer to a send after the close handshake began (the client's close frame
+    # arrived while a result was on its way)
+    return isinstance(error, RuntimeError) and "after sending 'websocket.close'" in str(error)
+
+
+async def _close_within(ws: WebSocket, code: int, reason: str) -> None:
+    """:func:`close`, but given up after ``CLOSE_WAIT_S``: the close frame of a client that
+    does not read waits behind the full buffer for ever."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(CLOSE_WAIT_S):
+            await close(ws, code, reason)
 
 
 async def _send_loop(ws: WebSocket, hub: Hub, client: Client) -> None:
@@ -241,7 +287,8 @@ async def _send_loop(ws: WebSocket, hub: Hub, client: Client) -> None:
         if msg is None:
             return
         data = hub.finalize(client, msg)
-        await ws.send_bytes(data)
+        async with asyncio.timeout(SEND_TIMEOUT_S):
+            await ws.send_bytes(data)
         client.sent += 1
 
 
