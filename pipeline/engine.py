@@ -76,8 +76,14 @@ class EngineStats:
     roi_frames: int = 0
     roi_crops: int = 0
     roi_full: int = 0
+    # Models whose last build failed, with the reason (a later successful build removes them).
+    failed_models: dict[str, str] = field(default_factory=dict)
+    preload: tuple[str, ...] = ()  # the models the engine builds before it is ready
+    # Why the engine thread ended on its own (an unexpected error); None while it runs.
+    died: str | None = None
 
     def snapshot(self) -> dict[str, Any]:
+        failed = dict(self.failed_models)
         return {
             "model_inputs": self.model_inputs,
             "inputs_per_frame": round(self.model_inputs / self.frames, 4) if self.frames else 0.0,
@@ -98,6 +104,10 @@ class EngineStats:
             "infer_ms_ema": round(self.infer_ms_ema, 3),
             "running": self.started,
             "ready": self.ready,
+            # ready, and every preloaded model built (none of them failed its last build)
+            "models_ready": self.ready and not any(m in failed for m in self.preload),
+            "failed_models": failed,
+            "died": self.died,
         }
 
 
@@ -239,7 +249,7 @@ class Engine:
         self._streams: dict[str, _StreamCtx] = {}
         self._streams_lock = threading.Lock()
         self._finisher: _Finisher | None = None
-        self.stats = EngineStats()
+        self.stats = EngineStats(preload=tuple(preload))
 
     # -- registration (any thread) -------------------------------------------------
     def notify(self) -> None:
@@ -311,6 +321,11 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def died(self) -> str | None:
+        """Why the engine thread ended by itself (an error no batch handling caught), or None."""
+        return self.stats.died
+
     def want(self, name: str) -> None:
         """Have the engine thread build and warm up model ``name`` now, ahead of its first frame."""
         with self._models_cond:
@@ -353,9 +368,11 @@ class Engine:
             seg = self._factory(name)
         except Exception as e:
             self._failed[name] = (f"{type(e).__name__}: {e}", time.monotonic())
+            self.stats.failed_models[name] = self._failed[name][0]
             raise
         self._failed.pop(name, None)
         self._segmenters[name] = seg
+        self.stats.failed_models.pop(name, None)
         return seg
 
     def _build_wanted(self, *, beside: bool = False) -> None:
@@ -396,7 +413,22 @@ class Engine:
                 # A GPU and everything on it belong to this thread; a CPU model can be built beside.
                 self._build_wanted(beside=self._finisher is not None)
                 self._step()
+        except Exception as e:
+            # Nothing segments any more: say so where operators look (the log, every stream's
+            # error, /readyz and /healthz) instead of only on stderr.
+            self.stats.died = f"{type(e).__name__}: {e}"
+            self.stats.last_error = f"engine thread died: {self.stats.died}"
+            log.critical("engine: the engine thread died; no stream is segmented any more", exc_info=e)
+            if self._on_error is not None:
+                with self._streams_lock:
+                    ids = list(self._streams)
+                for sid in ids:
+                    try:
+                        self._on_error(sid, self.stats.last_error)
+                    except Exception:
+                        log.exception("engine: reporting the engine's end to stream %s failed", sid)
         finally:
+            self.stats.started = False
             with self._models_cond:  # nobody waits for a model from a stopped engine
                 self._models_cond.notify_all()
 

@@ -305,6 +305,7 @@ class StreamManager:
                 temporal=sc.temporal,
                 roi=sc.roi,
                 created_at=now(),
+                engine_error=self.engine.stats.last_error if self.engine.died else None,
             )
             self._streams[sid] = handle
             self.engine.add_stream(sid, slot, model=model, temporal=sc.temporal, roi=sc.roi)
@@ -378,8 +379,8 @@ class StreamManager:
     # -- callbacks from worker and engine threads ------------------------------------
     def _on_status(self, stream_id: str, status: StreamStatus) -> None:
         handle = self.find(stream_id)
-        if handle is not None and status.state is StreamState.STREAMING:
-            handle.engine_error = None
+        if handle is not None and status.state is StreamState.STREAMING and self.engine.died is None:
+            handle.engine_error = None  # a dead engine's error stays: nothing is segmented
         for listener in list(self.status_listeners):
             try:
                 listener(stream_id, status)

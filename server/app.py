@@ -167,9 +167,22 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
     app.include_router(ingest.router)
     app.include_router(pictures.router)
 
+    def engine_death() -> str | None:
+        """Why the engine thread is gone while the server still runs (None while it runs, before
+        start-up and during shutdown): nothing is segmented any more until a restart."""
+        engine = mgr.engine
+        if not app.state.started or app.state.shutting_down or engine.alive:
+            return None
+        return f"engine thread died: {engine.died or 'ended'}"
+
     @app.get("/healthz", include_in_schema=True, summary="Process is alive")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    def healthz() -> JSONResponse:
+        # A dead engine thread is never restarted: only a restart of the process helps, which
+        # is what a failing liveness probe asks for.
+        died = engine_death()
+        if died is not None:
+            return JSONResponse({"status": "failed", "reason": died}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz", summary="Model loaded, engine running, per-stream summary")
     def readyz() -> JSONResponse:
@@ -183,10 +196,16 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
             "accepting": not app.state.shutting_down,
         }
         ready = all(checks.values())
-        if not stats["ready"]:
+        died = engine_death()
+        if died is not None:
+            reason = died
+        elif app.state.shutting_down:
+            reason = "shutting down"
+        elif not stats["ready"]:
             reason = "warming up: loading and compiling the model"
         elif not checks["model_loaded"]:
-            reason = f"default model {model!r} failed to load: {stats['last_error']}"
+            why = stats["failed_models"].get(model) or stats["last_error"]
+            reason = f"default model {model!r} failed to load: {why}"
         elif not ready:
             reason = ", ".join(k for k, ok in checks.items() if not ok) + " not satisfied"
         else:

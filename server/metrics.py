@@ -285,7 +285,9 @@ class _StateCollector:
             "segstream_engine_up", "1 while the engine thread runs", value=float(engine.alive)
         )
         yield GaugeMetricFamily(
-            "segstream_engine_ready", "1 once models are loaded", value=float(stats["ready"])
+            "segstream_engine_ready",
+            "1 once the preloaded (default) model is built; 0 while it loads or after it failed to",
+            value=float(stats["models_ready"]),
         )
         yield CounterMetricFamily("segstream_engine_batches", "Batches run", value=stats["batches"])
         yield CounterMetricFamily(

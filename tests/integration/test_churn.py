@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from pipeline.config import AppConfig, EngineConfig, ReconnectConfig, ServerConfig
+from pipeline.manager import StreamManager
 from tests.helpers_video import make_test_video
 
 pytestmark = pytest.mark.integration
@@ -266,3 +267,63 @@ def test_clients_that_close_while_results_flow_are_not_reported_as_errors(
         r.getMessage() for r in caplog.records if r.name == "segstream.ws" and r.levelno >= logging.WARNING
     ]
     assert noise == []
+
+
+def test_health_tells_when_the_engine_thread_died(live_server, tmp_path: Path) -> None:
+    srv = live_server(config(tmp_path))
+    r = httpx.post(f"{srv.url}/api/streams", json={"id": "cam", "source": "demo"})
+    assert r.status_code == 201
+    engine = srv.app.state.manager.engine
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("batcher broke")
+
+    engine._batcher.poll = broken
+    wait_for(lambda: not engine.alive, 10, "the engine thread to end")
+    health = httpx.get(f"{srv.url}/healthz", timeout=5)
+    assert health.status_code == 503
+    assert health.json() == {"status": "failed", "reason": "engine thread died: RuntimeError: batcher broke"}
+    ready = httpx.get(f"{srv.url}/readyz", timeout=5)
+    assert ready.status_code == 503
+    body = ready.json()
+    assert body["reason"] == "engine thread died: RuntimeError: batcher broke"
+    assert body["checks"]["engine_running"] is False and body["engine"]["running"] is False
+    assert body["streams"]["cam"]["error"] == "engine thread died: RuntimeError: batcher broke"
+    m = samples(srv.url)
+    assert m["segstream_engine_up"] == 0
+    # a stream added afterwards says why nothing comes
+    r = httpx.post(f"{srv.url}/api/streams", json={"id": "late", "source": "demo"})
+    assert r.status_code == 201 and "engine thread died" in r.json()["error"]
+
+
+def test_health_tells_when_the_default_model_failed_to_load(live_server, tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    mgr = StreamManager(cfg, restrict_files=True)
+
+    def no_memory(name: str) -> Any:
+        raise RuntimeError("out of memory")
+
+    mgr.engine._factory = no_memory
+    srv = live_server(cfg, manager=mgr)
+    r = httpx.post(f"{srv.url}/api/streams", json={"id": "cam", "source": "demo"})
+    assert r.status_code == 201
+    # the stream's frames fail on the missing model, which overwrites the engine's last error
+    wait_for(lambda: samples(srv.url).get("segstream_engine_errors_total", 0) >= 3, 20, "failed batches")
+    ready = httpx.get(f"{srv.url}/readyz", timeout=5)
+    assert ready.status_code == 503
+    assert ready.json()["reason"] == "default model 'null' failed to load: RuntimeError: out of memory"
+    assert ready.json()["engine"]["failed_models"] == {"null": "RuntimeError: out of memory"}
+    m = samples(srv.url)
+    assert m["segstream_engine_ready"] == 0 and m["segstream_engine_up"] == 1
+    # the process itself is fine (the model is tried again): alive
+    assert httpx.get(f"{srv.url}/healthz", timeout=5).status_code == 200
+
+
+def test_health_during_shutdown(live_server, tmp_path: Path) -> None:
+    srv = live_server(config(tmp_path))
+    assert httpx.get(f"{srv.url}/readyz", timeout=5).status_code == 200
+    srv.app.state.begin_shutdown()  # what the server does first on SIGTERM
+    ready = httpx.get(f"{srv.url}/readyz", timeout=5)
+    assert ready.status_code == 503
+    assert ready.json()["reason"] == "shutting down" and ready.json()["checks"]["accepting"] is False
+    assert httpx.get(f"{srv.url}/healthz", timeout=5).json() == {"status": "ok"}
