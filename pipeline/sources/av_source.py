@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import av
 import av.error
 import numpy as np
+from av.sidedata.sidedata import SideDataContainer
 from av.sidedata.sidedata import Type as SideDataType
 
 from pipeline.sources.base import (
@@ -154,7 +155,10 @@ def _shown_width(width: int, sar: Fraction) -> int:
 
 
 def _display_orientation(frame: Any) -> _Orientation:
-    data = frame.side_data.get(SideDataType.DISPLAYMATRIX)
+    # Not ``frame.side_data``: the frame caches that container, which points back at the
+    # frame, and the cycle keeps every decoded picture (and its scaler's threads) alive until
+    # the garbage collector runs. A container of our own points one way only.
+    data = SideDataContainer(frame).get(SideDataType.DISPLAYMATRIX)  # type: ignore[call-arg]
     return _UPRIGHT if data is None else _orientation(bytes(data))
 
 

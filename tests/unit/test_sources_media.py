@@ -123,3 +123,23 @@ def test_file_with_a_header_and_no_picture_yet_says_so(tmp_path: Path) -> None:
     src.close()
     assert "ends before its first picture" in str(exc.value), exc.value
     assert not exc.value.retryable
+
+
+def test_decoded_pictures_are_freed_without_the_garbage_collector(tmp_path: Path) -> None:
+    """Reading the display matrix must not tie each frame into a reference cycle: those
+    frames (and their scalers' threads) would pile up until a collection."""
+    import gc
+
+    clip = _encode(tmp_path / "phone.mp4", frames=12, rotation=90)
+    gc.collect()
+    gc.disable()
+    try:
+        src = parse_source(str(clip)).create()
+        src.open()
+        assert sum(1 for f in src.frames() if f is not None) == 12
+        src.close()
+        del src
+        alive = [o for o in gc.get_objects() if isinstance(o, av.VideoFrame)]
+    finally:
+        gc.enable()
+    assert alive == []
