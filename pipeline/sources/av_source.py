@@ -34,6 +34,7 @@ import av.error
 import numpy as np
 from av.sidedata.sidedata import SideDataContainer
 from av.sidedata.sidedata import Type as SideDataType
+from av.video.reformatter import VideoReformatter
 
 from pipeline.sources.base import (
     RawFrame,
@@ -320,6 +321,7 @@ class AvSource(Source):
         self._declared: _DeclaredLength | None = None
         self._frame_s: float | None = None
         self._sar: Fraction | None = None  # non-square pixels: stored width x this = shown width
+        self._scaler = VideoReformatter()
         self._made_up_pts = False  # the demuxer numbers frames at a guessed rate (MJPEG over HTTP)
 
     def _av_options(self) -> dict[str, str]:
@@ -460,15 +462,15 @@ class AvSource(Source):
                 if not decoded:
                     yield None  # still alive; lets the worker check its stall deadline
                 for frame in decoded:
-                    if self._sar is not None:
-                        # Stretched to square pixels, as players show it (an anamorphic
-                        # 720x576 PAL picture is 1047x576 on screen): masks and overlays
-                        # then fit what users see, in every viewer.
-                        image = frame.to_ndarray(
-                            format="rgb24", width=_shown_width(frame.width, self._sar), height=frame.height
-                        )
-                    else:
-                        image = frame.to_ndarray(format="rgb24")
+                    # Stretched to square pixels, as players show it (an anamorphic 720x576
+                    # PAL picture is 1047x576 on screen): masks and overlays then fit what
+                    # users see, in every viewer.
+                    width = _shown_width(frame.width, self._sar) if self._sar is not None else None
+                    # One scaler for the whole stream: ``frame.to_ndarray(format=...)`` builds
+                    # (and tears down) a scaler and its threads for every picture, several ms each.
+                    image = self._scaler.reformat(frame, format="rgb24", width=width).to_ndarray()
+                    if not image.flags.c_contiguous:  # odd widths: FFmpeg pads its rows
+                        image = np.ascontiguousarray(image)
                     turn = _display_orientation(frame)
                     if turn != _UPRIGHT:
                         image = turn.apply(image)

@@ -143,3 +143,23 @@ def test_decoded_pictures_are_freed_without_the_garbage_collector(tmp_path: Path
     finally:
         gc.enable()
     assert alive == []
+
+
+def test_odd_sized_pictures_are_whole_contiguous_arrays(tmp_path: Path) -> None:
+    """17x9 RGB rows are 51 bytes, which FFmpeg pads: frames are still C-contiguous, as
+    :class:`RawFrame` promises, and hold exactly the stored picture."""
+    clip = tmp_path / "odd.mkv"
+    with av.open(str(clip), mode="w") as out:
+        stream = out.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 17, 9, "bgr0"
+        for i in range(2):
+            vf = av.VideoFrame.from_ndarray(pattern_frame(i, width=17, height=9), format="rgb24")
+            for packet in stream.encode(vf):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    got = _pictures(str(clip))
+    assert [g.shape for g in got] == [(9, 17, 3)] * 2
+    assert all(g.flags.c_contiguous for g in got)
+    for i, g in enumerate(got):
+        assert np.array_equal(g, pattern_frame(i, width=17, height=9))  # (ffv1 is lossless)
