@@ -468,9 +468,10 @@ class AvSource(Source):
                     width = _shown_width(frame.width, self._sar) if self._sar is not None else None
                     # One scaler for the whole stream: ``frame.to_ndarray(format=...)`` builds
                     # (and tears down) a scaler and its threads for every picture, several ms each.
-                    image = self._scaler.reformat(frame, format="rgb24", width=width).to_ndarray()
-                    if not image.flags.c_contiguous:  # odd widths: FFmpeg pads its rows
-                        image = np.ascontiguousarray(image)
+                    # (odd widths: FFmpeg pads the rows; a contiguous array is not copied)
+                    image: np.ndarray = np.ascontiguousarray(
+                        self._scaler.reformat(frame, format="rgb24", width=width).to_ndarray()
+                    )
                     turn = _display_orientation(frame)
                     if turn != _UPRIGHT:
                         image = turn.apply(image)
