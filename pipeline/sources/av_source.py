@@ -400,7 +400,9 @@ class AvSource(Source):
         if not self._container.streams.video:
             self.close()
             raise SourceError("no video stream in the source", retryable=network)
-        stream = self._container.streams.video[0]
+        # The stream a player picks (FFmpeg's "best" one): not a cover picture stored as a
+        # one-frame video stream ahead of the film, nor a small preview track.
+        stream = self._container.streams.best("video") or self._container.streams.video[0]
         # Frame threading adds a frame of latency per thread: fine for files, not for cameras.
         stream.thread_type = "SLICE" if (network and o.low_latency) else "AUTO"
         self._stream = stream

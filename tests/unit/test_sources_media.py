@@ -163,3 +163,34 @@ def test_odd_sized_pictures_are_whole_contiguous_arrays(tmp_path: Path) -> None:
     assert all(g.flags.c_contiguous for g in got)
     for i, g in enumerate(got):
         assert np.array_equal(g, pattern_frame(i, width=17, height=9))  # (ffv1 is lossless)
+
+
+def test_a_cover_picture_stored_first_is_not_taken_for_the_video(tmp_path: Path) -> None:
+    """Matroska files often carry their cover as a one-frame video stream ahead of the film:
+    the film is what players show."""
+    clip = tmp_path / "film.mkv"
+    with av.open(str(clip), mode="w") as out:
+        art = out.add_stream("mjpeg", rate=1)
+        art.width, art.height, art.pix_fmt = W, H, "yuvj420p"
+        film = out.add_stream("libx264", rate=10)
+        film.width, film.height, film.pix_fmt = W, H, "yuv420p"
+        for packet in art.encode(av.VideoFrame.from_ndarray(np.zeros((H, W, 3), np.uint8), format="rgb24")):
+            out.mux(packet)
+        for packet in art.encode():
+            out.mux(packet)
+        for i in range(6):
+            vf = av.VideoFrame.from_ndarray(pattern_frame(i, width=W, height=H), format="rgb24")
+            for packet in film.encode(vf):
+                out.mux(packet)
+        for packet in film.encode():
+            out.mux(packet)
+    with av.open(str(clip)) as c:
+        assert [s.index for s in c.streams.video] == [0, 1]
+    src = parse_source(str(clip)).create()
+    try:
+        info = src.open()
+        got = [f for f in src.frames() if f is not None]
+    finally:
+        src.close()
+    assert info.codec == "h264" and info.fps == 10
+    assert len(got) == 6
