@@ -112,9 +112,13 @@ def split_picture(message: bytes) -> tuple[float | None, bytes]:
         header = parse_json(message[4 : 4 + n].decode("utf-8"))
     except (UnicodeDecodeError, ParamError) as e:
         raise ParamError(f"header is not UTF-8 JSON: {e}") from None
-    t = header.get("t") if isinstance(header, dict) else None
+    if not isinstance(header, dict):
+        raise ParamError(f"header must be a JSON object, got {show(header)}")
+    t = header.get("t")
     pts = None
-    if isinstance(t, int | float) and not isinstance(t, bool):
+    if t is not None:
+        if isinstance(t, bool) or not isinstance(t, int | float):
+            raise ParamError(f"t must be a finite number of seconds, got {show(t)}")
         try:
             pts = float(t)
         except OverflowError:  # an integer beyond the float range

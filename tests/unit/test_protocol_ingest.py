@@ -115,10 +115,27 @@ def test_a_deeply_nested_picture_header_is_a_bad_picture_not_a_crash() -> None:
         split_picture(framed_with_header(header, encode_jpeg(picture(), 80)))
 
 
-def test_a_capture_time_that_is_not_a_number_is_treated_as_missing() -> None:
+def test_a_header_without_a_capture_time_gives_none() -> None:
     jpeg = encode_jpeg(picture(), 80)
-    for header in (b'{"t": true}', b'{"t": "soon"}', b"{}", b"[1]"):
+    for header in (b"{}", b'{"t": null}', b'{"other": 1}'):
         assert split_picture(framed_with_header(header, jpeg)) == (None, jpeg)
+
+
+@pytest.mark.parametrize(
+    ("header", "needle"),
+    [
+        (b'{"t": true}', "t must be a finite number"),
+        (b'{"t": "soon"}', "t must be a finite number"),
+        (b'{"t": [1]}', "t must be a finite number"),
+        (b"[1]", "header must be a JSON object"),
+        (b'"t"', "header must be a JSON object"),
+    ],
+)
+def test_a_capture_time_of_another_type_is_a_bad_picture(header: bytes, needle: str) -> None:
+    """A client sending its capture time as text (or a header that is not an object) has a
+    bug it should hear about, not frames silently without a time."""
+    with pytest.raises(ParamError, match=needle):
+        split_picture(framed_with_header(header, encode_jpeg(picture(), 80)))
 
 
 def with_size(jpeg: bytes, width: int, height: int) -> bytes:
