@@ -79,7 +79,11 @@ class StreamWorker:
         prepare: Callable[[np.ndarray], np.ndarray] | None = None,
         ready: Callable[[float], bool] | None = None,
     ) -> None:
-        """``prepare``, when given, makes each frame's model input on this thread (see
+        """``realtime`` False is offline work, every frame as fast as it comes: files are not
+        paced, and a network source that ends (rather than failing) is the end of the input,
+        as a file's end is, instead of being reconnected.
+
+        ``prepare``, when given, makes each frame's model input on this thread (see
         ``Frame.model_input``); it may be replaced or cleared at any time. ``ready(timeout)``,
         when given, is asked before the source is first opened, until it says True: a file
         served live is not played (and dropped) while the engine is still warming up."""
@@ -304,6 +308,13 @@ class StreamWorker:
                         self._finished = True
                         self._set_state(StreamState.STOPPED, None)
                         return
+                elif not self.realtime and delivered > 0:
+                    # Offline work (every frame, as fast as possible: ``segment``) reads a
+                    # recording over HTTP once; reconnecting would read it again, for ever.
+                    log.info("stream %s: end of stream after %d frames", self.stream_id, self._frames)
+                    self._finished = True
+                    self._set_state(StreamState.STOPPED, None)
+                    return
                 else:
                     error = SourceError("the stream ended (the server closed the connection)")
             except _Stop:

@@ -142,3 +142,29 @@ def test_http_mp4_with_its_index_at_the_end_from_a_server_without_ranges_says_wh
     msg = str(exc.value)
     assert "moov" in msg and "faststart" in msg and "range" in msg, msg
     assert exc.value.retryable  # the server may be fixed
+
+
+def test_segment_of_a_recording_over_http_reads_it_once_and_finishes(tmp_path: Path) -> None:
+    """A network source that ends is reconnected when served live; ``segment`` reads it once
+    (it went on reading it again for ever, and the output was never finished)."""
+    import threading
+
+    from pipeline.config import build_config
+    from pipeline.offline import segment_file
+    from tests.helpers_video import make_test_video
+    from tests.integration.fakes_net import FileHttpServer
+
+    make_test_video(tmp_path / "clip.mp4", frames=12, width=64, height=48, fps=12)
+    out = tmp_path / "out.mp4"
+    with FileHttpServer(tmp_path) as server:
+        url = f"http://127.0.0.1:{server.port}/clip.mp4"
+        done: list[object] = []
+        run = threading.Thread(
+            target=lambda: done.append(segment_file(build_config({}), url, output=out, model="null")),
+            daemon=True,
+        )
+        run.start()
+        run.join(timeout=30)
+        assert not run.is_alive(), "segment of an HTTP recording did not finish"
+    assert done and done[0].frames == 12  # type: ignore[attr-defined]
+    assert _frame_times(out) == pytest.approx([i / 12 for i in range(12)], abs=2e-3)
