@@ -102,11 +102,13 @@ def read_frame(path: Path) -> np.ndarray:
 
 def _video_frames(path: Path) -> Iterator[np.ndarray]:
     import av  # only needed for video input
+    from av.video.reformatter import VideoReformatter
 
+    scaler = VideoReformatter()  # one for the video: to_ndarray(format=...) builds one per frame
     try:
         with av.open(str(path)) as container:
             for frame in container.decode(video=0):
-                yield frame.to_ndarray(format="rgb24")
+                yield np.ascontiguousarray(scaler.reformat(frame, format="rgb24").to_ndarray())
     except av.FFmpegError as e:
         raise EvalInputError(f"cannot decode video {path}: {e}") from None
 
