@@ -77,11 +77,18 @@ async function errorText(res) {
   }
 }
 
-function wsUrl(path, params = {}) {
+// An address of this server with the token in its query: for links and <img> tags, which
+// cannot send an Authorization header.
+function httpUrl(path, params = {}) {
   const url = new URL(path, location.href);
-  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   for (const [k, v] of Object.entries(params)) if (v !== undefined && v !== null) url.searchParams.set(k, v);
   if (token()) url.searchParams.set("token", token());
+  return url.toString();
+}
+
+function wsUrl(path, params = {}) {
+  const url = new URL(httpUrl(path, params));
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   return url.toString();
 }
 
@@ -128,6 +135,9 @@ class Tile {
     this.received = 0;
 
     $(".tile-title", this.el).textContent = id;
+    const base = `/api/streams/${encodeURIComponent(id)}`;
+    $(".links .snapshot", this.el).href = httpUrl(`${base}/snapshot`);
+    $(".links .mjpeg", this.el).href = httpUrl(`${base}/mjpeg`);
     $(".close", this.el).addEventListener("click", () => {
       state.closedByUser.add(id);
       closeTile(id);

@@ -103,6 +103,21 @@ def test_viewer_adds_a_stream_through_the_form_and_plays_it(live_server, null_co
     wait_canvas_changes(page, "clip")
     page.wait_for_selector('.stream-item[data-stream="clip"] .badge.streaming')
     assert page.inner_text('.tile[data-stream="clip"] .legend') == "person"
+    # The tile links to the stream's pictures over plain HTTP, and they answer pictures.
+    snapshot = page.get_attribute('.tile[data-stream="clip"] a.snapshot', "href")
+    mjpeg = page.get_attribute('.tile[data-stream="clip"] a.mjpeg', "href")
+    assert snapshot == f"{srv.url}/api/streams/clip/snapshot"
+    assert mjpeg == f"{srv.url}/api/streams/clip/mjpeg"
+    shown = page.evaluate(
+        """url => new Promise((ok, fail) => {
+             const img = new Image();
+             img.onload = () => ok([img.naturalWidth, img.naturalHeight]);
+             img.onerror = () => fail(new Error("not a picture"));
+             img.src = url;
+           })""",
+        snapshot,
+    )
+    assert shown == [320, 240]
     # Bad input shows the server's message in the form.
     page.fill("#add-source", "gopher://nowhere")
     page.fill("#add-id", "")
@@ -162,6 +177,19 @@ def test_viewer_asks_for_the_token(live_server, null_config, browser_page):
     page.click("#token-form button[type=submit]")
     page.wait_for_selector('.tile[data-stream="demo"] canvas')
     assert wait_for_fps(page, "demo") > 0
+    # The picture links carry the token: a link or an <img> sends no Authorization header.
+    mjpeg = page.get_attribute('.tile[data-stream="demo"] a.mjpeg', "href")
+    assert mjpeg == f"{srv.url}/api/streams/demo/mjpeg?token=letmein"
+    drawn = page.evaluate(
+        """url => new Promise((ok, fail) => {
+             const img = new Image();
+             img.onload = () => ok(img.naturalWidth > 0);
+             img.onerror = () => fail(new Error("not a picture"));
+             img.src = url;
+           })""",
+        mjpeg,
+    )
+    assert drawn is True
     assert not errors, errors
 
 
