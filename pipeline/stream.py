@@ -429,8 +429,13 @@ class StreamWorker:
         due = anchor[0] + (pts - anchor[1])
         delay = due - t
         if delay > 0:
-            if self._stop.wait(min(delay, 5.0)):
+            if self._stop.wait(min(delay, _MAX_FRAME_GAP_S)):
                 raise _Stop
+            if delay > _MAX_FRAME_GAP_S:
+                # A jump forward (a paused recording, a broken timestamp) is cut to
+                # _MAX_FRAME_GAP_S, and the frames after it keep their pace from here (they
+                # came one per _MAX_FRAME_GAP_S until the whole gap had been waited out).
+                return (time.monotonic(), pts)
         elif delay < -1.0 or pts < anchor[1]:
             return (t, pts)  # far behind, or timestamps went backwards: re-anchor rather than burst
         return anchor

@@ -194,3 +194,51 @@ def test_a_cover_picture_stored_first_is_not_taken_for_the_video(tmp_path: Path)
         src.close()
     assert info.codec == "h264" and info.fps == 10
     assert len(got) == 6
+
+
+def test_a_long_pause_in_a_recording_is_cut_and_play_resumes_at_its_pace(tmp_path: Path, monkeypatch) -> None:
+    """Served live, a file is paced by its timestamps; a gap longer than _MAX_FRAME_GAP_S (a
+    paused or motion-triggered recording) is cut to it, and the frames after it follow at
+    their own pace (they came one per _MAX_FRAME_GAP_S until the whole gap was waited out)."""
+    import time
+
+    from pipeline import stream as stream_mod
+    from pipeline.config import ReconnectConfig
+    from pipeline.slot import DropPolicy, FrameSlot
+    from pipeline.stream import StreamWorker
+
+    monkeypatch.setattr(stream_mod, "_MAX_FRAME_GAP_S", 0.5)
+    pts = [0.0, 0.1, 0.2, 2.5, 2.6, 2.7, 2.8, 2.9]  # a 2.3 s pause
+    tb = Fraction(1, 1000)
+    clip = tmp_path / "paused.mp4"
+    with av.open(str(clip), mode="w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.codec_context.time_base = tb
+        stream.options = {"bf": "0", "preset": "ultrafast"}
+        for i, t in enumerate(pts):
+            vf = av.VideoFrame.from_ndarray(pattern_frame(i, width=W, height=H), format="rgb24")
+            vf.pts, vf.time_base = round(t / tb), tb
+            for packet in stream.encode(vf):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    slot = FrameSlot(capacity=16, policy=DropPolicy.BLOCK)
+    worker = StreamWorker("paused", parse_source(str(clip)), slot, reconnect=ReconnectConfig())
+    arrived: list[tuple[float, float | None]] = []
+    worker.start()
+    try:
+        deadline = time.monotonic() + 15
+        while len(arrived) < len(pts) and time.monotonic() < deadline:
+            frame = slot.take()
+            if frame is None:
+                time.sleep(0.005)
+                continue
+            arrived.append((time.monotonic(), frame.pts))
+    finally:
+        assert worker.stop(timeout=3)
+    assert [p for _, p in arrived] == pytest.approx(pts)
+    gap = arrived[3][0] - arrived[2][0]
+    assert 0.4 <= gap < 1.5, f"the 2.3 s pause took {gap:.2f} s"
+    after = arrived[-1][0] - arrived[3][0]
+    assert after < 1.5, f"4 frames at 10 fps after the pause took {after:.2f} s"
