@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive, Scope, Send
 
 from pipeline.render import Format
 from pipeline.types import StreamState
 from server.auth import require_token
 from server.hub import Client, Hub
 from server.schemas import ErrorBody
-from server.ws import ParamError, number_param, parse_settings
+from server.ws import CLOSE_WAIT_S, SEND_TIMEOUT_S, ParamError, number_param, parse_settings
+
+log = logging.getLogger("segstream.pictures")
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
 
@@ -162,9 +166,11 @@ async def snapshot(request: Request, stream_id: str) -> Response:
 
 
 class _Subscribed(StreamingResponse):
-    """A streaming response that holds a hub subscription: it ends the subscription however
-    the response ends (all sent, the client gone, the server stopping), and it notices a
-    client that went away while no frame was coming (a stalled camera) at once."""
+    """A streaming response that holds a hub subscription. It ends the subscription however
+    the response ends (all sent, the client gone, the stream removed, the server stopping),
+    notices a client that went away while no frame was coming (a camera that is down) at
+    once, and lets go of a reader that does not read: one that takes no part for
+    ``SEND_TIMEOUT_S``, or whose stream ended while a send to it was blocked."""
 
     def __init__(self, content: AsyncIterator[bytes], hub: Hub, client: Client, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
@@ -172,14 +178,36 @@ class _Subscribed(StreamingResponse):
         self._client = client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def timed_send(message: Message) -> None:
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await send(message)
+
+        response = asyncio.create_task(super().__call__(scope, receive, timed_send))
         watcher = asyncio.create_task(self._watch(receive))
+        ended = asyncio.create_task(self._client.ended.wait())
+        tasks = (response, watcher, ended)
         try:
-            await super().__call__(scope, receive, send)
+            done, _ = await asyncio.wait({response, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if response not in done:
+                # The parts end by themselves now, unless a send is blocked on a reader that
+                # does not read; then the response is dropped unfinished (the server closes
+                # the connection).
+                await asyncio.wait({response}, timeout=CLOSE_WAIT_S)
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             self._hub.unsubscribe(self._client)
+        error = None if response.cancelled() else response.exception()
+        if isinstance(error, TimeoutError):
+            log.info(
+                "stream %s: MJPEG reader took no picture for %.0f s: closing it",
+                self._client.stream_id, SEND_TIMEOUT_S,
+            )
+        elif error is not None and not isinstance(error, OSError | ClientDisconnect):
+            raise error
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":

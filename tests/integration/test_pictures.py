@@ -4,6 +4,8 @@ httpx, and FFmpeg's own MJPEG-over-HTTP demuxer."""
 from __future__ import annotations
 
 import shutil
+import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -228,3 +230,60 @@ def test_pictures_take_the_token_and_count_against_the_client_limit(live_server,
             assert len(reader.read(1)) == 1
         wait_for(lambda: srv.app.state.hub.client_count("cam") == 0, 5, "subscription released")
         assert http.get("/api/streams/cam/snapshot", headers=auth).status_code == 200
+
+
+def never_reading_reader(srv, path: str) -> socket.socket:
+    """An HTTP client that asks for ``path`` and never reads: the server's sends to it block
+    once the socket buffers are full."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(5)
+    s.connect(("127.0.0.1", srv.port))
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    return s
+
+
+def reset(s: socket.socket) -> None:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def blocked_mjpeg_reader(srv, sid: str) -> socket.socket:
+    sock = never_reading_reader(srv, f"/api/streams/{sid}/mjpeg?format=jpeg&quality=100")
+    drops = srv.app.state.manager.get(sid).drops
+    # client_slow drops: its sends are blocked and pictures pile up behind them
+    wait_for(lambda: drops.snapshot().get("client_slow", 0) >= 10, 20, "the reader's buffers full")
+    return sock
+
+
+def test_an_mjpeg_reader_that_does_not_read_goes_with_its_stream(live_server, null_config) -> None:
+    srv = server_with(live_server, null_config, cam="demo")
+    hub = srv.app.state.hub
+    sock = blocked_mjpeg_reader(srv, "cam")
+    try:
+        assert httpx.delete(f"{srv.url}/api/streams/cam", timeout=10).status_code == 204
+        wait_for(lambda: hub.client_count("cam") == 0, 10, "the reader unsubscribed")
+        r = httpx.post(f"{srv.url}/api/streams", json={"id": "cam", "source": "demo"}, timeout=10)
+        assert r.status_code == 201 and r.json()["clients"] == 0
+    finally:
+        reset(sock)
+
+
+def test_an_mjpeg_reader_that_stops_reading_is_let_go_after_the_send_timeout(
+    live_server, null_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server import pictures
+
+    monkeypatch.setattr(pictures, "SEND_TIMEOUT_S", 1.0)
+    srv = server_with(live_server, null_config, cam="demo")
+    hub = srv.app.state.hub
+    sock = blocked_mjpeg_reader(srv, "cam")
+    try:
+        wait_for(lambda: hub.client_count("cam") == 0, 10, "the reader dropped")
+        # while one that reads stays
+        url = f"{srv.url}/api/streams/cam/mjpeg"
+        with httpx.Client(timeout=10) as http, http.stream("GET", url) as r:
+            Parts(r).read(3)
+            assert hub.client_count("cam") == 1
+    finally:
+        reset(sock)
