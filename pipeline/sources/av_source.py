@@ -511,7 +511,12 @@ class AvSource(Source):
         if not (isinstance(exc, OSError) and exc.errno == errno.EIO):
             return False
         container = self._container
-        return container is not None and "mp4" in str(container.format.name).split(",")
+        # (a whole file, with a stated length: not a live fragmented MP4 whose connection broke)
+        return (
+            container is not None
+            and "mp4" in str(container.format.name).split(",")
+            and (container.duration or 0) > 0
+        )
 
     def _check_complete(self, packets: int, frames: int, last_pts: float | None) -> None:
         """Raise when a local file ended clearly before the length its header states.
