@@ -283,7 +283,8 @@ def test_an_mjpeg_reader_that_stops_reading_is_let_go_after_the_send_timeout(
         # while one that reads stays
         url = f"{srv.url}/api/streams/cam/mjpeg"
         with httpx.Client(timeout=10) as http, http.stream("GET", url) as r:
-            Parts(r).read(3)
+            reader = Parts(r)  # kept: dropping it closes the connection
+            reader.read(3)
             assert hub.client_count("cam") == 1
     finally:
         reset(sock)
