@@ -237,9 +237,12 @@ class StreamManager:
         self._watchdog_stop.set()
         if self._watchdog is not None:
             self._watchdog.join(1.0)
-        ok = self.engine.stop(max(0.5, deadline - time.monotonic())) and not stuck
+        left = max(0.5, deadline - time.monotonic())
+        engine_stopped = self.engine.stop(left)
+        if not engine_stopped:
+            log.error("the engine did not stop within %.1f s (a model call still running)", left)
         self._started = False
-        return ok
+        return engine_stopped and not stuck
 
     # -- streams ---------------------------------------------------------------------
     def _new_id(self) -> str:

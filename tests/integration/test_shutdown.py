@@ -129,3 +129,39 @@ def test_a_start_up_failure_stops_what_had_started(caplog) -> None:
     assert any("cannot start: the device went away" in r.getMessage() for r in caplog.records)
     assert not mgr.engine.alive
     assert mgr.list() == []
+
+
+def test_an_engine_stuck_in_a_model_call_is_named_at_shutdown(caplog) -> None:
+    """A library user of StreamManager.shutdown() learns why it returned False."""
+    import threading
+
+    from pipeline.config import AppConfig, EngineConfig, StreamConfig
+    from pipeline.manager import StreamManager
+
+    mgr = StreamManager(AppConfig(default_model="null", engine=EngineConfig(threads=1, encode_workers=1)))
+    make = mgr.engine._factory
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck_factory(name):
+        seg = make(name)
+        infer = seg.infer
+
+        def stuck(x):
+            entered.set()
+            release.wait(10)
+            return infer(x)
+
+        seg.infer = stuck
+        return seg
+
+    mgr.engine._factory = stuck_factory
+    mgr.start()
+    try:
+        mgr.add(StreamConfig(id="a", source="demo"))
+        assert entered.wait(20), "no batch reached the model"
+        with caplog.at_level("ERROR", logger="segstream.manager"):
+            assert mgr.shutdown(timeout=0.5) is False
+        assert any("the engine did not stop within" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        release.set()
+        assert mgr.engine.stop(10)
