@@ -349,7 +349,8 @@ class Hub:
                 t0 = time.perf_counter()
                 extra, payload = render(fmt, frame.image, result.labels, result.classes, quality=quality)
                 encoded[key] = (extra, payload, (time.perf_counter() - t0) * 1000.0)
-                self.encoded += 1
+                with self._lock:  # several render threads count here
+                    self.encoded += 1
             extra, payload, enc_ms = encoded[key]
             header = {
                 **base,
