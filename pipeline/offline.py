@@ -225,8 +225,9 @@ def segment_file(
                 if finished and results.empty():
                     break
                 if time.monotonic() - last_progress > stall_timeout_s:
+                    why = f": {st.error}" if st.error else ""  # e.g. why it keeps reconnecting
                     raise OfflineError(
-                        f"no progress for {stall_timeout_s:.0f}s (state {st.state.value})"
+                        f"no progress for {stall_timeout_s:.0f}s (state {st.state.value}{why})"
                     ) from None
                 continue
             last_progress = time.monotonic()

@@ -168,3 +168,16 @@ def test_segment_of_a_recording_over_http_reads_it_once_and_finishes(tmp_path: P
         assert not run.is_alive(), "segment of an HTTP recording did not finish"
     assert done and done[0].frames == 12  # type: ignore[attr-defined]
     assert _frame_times(out) == pytest.approx([i / 12 for i in range(12)], abs=2e-3)
+
+
+def test_segment_of_an_http_source_that_never_opens_gives_up_saying_why(tmp_path: Path) -> None:
+    from pipeline.config import build_config
+    from pipeline.offline import OfflineError, segment_file
+    from tests.integration.fakes_net import FileHttpServer
+
+    with FileHttpServer(tmp_path) as server:
+        url = f"http://127.0.0.1:{server.port}/missing.mp4"
+        with pytest.raises(OfflineError) as exc:
+            segment_file(build_config({}), url, masks_dir=tmp_path / "m", model="null", stall_timeout_s=4)
+    msg = str(exc.value)
+    assert "no progress" in msg and "404" in msg, msg
