@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +81,10 @@ def _check_model(name: str | None) -> None:
         get_spec(name)  # UnknownModelError names the choices
 
 
-def _check_startup(cfg: AppConfig) -> None:
+def _check_startup(cfg: AppConfig, load_model: Callable[[str], Any] | None = None) -> None:
     """What would stop the server's start-up, said in one line before anything starts:
-    the device, model names, weights files (read and applied to their network), sources,
+    the device, model names, weights files (read and applied to their network, by
+    ``load_model`` when given: the server's own loader, which keeps what it built), sources,
     temporal thresholds and the stream limit."""
     from models.device import check_device
     from models.registry import build_model
@@ -102,9 +103,12 @@ def _check_startup(cfg: AppConfig) -> None:
         if path is not None:
             if not Path(path).is_file():
                 raise CliError(f"weights file for {name!r} not found: {path}")
-            # The network built and the file applied to it, as start-up will: an unreadable
-            # file, or one made for another network, is one line naming it (WeightsError).
-            build_model(name, weights=path)
+            # The network built and the file applied to it: an unreadable file, or one made
+            # for another network, is one line naming it (WeightsError).
+            if load_model is not None:
+                load_model(name)
+            else:
+                build_model(name, weights=path)
     for sc in cfg.streams:
         label = f"stream {sc.id!r}" if sc.id else f"stream {sc.source!r}"
         parse_source(sc.source, options=sc.options, allowed_schemes=cfg.server.allowed_schemes)
@@ -115,18 +119,23 @@ def _check_startup(cfg: AppConfig) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from models.device import check_device
+    from pipeline.manager import StreamManager
     from server.app import create_app
     from server.logs import setup_logging
 
     cfg = _config_from_args(args)
-    _check_startup(cfg)
+    check_device(cfg.engine.device)  # before the manager, which takes the device
+    manager = StreamManager(cfg, restrict_files=True)
+    # A network checked against its weights file is built once: the engine takes this build.
+    _check_startup(cfg, manager.load_model)
     setup_logging(
         cfg.server.log_level,
         json_lines=cfg.server.log_json,
         rate_limit_s=cfg.server.log_rate_limit_s,
         burst=cfg.server.log_burst,
     )
-    app = create_app(cfg)
+    app = create_app(cfg, manager=manager)
     return serve_app(app, cfg)
 
 

@@ -258,3 +258,44 @@ def test_serve_exits_3_when_start_up_fails_after_the_checks(monkeypatch, capsys)
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--model", "null", "--no-demo", "--port", "0"])
     assert exc.value.code == 3
+
+
+def test_serve_builds_a_network_checked_against_its_weights_file_once(monkeypatch, tmp_path):
+    """The start-up check applies a configured weights file to its network; the server then
+    serves that build instead of building (and reading the file) again."""
+    import time
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    import models.registry
+    import pipeline.manager
+    import server.cli
+
+    weights = Path(models.registry.__file__).parent / "weights" / "selfie.safetensors"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'default_model = "selfie"\n[weights]\nselfie = "{weights}"\n[engine]\nthreads = 1\n')
+    builds: list[str] = []
+    real = models.registry.build_model
+
+    def counting(name, *args, **kwargs):
+        builds.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(models.registry, "build_model", counting)
+    monkeypatch.setattr(pipeline.manager, "build_model", counting)
+    ready: list[bool] = []
+
+    def serve_app(app, _cfg) -> int:
+        with TestClient(app) as client:
+            for _ in range(200):
+                if client.get("/readyz").json()["ready"]:
+                    ready.append(True)
+                    break
+                time.sleep(0.05)
+        return 0
+
+    monkeypatch.setattr(server.cli, "serve_app", serve_app)
+    assert main(["serve", "--config", str(cfg), "--port", "0", "--no-demo"]) == 0
+    assert ready == [True]
+    assert builds == ["selfie"]
