@@ -5,6 +5,22 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
+
+
+def events_per_second(times: Sequence[float], now: float) -> float:
+    """Rate of the events at ``times`` (ascending seconds) as seen at ``now``: events over the
+    span from the first to the last, while the next one is not overdue. Once more than two
+    mean intervals have passed since the last, the wait counts as well, so a rate falls as
+    soon as events stop, instead of holding until they age out of their window."""
+    if len(times) < 2:
+        return 0.0
+    span = times[-1] - times[0]
+    if span <= 0:
+        return 0.0
+    interval = span / (len(times) - 1)
+    overdue = max(0.0, now - times[-1] - 2.0 * interval)
+    return (len(times) - 1) / (span + overdue)
 
 
 class RollingWindow:
@@ -29,13 +45,11 @@ class RollingWindow:
                 self._items.popleft()
             return list(self._items)
 
-    def rate(self) -> float:
-        """Events per second over the window (0 with fewer than two events)."""
-        items = self._recent()
-        if len(items) < 2:
-            return 0.0
-        span = items[-1][0] - items[0][0]
-        return (len(items) - 1) / span if span > 0 else 0.0
+    def rate(self, now: float | None = None) -> float:
+        """Events per second over the window (0 with fewer than two events); see
+        :func:`events_per_second`."""
+        now = time.monotonic() if now is None else now
+        return events_per_second([t for t, _ in self._recent(now)], now)
 
     def percentiles(self, qs: tuple[float, ...] = (50, 95, 99)) -> dict[str, float]:
         values = sorted(v for _, v in self._recent())

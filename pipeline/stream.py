@@ -23,6 +23,7 @@ from pipeline.config import ReconnectConfig
 from pipeline.slot import FrameSlot
 from pipeline.sources import SourceSpec
 from pipeline.sources.base import RawFrame, Source, SourceError, SourceStalled
+from pipeline.stats import events_per_second
 from pipeline.types import Frame, StreamState, now
 
 log = logging.getLogger("segstream.source")
@@ -211,7 +212,6 @@ class StreamWorker:
     # ---- state --------------------------------------------------------------------------
 
     def _status_locked(self) -> StreamStatus:
-        fps = 0.0
         t = time.monotonic()
         # A stream that ended delivers nothing more: its rate is 0 at once, not as it ages out.
         recent = [] if self._state.terminal else [x for x in self._recent if t - x <= _FPS_WINDOW_S]
@@ -223,8 +223,7 @@ class StreamWorker:
                 interval = (last[-1] - last[0]) / (len(last) - 1)
                 if t - last[-1] <= 2.0 * interval and interval <= _SLOW_FPS_WINDOW_S:
                     recent = last
-        if len(recent) >= 2 and recent[-1] > recent[0]:
-            fps = (len(recent) - 1) / (recent[-1] - recent[0])
+        fps = events_per_second(recent, t)
         w, h = self._size if self._size else (None, None)
         return StreamStatus(
             stream_id=self.stream_id,
