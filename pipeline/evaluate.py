@@ -101,16 +101,24 @@ def read_frame(path: Path) -> np.ndarray:
 
 
 def _video_frames(path: Path) -> Iterator[np.ndarray]:
-    import av  # only needed for video input
-    from av.video.reformatter import VideoReformatter
+    """The video's pictures as the server's file source gives them: turned by the rotation
+    in its metadata and stretched to square pixels, as a player (and the ground truth drawn
+    on what it shows) has them."""
+    from pipeline.sources import SourceError, parse_source
 
-    scaler = VideoReformatter()  # one for the video: to_ndarray(format=...) builds one per frame
     try:
-        with av.open(str(path)) as container:
-            for frame in container.decode(video=0):
-                yield np.ascontiguousarray(scaler.reformat(frame, format="rgb24").to_ndarray())
-    except av.FFmpegError as e:
+        source = parse_source(str(path.resolve())).create()
+    except ValueError as e:
+        raise EvalInputError(f"cannot read video {path}: {e}") from None
+    try:
+        source.open()
+        for raw in source.frames():
+            if raw is not None:
+                yield raw.image
+    except SourceError as e:
         raise EvalInputError(f"cannot decode video {path}: {e}") from None
+    finally:
+        source.close()
 
 
 def _video_frame_count(path: Path) -> int:

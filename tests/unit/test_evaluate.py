@@ -222,3 +222,31 @@ def test_roi_flags_without_roi_are_refused(tmp_path, capsys):
     fdir, mdir, _, _ = write_davis(tmp_path, n=2)
     assert run_eval(parse(["eval", str(fdir), str(mdir), "--roi-full-every", "3"]), load_segmenter=list) == 2
     assert "--roi-full-every applies to ROI mode only: add --roi" in capsys.readouterr().err
+
+
+def test_eval_of_a_phone_video_scores_the_picture_as_shown(tmp_path, capsys):
+    """A phone video stored sideways with a rotation: its ground truth is drawn on the upright
+    picture a player shows, and eval scores what the server would serve."""
+    av = pytest.importorskip("av")
+    frames, masks = make_scene(5, moving=False)
+    video = tmp_path / "phone.mp4"
+    with av.open(str(video), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        # stored turned a quarter: a player turns it back (rotation 90: counter-clockwise)
+        stored = [np.ascontiguousarray(np.rot90(f, -1)) for f in frames]
+        s.width, s.height, s.pix_fmt = stored[0].shape[1], stored[0].shape[0], "yuv444p"
+        s.options = {"qp": "0", "preset": "ultrafast"}
+        s.set_display_rotation(90)
+        for f in stored:
+            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    mdir = tmp_path / "masks"
+    mdir.mkdir()
+    for i, m in enumerate(masks):  # drawn on the upright picture
+        cv2.imwrite(str(mdir / f"{i:05d}.png"), m.astype(np.uint8) * 255)
+    args = parse(["eval", str(video), str(mdir), "--json"])
+    assert run_eval(args, load_segmenter=lambda a: FakeSegmenter()) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["frames"] == 5 and out["miou"] > 0.7
