@@ -502,6 +502,7 @@ class _CpuGate:
     still: np.ndarray  # h' x w' float32, residual resolution
     prev_fg: np.ndarray  # h x w float32, contiguous
     prev_unsure: np.ndarray  # h x w uint8, 255 where the previous output is unsure
+    prev_rect: tuple[int, int, int, int]  # (x, y, w, h) bounding ``prev_unsure``; w = 0: none
 
     def fits(self, new: torch.Tensor, prev: torch.Tensor) -> bool:
         return (
@@ -536,13 +537,28 @@ def _gate_binary_cpu(
     cv2.threshold(still, 0.0, 0.0, cv2.THRESH_TOZERO, dst=still)  # cheaper than np.clip here
     if prev_box is None:
         unsure = cv2.inRange(b, _SURE, 1.0 - _SURE)
+        rect = cv2.boundingRect(unsure)
     else:
         unsure = np.zeros(b.shape, np.uint8)
         x0, y0, bw, bh = prev_box
+        rect = (0, 0, 0, 0)
         if bw and bh:
             box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
             unsure[box] = cv2.inRange(b[box], _SURE, 1.0 - _SURE)
-    return _CpuGate(prev, still, b, unsure)
+            x, y, w, h = cv2.boundingRect(unsure[box])
+            rect = (x + x0, y + y0, w, h)
+    return _CpuGate(prev, still, b, unsure, rect)
+
+
+def _union(r: tuple[int, int, int, int], q: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The smallest (x, y, w, h) rectangle holding both (an empty one, w or h 0, holds nothing)."""
+    if not (r[2] and r[3]):
+        return q if q[2] and q[3] else (0, 0, 0, 0)
+    if not (q[2] and q[3]):
+        return r
+    x0, y0 = min(r[0], q[0]), min(r[1], q[1])
+    x1, y1 = max(r[0] + r[2], q[0] + q[2]), max(r[1] + r[3], q[1] + q[3])
+    return x0, y0, x1 - x0, y1 - y0
 
 
 def _upsampled(small: np.ndarray, size: tuple[int, int], box: tuple[slice, slice]) -> np.ndarray:
@@ -578,18 +594,19 @@ def _fuse_binary_cpu(
     """
     out = new.numpy() if overwrite else np.array(new.numpy())
     a, b = out[1], gate.prev_fg
-    unsure = cv2.bitwise_or(cv2.inRange(a, _SURE, 1.0 - _SURE), gate.prev_unsure)
-    x0, y0, bw, bh = cv2.boundingRect(unsure)
+    new_unsure = cv2.inRange(a, _SURE, 1.0 - _SURE)
+    x0, y0, bw, bh = _union(cv2.boundingRect(new_unsure), gate.prev_rect)
     if bw and bh:
         box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
         ab, bb = a[box], b[box]
+        unsure = cv2.bitwise_or(new_unsure[box], gate.prev_unsure[box])
         diff = cv2.subtract(bb, ab)
         # weight *= 1 - min(1, (diff / agreement)^2), as weight - weight * min(...)
         sq = cv2.multiply(diff, diff, scale=1.0 / p.agreement**2)
         cv2.threshold(sq, 1.0, 1.0, cv2.THRESH_TRUNC, dst=sq)
         weight = _upsampled(gate.still, a.shape, box)
         weight = cv2.subtract(weight, cv2.multiply(weight, sq, dst=sq))
-        np.multiply(weight, unsure[box], out=weight)  # the mask is 0 or 255
+        np.multiply(weight, unsure, out=weight)  # the mask is 0 or 255
         fb = np.array(ab)
         cv2.accumulateProduct(diff, weight, fb)  # fg = a + (b - a) * weight
         if p.hysteresis > 0:
