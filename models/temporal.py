@@ -537,7 +537,8 @@ def _gate_binary_cpu(
     cv2.threshold(still, 0.0, 0.0, cv2.THRESH_TOZERO, dst=still)  # cheaper than np.clip here
     if prev_box is None:
         unsure = cv2.inRange(b, _SURE, 1.0 - _SURE)
-        rect = cv2.boundingRect(unsure)
+        x, y, w, h = cv2.boundingRect(unsure)
+        rect = (x, y, w, h)
     else:
         unsure = np.zeros(b.shape, np.uint8)
         x0, y0, bw, bh = prev_box
@@ -595,7 +596,8 @@ def _fuse_binary_cpu(
     out = new.numpy() if overwrite else np.array(new.numpy())
     a, b = out[1], gate.prev_fg
     new_unsure = cv2.inRange(a, _SURE, 1.0 - _SURE)
-    x0, y0, bw, bh = _union(cv2.boundingRect(new_unsure), gate.prev_rect)
+    x, y, w, h = cv2.boundingRect(new_unsure)
+    x0, y0, bw, bh = _union((x, y, w, h), gate.prev_rect)
     if bw and bh:
         box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
         ab, bb = a[box], b[box]
