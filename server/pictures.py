@@ -40,6 +40,7 @@ SNAPSHOT_TIMEOUT_S = 3.0  # default wait for the next segmented frame
 MAX_SNAPSHOT_TIMEOUT_S = 30.0
 MEDIA_TYPES = {Format.OVERLAY: "image/jpeg", Format.JPEG: "image/jpeg", Format.LABELS: "image/png"}
 MJPEG_FORMATS = (Format.OVERLAY, Format.JPEG)
+CLIENT_LEFT = 499  # the status logged for a snapshot whose client left before it came
 
 _errors: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "bad query parameter"},
@@ -126,6 +127,10 @@ async def snapshot(request: Request, stream_id: str) -> Response:
     ``X-Captured-At`` headers."""
     settings, timeout = _query(request, tuple(MEDIA_TYPES), snapshot=True)
     hub, client, info = _subscribe(request, stream_id, settings)
+    # A client that gives up waiting (a dashboard's own timeout, a camera that is down) is
+    # let go at once: its subscription would otherwise count against the client limit until
+    # ``timeout``.
+    left = asyncio.create_task(_until_disconnect(request.receive, client))
     try:
         if _ended(info):
             raise HTTPException(status.HTTP_409_CONFLICT, f"no picture will come: {_why(info)}")
@@ -143,6 +148,8 @@ async def snapshot(request: Request, stream_id: str) -> Response:
                     headers={"Retry-After": "1"},
                 ) from None
             if msg is None:
+                if left.done():
+                    return Response(status_code=CLIENT_LEFT)  # nobody to send it to
                 if request.app.state.shutting_down:
                     raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "server shutting down")
                 raise HTTPException(status.HTTP_404_NOT_FOUND, f"stream {stream_id!r} was removed")
@@ -162,7 +169,17 @@ async def snapshot(request: Request, stream_id: str) -> Response:
                 },
             )
     finally:
+        left.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await left
         hub.unsubscribe(client)
+
+
+async def _until_disconnect(receive: Receive, client: Client) -> None:
+    """Ends ``client`` (its ``next()`` returns None) once the HTTP client has gone."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    client.close()
 
 
 class _Subscribed(StreamingResponse):
@@ -210,9 +227,7 @@ class _Subscribed(StreamingResponse):
             raise error
 
     async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self._client.close()  # ends the parts below, and with them the response
+        await _until_disconnect(receive, self._client)  # ends the parts, and the response
 
 
 async def _parts(client: Client) -> AsyncIterator[bytes]:

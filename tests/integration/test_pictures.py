@@ -288,3 +288,16 @@ def test_an_mjpeg_reader_that_stops_reading_is_let_go_after_the_send_timeout(
             assert hub.client_count("cam") == 1
     finally:
         reset(sock)
+
+
+def test_a_snapshot_client_that_leaves_while_waiting_is_let_go(live_server, null_config) -> None:
+    """A dashboard polling a camera that is down gives up on its request long before the
+    snapshot's own timeout: its subscription must not outlive it (those of a few such polls
+    would fill the client limit)."""
+    srv = server_with(live_server, null_config, cam="rtsp://127.0.0.1:1/down")
+    hub = srv.app.state.hub
+    socks = [never_reading_reader(srv, "/api/streams/cam/snapshot?timeout=30") for _ in range(3)]
+    wait_for(lambda: hub.client_count("cam") == 3, 5, "the snapshots waiting")
+    for sock in socks:
+        sock.close()
+    wait_for(lambda: hub.client_count("cam") == 0, 5, "subscriptions released after the clients left")
