@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -195,9 +197,13 @@ class _Subscribed(StreamingResponse):
         self._client = client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        complete = False
+
         async def timed_send(message: Message) -> None:
+            nonlocal complete
             async with asyncio.timeout(SEND_TIMEOUT_S):
                 await send(message)
+            complete = message["type"] == "http.response.body" and not message.get("more_body", False)
 
         response = asyncio.create_task(super().__call__(scope, receive, timed_send))
         watcher = asyncio.create_task(self._watch(receive))
@@ -217,6 +223,8 @@ class _Subscribed(StreamingResponse):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             self._hub.unsubscribe(self._client)
+            if not complete:
+                await _drop_connection(scope)
         error = None if response.cancelled() else response.exception()
         if isinstance(error, TimeoutError):
             log.info(
@@ -228,6 +236,33 @@ class _Subscribed(StreamingResponse):
 
     async def _watch(self, receive: Receive) -> None:
         await _until_disconnect(receive, self._client)  # ends the parts, and the response
+
+
+async def _drop_connection(scope: Scope) -> None:
+    """Close the connection of a response given up on unfinished, at once (a reset).
+
+    The server's own close of such a connection waits until the data it still holds for
+    the client has been sent, which never happens for a reader that does not read: its
+    connection, socket and buffers stayed open for as long as it stayed connected, server
+    shutdown waited for it, and the server logged each as an error. ASGI has no way to ask
+    for this, so the transport is taken from uvicorn's request cycle: the object whose
+    ``run_asgi`` runs this request's task (the same scope). Under another server, or should
+    uvicorn change, nothing is done here and the server's own close applies."""
+    task = asyncio.current_task()
+    frame = getattr(task.get_coro(), "cr_frame", None) if task is not None else None
+    cycle = frame.f_locals.get("self") if frame is not None else None
+    transport: Any = getattr(cycle, "transport", None)
+    if getattr(cycle, "scope", None) is not scope or not callable(getattr(transport, "abort", None)):
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # a reset, not a FIN after data nobody reads
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+    # The transport reports the loss to the server on the next turn of the loop; once it
+    # has, the server knows the client is gone and does not count an unfinished response.
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
 
 
 async def _parts(client: Client) -> AsyncIterator[bytes]:

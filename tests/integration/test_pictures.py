@@ -3,6 +3,7 @@ httpx, and FFmpeg's own MJPEG-over-HTTP demuxer."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import struct
@@ -256,6 +257,30 @@ def blocked_mjpeg_reader(srv, sid: str) -> socket.socket:
     return sock
 
 
+def open_connections(srv) -> int:
+    """The HTTP connections uvicorn holds (a request in progress, or kept alive)."""
+    return len(srv.server.server_state.connections)
+
+
+class Errors(logging.Handler):
+    """ERROR lines of a logger (uvicorn's do not reach pytest's caplog)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+        self.logger = logging.getLogger(name)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> Errors:
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+
+
 def test_an_mjpeg_reader_that_does_not_read_goes_with_its_stream(live_server, null_config) -> None:
     srv = server_with(live_server, null_config, cam="demo")
     hub = srv.app.state.hub
@@ -263,6 +288,8 @@ def test_an_mjpeg_reader_that_does_not_read_goes_with_its_stream(live_server, nu
     try:
         assert httpx.delete(f"{srv.url}/api/streams/cam", timeout=10).status_code == 204
         wait_for(lambda: hub.client_count("cam") == 0, 10, "the reader unsubscribed")
+        # and its connection is closed, not left open behind the data it does not read
+        wait_for(lambda: open_connections(srv) == 0, 10, "the reader's connection closed")
         r = httpx.post(f"{srv.url}/api/streams", json={"id": "cam", "source": "demo"}, timeout=10)
         assert r.status_code == 201 and r.json()["clients"] == 0
     finally:
@@ -277,17 +304,23 @@ def test_an_mjpeg_reader_that_stops_reading_is_let_go_after_the_send_timeout(
     monkeypatch.setattr(pictures, "SEND_TIMEOUT_S", 1.0)
     srv = server_with(live_server, null_config, cam="demo")
     hub = srv.app.state.hub
-    sock = blocked_mjpeg_reader(srv, "cam")
-    try:
-        wait_for(lambda: hub.client_count("cam") == 0, 10, "the reader dropped")
-        # while one that reads stays
-        url = f"{srv.url}/api/streams/cam/mjpeg"
-        with httpx.Client(timeout=10) as http, http.stream("GET", url) as r:
-            reader = Parts(r)  # kept: dropping it closes the connection
-            reader.read(3)
-            assert hub.client_count("cam") == 1
-    finally:
-        reset(sock)
+    with Errors("uvicorn.error") as errors:
+        sock = blocked_mjpeg_reader(srv, "cam")
+        try:
+            wait_for(lambda: hub.client_count("cam") == 0, 10, "the reader dropped")
+            # Its connection goes too. The server cannot finish the response (the reader
+            # takes no more data), and a plain close waits for the unsent data to be read:
+            # the connection, its socket and buffers stayed open as long as the reader did.
+            wait_for(lambda: open_connections(srv) == 0, 10, "the reader's connection closed")
+            # while one that reads stays
+            url = f"{srv.url}/api/streams/cam/mjpeg"
+            with httpx.Client(timeout=10) as http, http.stream("GET", url) as r:
+                reader = Parts(r)  # kept: dropping it closes the connection
+                reader.read(3)
+                assert hub.client_count("cam") == 1
+        finally:
+            reset(sock)
+    assert errors.lines == []  # dropping a reader is no server error
 
 
 def test_a_snapshot_client_that_leaves_while_waiting_is_let_go(live_server, null_config) -> None:
