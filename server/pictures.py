@@ -93,10 +93,12 @@ def _subscribe(
     limit = app.state.config.limits.max_clients_per_stream
     if hub.client_count(stream_id) >= limit:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, f"client limit reached ({limit})")
-    info = handle.describe()
     client = hub.subscribe(
         stream_id, fmt=settings["fmt"], max_fps=settings.get("max_fps"), quality=settings.get("quality", 80)
     )
+    # Subscribed first: a state change after this description reaches the client, so an end
+    # that comes in between is not missed (it would leave the client waiting for nothing).
+    info = handle.describe()
     return hub, client, info
 
 

@@ -334,3 +334,36 @@ def test_a_snapshot_client_that_leaves_while_waiting_is_let_go(live_server, null
     for sock in socks:
         sock.close()
     wait_for(lambda: hub.client_count("cam") == 0, 5, "subscriptions released after the clients left")
+
+
+@pytest.mark.parametrize("path", ["snapshot", "mjpeg"])
+def test_a_stream_that_ends_as_a_picture_is_asked_for_answers_its_end(
+    live_server, null_config, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """The stream ends (its source thread says so to the stream's subscribers) just after
+    the endpoint has read its state, before it has subscribed: the endpoint must still hear
+    of the end, or it waits for pictures that never come (a snapshot until its timeout, an
+    MJPEG reader for ever)."""
+    srv = server_with(live_server, null_config, cam="rtsp://127.0.0.1:1/down")
+    handle = srv.app.state.manager.get("cam")
+    hub = srv.app.state.hub
+    described = handle.describe
+
+    def describe_then_end() -> dict:
+        info = described()
+        hub.publish_status("cam", {**info, "state": "failed", "error": "gave up"})
+        return info
+
+    monkeypatch.setattr(handle, "describe", describe_then_end)
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        t0 = time.monotonic()
+        if path == "snapshot":
+            r = http.get("/api/streams/cam/snapshot", params={"timeout": 5})
+            assert r.status_code == 409, r.text
+            assert "stream is failed: gave up" in r.json()["detail"]
+        else:
+            with http.stream("GET", "/api/streams/cam/mjpeg") as r:
+                assert r.status_code == 200
+                assert r.read() == f"--{BOUNDARY}--\r\n".encode()
+        assert time.monotonic() - t0 < 4
+    wait_for(lambda: hub.client_count("cam") == 0, 5, "subscription released")
