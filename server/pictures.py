@@ -31,7 +31,7 @@ from pipeline.types import StreamState
 from server.auth import require_token
 from server.hub import Client, Hub
 from server.schemas import ErrorBody
-from server.ws import CLOSE_WAIT_S, SEND_TIMEOUT_S, ParamError, number_param, parse_settings
+from server.ws import CLOSE_WAIT_S, SEND_TIMEOUT_S, ParamError, list_names, number_param, parse_settings
 
 log = logging.getLogger("segstream.pictures")
 
@@ -59,6 +59,11 @@ def _query(request: Request, formats: tuple[Format, ...], *, snapshot: bool) -> 
     values = dict(request.query_params)
     timeout = SNAPSHOT_TIMEOUT_S
     try:
+        # One value each: ``format=jpeg&format=labels`` answered whichever came last.
+        query = request.query_params
+        repeated = sorted(k for k in values if len(query.getlist(k)) > 1)
+        if repeated:
+            raise ParamError(f"parameter(s) given more than once: {list_names(repeated)}")
         if snapshot:
             if "max_fps" in values:
                 raise ParamError("max_fps applies to /mjpeg, not to a snapshot")

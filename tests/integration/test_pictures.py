@@ -201,6 +201,8 @@ def test_a_stream_that_has_ended_answers_409_at_once(live_server, null_config, t
         ("cam/snapshot", {"timeout": "nan"}, 400, "finite"),
         ("cam/mjpeg", {"max_fps": 1000}, 400, "max_fps must be in"),
         ("cam/mjpeg", {"colour": "red"}, 400, "unknown parameter(s): colour"),
+        ("cam/snapshot", [("format", "jpeg"), ("format", "labels")], 400, "more than once: format"),
+        ("cam/mjpeg", [("max_fps", "5"), ("quality", "5"), ("max_fps", "9")], 400, "once: max_fps"),
     ],
 )
 def test_bad_requests_get_a_clear_4xx(live_server, null_config, path, params, status, needle) -> None:
