@@ -231,7 +231,10 @@ class _Subscribed(StreamingResponse):
                     await task
             self._hub.unsubscribe(self._client)
             if not complete:
-                await _drop_connection(scope)
+                try:
+                    await _drop_connection(scope)
+                except Exception:  # the server's own close applies
+                    log.debug("could not reset an unfinished MJPEG connection", exc_info=True)
         error = None if response.cancelled() else response.exception()
         if isinstance(error, TimeoutError):
             log.info(
@@ -261,9 +264,13 @@ async def _drop_connection(scope: Scope) -> None:
     transport: Any = getattr(cycle, "transport", None)
     if getattr(cycle, "scope", None) is not scope or not callable(getattr(transport, "abort", None)):
         return
+    if transport.is_closing():  # the client went away (or the server closes it already)
+        return
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):  # a reset, not a FIN after data nobody reads
+        # a reset, not a FIN after data nobody reads (uvloop's stand-in for a socket raises
+        # ValueError once the connection is gone)
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
     # The transport reports the loss to the server on the next turn of the loop; once it

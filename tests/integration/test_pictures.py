@@ -369,3 +369,18 @@ def test_a_stream_that_ends_as_a_picture_is_asked_for_answers_its_end(
                 assert r.read() == f"--{BOUNDARY}--\r\n".encode()
         assert time.monotonic() - t0 < 4
     wait_for(lambda: hub.client_count("cam") == 0, 5, "subscription released")
+
+
+def test_mjpeg_readers_that_leave_mid_part_are_no_server_error(live_server, null_config) -> None:
+    srv = server_with(live_server, null_config, cam="demo")
+    hub = srv.app.state.hub
+    with Errors("uvicorn.error") as errors:
+        for leave in (reset, socket.socket.close) * 3:
+            s = socket.socket()
+            s.settimeout(5)
+            s.connect(("127.0.0.1", srv.port))
+            s.sendall(b"GET /api/streams/cam/mjpeg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            s.recv(3000)  # the head and part of the first picture
+            leave(s)
+        wait_for(lambda: hub.client_count("cam") == 0 and open_connections(srv) == 0, 5, "all let go")
+    assert errors.lines == []
