@@ -219,9 +219,11 @@ class _Subscribed(StreamingResponse):
         try:
             done, _ = await asyncio.wait({response, ended}, return_when=asyncio.FIRST_COMPLETED)
             if response not in done:
-                # The parts end by themselves now, unless a send is blocked on a reader that
-                # does not read; then the response is dropped unfinished (the server closes
-                # the connection).
+                # Out of the stream's clients at once (a stream re-added under the same id
+                # starts without it), while the parts end by themselves, unless a send is
+                # blocked on a reader that does not read; then the response is dropped
+                # unfinished and its connection reset.
+                self._hub.unsubscribe(self._client)
                 await asyncio.wait({response}, timeout=CLOSE_WAIT_S)
         finally:
             for task in tasks:
