@@ -12,7 +12,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +24,12 @@ from websockets.sync.client import connect
 from pipeline.config import AppConfig, EngineConfig, ReconnectConfig, ServerConfig
 from pipeline.manager import StreamManager
 from tests.helpers_video import make_test_video
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 LOOP = {"loop": True}
 FAST = ReconnectConfig(initial_backoff_s=0.1, max_backoff_s=0.3, jitter=0.1)
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 def samples(url: str) -> dict[str, float]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -17,21 +15,11 @@ from pipeline.config import AppConfig, EngineConfig, LimitsConfig, ReconnectConf
 from tests.helpers_video import make_test_video
 from tests.integration.fakes_net import MjpegServer
 from tests.integration.serve_process import ServeProcess
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 FAST = ReconnectConfig(initial_backoff_s=0.1, max_backoff_s=0.3, jitter=0.1, stall_timeout_s=2.0)
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -19,15 +19,9 @@ from pipeline.config import AppConfig
 from pipeline.render import decode_jpeg, decode_png_labels
 from server.pictures import BOUNDARY
 from tests.helpers_video import make_test_video
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout:g} s"
-        time.sleep(0.05)
 
 
 def server_with(live_server, config: AppConfig, **streams: str):
@@ -123,7 +117,6 @@ def test_mjpeg_parts_are_consecutive_jpeg_frames_at_the_rate_asked(live_server, 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
 def test_ffmpeg_reads_the_mjpeg_url_as_a_video(live_server, null_config, tmp_path: Path) -> None:
     srv = server_with(live_server, null_config, cam="demo")
-    info = httpx.get(f"{srv.url}/api/streams/cam").json()
     out = tmp_path / "frames.mjpeg"
     proc = subprocess.run(
         ["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "mpjpeg", "-i", f"{srv.url}/api/streams/cam/mjpeg",
@@ -131,6 +124,7 @@ def test_ffmpeg_reads_the_mjpeg_url_as_a_video(live_server, null_config, tmp_pat
         capture_output=True, text=True, timeout=30,
     )
     assert proc.returncode == 0, proc.stderr
+    info = httpx.get(f"{srv.url}/api/streams/cam").json()  # streaming by now: its size is known
     probe = subprocess.run(
         ["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
          "stream=width,height,nb_read_frames", "-of", "csv=p=0", str(out)],

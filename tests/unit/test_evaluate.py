@@ -89,18 +89,26 @@ def test_keyframe_segments_fewer_frames_on_a_static_sequence():
     assert np.mean(drops) <= 0.01
 
 
-def test_eval_reads_a_video_file(tmp_path, capsys):
-    av = pytest.importorskip("av")
-    frames, masks = make_scene(5, moving=False)
-    video = tmp_path / "clip.mp4"
-    with av.open(str(video), "w") as c:
-        s = c.add_stream("mpeg4", rate=10)
-        s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+def encode_video(av, path, frames, *, rotation: float = 0):
+    """A lossless H.264 file of ``frames`` (RGB), with a display rotation when asked for."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv444p"
+        s.options = {"qp": "0", "preset": "ultrafast"}
+        if rotation:
+            s.set_display_rotation(rotation)
         for f in frames:
             for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 c.mux(pkt)
         for pkt in s.encode():
             c.mux(pkt)
+    return path
+
+
+def test_eval_reads_a_video_file(tmp_path, capsys):
+    av = pytest.importorskip("av")
+    frames, masks = make_scene(5, moving=False)
+    video = encode_video(av, tmp_path / "clip.mp4", frames)
     mdir = tmp_path / "masks"
     mdir.mkdir()
     for i, m in enumerate(masks):
@@ -229,19 +237,9 @@ def test_eval_of_a_phone_video_scores_the_picture_as_shown(tmp_path, capsys):
     picture a player shows, and eval scores what the server would serve."""
     av = pytest.importorskip("av")
     frames, masks = make_scene(5, moving=False)
-    video = tmp_path / "phone.mp4"
-    with av.open(str(video), "w") as c:
-        s = c.add_stream("libx264", rate=10)
-        # stored turned a quarter: a player turns it back (rotation 90: counter-clockwise)
-        stored = [np.ascontiguousarray(np.rot90(f, -1)) for f in frames]
-        s.width, s.height, s.pix_fmt = stored[0].shape[1], stored[0].shape[0], "yuv444p"
-        s.options = {"qp": "0", "preset": "ultrafast"}
-        s.set_display_rotation(90)
-        for f in stored:
-            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(pkt)
-        for pkt in s.encode():
-            c.mux(pkt)
+    # stored turned a quarter: a player turns it back (rotation 90: counter-clockwise)
+    stored = [np.ascontiguousarray(np.rot90(f, -1)) for f in frames]
+    video = encode_video(av, tmp_path / "phone.mp4", stored, rotation=90)
     mdir = tmp_path / "masks"
     mdir.mkdir()
     for i, m in enumerate(masks):  # drawn on the upright picture
