@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.registry import get_spec
 from pipeline.config import AppConfig
@@ -54,6 +55,28 @@ def uvicorn_options(config: AppConfig) -> dict[str, Any]:
         "http": "h11",
         "h11_max_incomplete_event_size": config.limits.max_header_bytes,
     }
+
+
+class OneLineStartupFailure:
+    """ASGI middleware: a failed start-up reaches the server as the error's own line
+    (``RuntimeError: …``), not the traceback Starlette sends with it, which uvicorn logs
+    whole; the lifespan has already logged what failed (``cannot start: …``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def one_line(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                lines = [line for line in str(message.get("message") or "").splitlines() if line.strip()]
+                message = {**message, "message": lines[-1] if lines else ""}
+            await send(message)
+
+        await self.app(scope, receive, one_line)
 
 
 def create_app(config: AppConfig | None = None, *, manager: StreamManager | None = None) -> FastAPI:
@@ -161,6 +184,7 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
     )
 
     app.add_middleware(BodySizeLimit, limit=config.limits.max_request_bytes)
+    app.add_middleware(OneLineStartupFailure)
 
     app.include_router(api.router)
     app.include_router(ws.router)

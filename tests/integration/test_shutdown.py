@@ -165,3 +165,43 @@ def test_an_engine_stuck_in_a_model_call_is_named_at_shutdown(caplog) -> None:
     finally:
         release.set()
         assert mgr.engine.stop(10)
+
+
+START_FAILS = """
+import sys
+from pipeline.config import AppConfig, EngineConfig, ServerConfig
+from pipeline.manager import StreamManager
+from server.app import create_app
+from server.cli import serve_app
+
+cfg = AppConfig(default_model="null", engine=EngineConfig(threads=1), server=ServerConfig(port=0))
+mgr = StreamManager(cfg, restrict_files=True)
+real_start = mgr.start
+
+def start():
+    real_start()
+    raise RuntimeError("the device went away")
+
+mgr.start = start
+sys.exit(serve_app(create_app(cfg, manager=mgr), cfg))
+"""
+
+
+def test_a_start_up_failure_under_the_server_is_said_in_lines_not_a_traceback(tmp_path: Path) -> None:
+    """What failed is logged once (``cannot start: …``); the server's own report of the failed
+    start-up is the error's line, not Starlette's traceback; the status is 3."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "start_fails.py"
+    script.write_text(START_FAILS)
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out
+    assert "cannot start: the device went away" in out
+    assert "RuntimeError: the device went away" in out
+    assert "Traceback" not in out, out
