@@ -122,13 +122,16 @@ def _video_frames(path: Path) -> Iterator[np.ndarray]:
 
 
 def _video_frame_count(path: Path) -> int:
+    """Pictures in the video stream :func:`_video_frames` decodes (the one the file source picks)."""
     import av
+
+    from pipeline.sources.av_source import video_stream
 
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise EvalInputError(f"{path} has no video stream")
-            return sum(1 for pkt in container.demux(video=0) if pkt.size)
+            return sum(1 for pkt in container.demux(video_stream(container)) if pkt.size)
     except av.FFmpegError as e:
         raise EvalInputError(f"cannot open video {path}: {e}") from None
 

@@ -163,6 +163,12 @@ def _display_orientation(frame: Any) -> _Orientation:
     return _UPRIGHT if data is None else _orientation(bytes(data))
 
 
+def video_stream(container: Any) -> Any:
+    """The video stream a player picks (FFmpeg's "best" one): not a cover picture stored as a
+    one-frame video stream ahead of the film, nor a small preview track."""
+    return container.streams.best("video") or container.streams.video[0]
+
+
 @dataclass(frozen=True, slots=True)
 class _DeclaredLength:
     """How long a local file's header says its video is."""
@@ -400,9 +406,7 @@ class AvSource(Source):
         if not self._container.streams.video:
             self.close()
             raise SourceError("no video stream in the source", retryable=network)
-        # The stream a player picks (FFmpeg's "best" one): not a cover picture stored as a
-        # one-frame video stream ahead of the film, nor a small preview track.
-        stream = self._container.streams.best("video") or self._container.streams.video[0]
+        stream = video_stream(self._container)
         # Frame threading adds a frame of latency per thread: fine for files, not for cameras.
         stream.thread_type = "SLICE" if (network and o.low_latency) else "AUTO"
         self._stream = stream

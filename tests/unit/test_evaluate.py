@@ -89,14 +89,20 @@ def test_keyframe_segments_fewer_frames_on_a_static_sequence():
     assert np.mean(drops) <= 0.01
 
 
-def encode_video(av, path, frames, *, rotation: float = 0):
-    """A lossless H.264 file of ``frames`` (RGB), with a display rotation when asked for."""
+def encode_video(av, path, frames, *, rotation: float = 0, cover: bool = False):
+    """A lossless H.264 file of ``frames`` (RGB), with a display rotation when asked for, and
+    (``cover``, Matroska) a one-picture cover stored as the first video stream."""
     with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=10)
+        art = c.add_stream("mjpeg", rate=1) if cover else None  # every stream before any packet
+        s = c.add_stream("libx264", rate=10 if not cover else 5)  # with a cover: both 1 s long
         s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv444p"
         s.options = {"qp": "0", "preset": "ultrafast"}
         if rotation:
             s.set_display_rotation(rotation)
+        if art is not None:
+            art.width, art.height, art.pix_fmt = s.width, s.height, "yuvj420p"
+            for pkt in [*art.encode(av.VideoFrame.from_ndarray(frames[0], format="rgb24")), *art.encode()]:
+                c.mux(pkt)
         for f in frames:
             for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 c.mux(pkt)
@@ -243,6 +249,22 @@ def test_eval_of_a_phone_video_scores_the_picture_as_shown(tmp_path, capsys):
     mdir = tmp_path / "masks"
     mdir.mkdir()
     for i, m in enumerate(masks):  # drawn on the upright picture
+        cv2.imwrite(str(mdir / f"{i:05d}.png"), m.astype(np.uint8) * 255)
+    args = parse(["eval", str(video), str(mdir), "--json"])
+    assert run_eval(args, load_segmenter=lambda a: FakeSegmenter()) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["frames"] == 5 and out["miou"] > 0.7
+
+
+def test_eval_of_a_video_with_a_cover_picture_counts_and_scores_the_film(tmp_path, capsys):
+    """The frames counted against the masks are those of the stream decoded: the film, not a
+    cover picture stored ahead of it."""
+    av = pytest.importorskip("av")
+    frames, masks = make_scene(5, moving=False)
+    video = encode_video(av, tmp_path / "film.mkv", frames, cover=True)
+    mdir = tmp_path / "masks"
+    mdir.mkdir()
+    for i, m in enumerate(masks):
         cv2.imwrite(str(mdir / f"{i:05d}.png"), m.astype(np.uint8) * 255)
     args = parse(["eval", str(video), str(mdir), "--json"])
     assert run_eval(args, load_segmenter=lambda a: FakeSegmenter()) == 0
