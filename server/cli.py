@@ -81,13 +81,15 @@ def _check_model(name: str | None) -> None:
         get_spec(name)  # UnknownModelError names the choices
 
 
-def _check_startup(cfg: AppConfig, load_model: Callable[[str], Any] | None = None) -> None:
+def _models_used(cfg: AppConfig) -> list[str]:
+    return sorted({cfg.default_model} | {sc.model for sc in cfg.streams if sc.model})
+
+
+def _check_startup(cfg: AppConfig) -> None:
     """What would stop the server's start-up, said in one line before anything starts:
-    the device, model names, weights files (read and applied to their network, by
-    ``load_model`` when given: the server's own loader, which keeps what it built), sources,
-    temporal thresholds and the stream limit."""
+    the device, model names, weights files present, sources, temporal thresholds and the
+    stream limit. (:func:`_load_weights` then applies the weights files.)"""
     from models.device import check_device
-    from models.registry import build_model
     from models.temporal import TemporalParams
     from pipeline.sources import parse_source
 
@@ -96,19 +98,11 @@ def _check_startup(cfg: AppConfig, load_model: Callable[[str], Any] | None = Non
         raise CliError(
             f"{len(cfg.streams)} streams configured, above limits.max_streams = {cfg.limits.max_streams}"
         )
-    used = {cfg.default_model} | {sc.model for sc in cfg.streams if sc.model}
-    for name in sorted(used):
+    for name in _models_used(cfg):
         _check_model(name)
         path = cfg.weights.get(name)
-        if path is not None:
-            if not Path(path).is_file():
-                raise CliError(f"weights file for {name!r} not found: {path}")
-            # The network built and the file applied to it: an unreadable file, or one made
-            # for another network, is one line naming it (WeightsError).
-            if load_model is not None:
-                load_model(name)
-            else:
-                build_model(name, weights=path)
+        if path is not None and not Path(path).is_file():
+            raise CliError(f"weights file for {name!r} not found: {path}")
     for sc in cfg.streams:
         label = f"stream {sc.id!r}" if sc.id else f"stream {sc.source!r}"
         parse_source(sc.source, options=sc.options, allowed_schemes=cfg.server.allowed_schemes)
@@ -118,17 +112,25 @@ def _check_startup(cfg: AppConfig, load_model: Callable[[str], Any] | None = Non
             raise CliError(f"{label}: temporal: {e}") from None
 
 
+def _load_weights(cfg: AppConfig, load_model: Callable[[str], Any]) -> None:
+    """Each network with a configured weights file built and the file applied by
+    ``load_model`` (the server's own loader, which keeps the build for the engine), before
+    start-up: an unreadable file, or one made for another network, is one line naming it
+    (WeightsError)."""
+    for name in _models_used(cfg):
+        if name in cfg.weights:
+            load_model(name)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from models.device import check_device
     from pipeline.manager import StreamManager
     from server.app import create_app
     from server.logs import setup_logging
 
     cfg = _config_from_args(args)
-    check_device(cfg.engine.device)  # before the manager, which takes the device
+    _check_startup(cfg)  # the device among the rest, before the manager takes it
     manager = StreamManager(cfg, restrict_files=True)
-    # A network checked against its weights file is built once: the engine takes this build.
-    _check_startup(cfg, manager.load_model)
+    _load_weights(cfg, manager.load_model)
     setup_logging(
         cfg.server.log_level,
         json_lines=cfg.server.log_json,
