@@ -52,6 +52,7 @@ from server.ws import (
     CLOSE_TOO_MANY,
     ParamError,
     admit,
+    cancel_and_wait,
     close,
     list_names,
     number_param,
@@ -190,11 +191,7 @@ async def ingest(ws: WebSocket) -> None:
         try:
             done, _ = await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (pump, watch):
-                task.cancel()
-            for task in (pump, watch):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait(pump, watch)
         error = pump.exception() if pump in done and not pump.cancelled() else None
         if error is not None and not isinstance(error, WebSocketDisconnect):
             log.warning("stream %s: browser camera ended with %r", sid, error)

@@ -31,7 +31,15 @@ from pipeline.types import StreamState
 from server.auth import require_token
 from server.hub import Client, Hub
 from server.schemas import ErrorBody
-from server.ws import CLOSE_WAIT_S, SEND_TIMEOUT_S, ParamError, list_names, number_param, parse_settings
+from server.ws import (
+    CLOSE_WAIT_S,
+    SEND_TIMEOUT_S,
+    ParamError,
+    cancel_and_wait,
+    list_names,
+    number_param,
+    parse_settings,
+)
 
 log = logging.getLogger("segstream.pictures")
 
@@ -178,9 +186,7 @@ async def snapshot(request: Request, stream_id: str) -> Response:
                 },
             )
     finally:
-        left.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await left
+        await cancel_and_wait(left)
         hub.unsubscribe(client)
 
 
@@ -213,9 +219,8 @@ class _Subscribed(StreamingResponse):
             complete = message["type"] == "http.response.body" and not message.get("more_body", False)
 
         response = asyncio.create_task(super().__call__(scope, receive, timed_send))
-        watcher = asyncio.create_task(self._watch(receive))
+        watcher = asyncio.create_task(_until_disconnect(receive, self._client))  # ends the parts
         ended = asyncio.create_task(self._client.ended.wait())
-        tasks = (response, watcher, ended)
         try:
             done, _ = await asyncio.wait({response, ended}, return_when=asyncio.FIRST_COMPLETED)
             if response not in done:
@@ -226,11 +231,7 @@ class _Subscribed(StreamingResponse):
                 self._hub.unsubscribe(self._client)
                 await asyncio.wait({response}, timeout=CLOSE_WAIT_S)
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait(response, watcher, ended)
             self._hub.unsubscribe(self._client)
             if not complete:
                 try:
@@ -245,9 +246,6 @@ class _Subscribed(StreamingResponse):
             )
         elif error is not None and not isinstance(error, OSError | ClientDisconnect):
             raise error
-
-    async def _watch(self, receive: Receive) -> None:
-        await _until_disconnect(receive, self._client)  # ends the parts, and the response
 
 
 async def _drop_connection(scope: Scope) -> None:

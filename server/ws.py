@@ -229,12 +229,7 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
         if ended in done and not sender.done():
             # The sender ends by itself now, unless it is blocked on a client that does not read.
             await asyncio.wait({sender}, timeout=CLOSE_WAIT_S)
-        tasks = (sender, receiver, ended)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(sender, receiver, ended)
         for task in (sender, receiver):
             error = None if task.cancelled() else task.exception()
             if error is None or _disconnected(error):
@@ -261,6 +256,16 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
                 await _close_within(
                     ws, CLOSE_NOT_READING, f"client took no message for {SEND_TIMEOUT_S:.0f} s"
                 )
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel ``tasks`` and wait until each has ended, whatever it ended with (read its
+    outcome afterwards from the task itself)."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
 
 def _disconnected(error: BaseException) -> bool:
