@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -21,6 +23,23 @@ def pattern_frame(i: int, *, width: int, height: int) -> np.ndarray:
     cx, cy = (i * 7) % span_x, (i * 3) % span_y
     img[cy : cy + side, cx : cx + side] = 255
     return img
+
+
+def mux_frames(
+    container: Any, stream: Any, images: Iterable[np.ndarray], *, times: Sequence[float] | None = None
+) -> None:
+    """Encode RGB ``images`` into ``stream``, mux the packets into ``container`` and flush the
+    encoder. ``times`` (seconds), when given, become the frames' pts in the stream's codec
+    time base (a variable frame rate, pauses)."""
+    tb = stream.codec_context.time_base
+    for i, image in enumerate(images):
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        if times is not None:
+            frame.pts, frame.time_base = round(times[i] / tb), tb
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
 
 
 def make_test_video(
@@ -42,10 +61,5 @@ def make_test_video(
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         if codec == "libx264":
             stream.options = {"preset": "ultrafast", "tune": "zerolatency", "g": str(fps)}
-        for i in range(frames):
-            vf = av.VideoFrame.from_ndarray(pattern_frame(i, width=width, height=height), format="rgb24")
-            for packet in stream.encode(vf):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        mux_frames(out, stream, (pattern_frame(i, width=width, height=height) for i in range(frames)))
     return path

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 
 from server.cli import main
-from tests.helpers_video import make_test_video
+from tests.helpers_video import make_test_video, mux_frames
 
 
 def test_segment_writes_one_label_png_per_frame_and_a_video(tmp_path, capsys):
@@ -86,11 +86,7 @@ def test_odd_sized_input_is_padded_to_even_in_the_video_and_kept_in_the_masks(tm
     with av.open(str(clip), mode="w") as c:
         s = c.add_stream("ffv1", rate=12)  # lossless, and odd sizes are fine in 4:4:4
         s.width, s.height, s.pix_fmt = 53, 39, "yuv444p"
-        for f in frames:
-            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(pkt)
-        for pkt in s.encode():
-            c.mux(pkt)
+        mux_frames(c, s, frames)
     out, masks = tmp_path / "out.mp4", tmp_path / "m"
     code = main(["segment", str(clip), "-o", str(out), "--masks-dir", str(masks), "--model", "null", "-q"])
     assert code == 0, capsys.readouterr().err

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from server.cli import main
-from tests.helpers_video import pattern_frame
+from tests.helpers_video import mux_frames, pattern_frame
 
 pytestmark = pytest.mark.integration
 
@@ -26,13 +26,8 @@ def _vfr_clip(path: Path) -> Path:
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         stream.codec_context.time_base = tb
         stream.options = {"preset": "ultrafast", "bf": "0"}
-        for i, t in enumerate(VFR_PTS):
-            vf = av.VideoFrame.from_ndarray(pattern_frame(i, width=64, height=48), format="rgb24")
-            vf.pts, vf.time_base = round(t / tb), tb
-            for packet in stream.encode(vf):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        frames = (pattern_frame(i, width=64, height=48) for i in range(len(VFR_PTS)))
+        mux_frames(out, stream, frames, times=VFR_PTS)
     return path
 
 
@@ -122,12 +117,7 @@ def test_http_mp4_with_its_index_at_the_end_from_a_server_without_ranges_says_wh
         stream = out.add_stream("libx264", rate=10)
         stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
         stream.options = {"preset": "ultrafast"}
-        for _ in range(8):
-            img = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        mux_frames(out, stream, (rng.integers(0, 256, (120, 160, 3), dtype=np.uint8) for _ in range(8)))
     data = clip.read_bytes()
     assert data.index(b"moov") > data.index(b"mdat") and len(data) > 100_000, len(data)
     with FileHttpServer(tmp_path) as server:  # (Python's file server ignores Range headers)

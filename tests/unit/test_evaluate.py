@@ -17,6 +17,7 @@ from pipeline.evaluate import (
     load_sequence,
     run_eval,
 )
+from tests.helpers_video import mux_frames
 from tests.unit.test_temporal import FakeSegmenter, make_scene
 
 
@@ -101,13 +102,8 @@ def encode_video(av, path, frames, *, rotation: float = 0, cover: bool = False):
             s.set_display_rotation(rotation)
         if art is not None:
             art.width, art.height, art.pix_fmt = s.width, s.height, "yuvj420p"
-            for pkt in [*art.encode(av.VideoFrame.from_ndarray(frames[0], format="rgb24")), *art.encode()]:
-                c.mux(pkt)
-        for f in frames:
-            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(pkt)
-        for pkt in s.encode():
-            c.mux(pkt)
+            mux_frames(c, art, frames[:1])
+        mux_frames(c, s, frames)
     return path
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.sources import parse_source
-from tests.helpers_video import pattern_frame
+from tests.helpers_video import mux_frames, pattern_frame
 
 W, H = 48, 32
 
@@ -34,12 +34,7 @@ def _encode(
             stream.codec_context.sample_aspect_ratio = sar
         if rotation or hflip:
             stream.set_display_rotation(rotation, hflip=hflip)
-        for i in range(frames):
-            vf = av.VideoFrame.from_ndarray(pattern_frame(i, width=W, height=H), format="rgb24")
-            for packet in stream.encode(vf):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        mux_frames(out, stream, (pattern_frame(i, width=W, height=H) for i in range(frames)))
     return path
 
 
@@ -152,12 +147,7 @@ def test_odd_sized_pictures_are_whole_contiguous_arrays(tmp_path: Path) -> None:
     with av.open(str(clip), mode="w") as out:
         stream = out.add_stream("ffv1", rate=10)
         stream.width, stream.height, stream.pix_fmt = 17, 9, "bgr0"
-        for i in range(2):
-            vf = av.VideoFrame.from_ndarray(pattern_frame(i, width=17, height=9), format="rgb24")
-            for packet in stream.encode(vf):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        mux_frames(out, stream, (pattern_frame(i, width=17, height=9) for i in range(2)))
     got = _pictures(str(clip))
     assert [g.shape for g in got] == [(9, 17, 3)] * 2
     assert all(g.flags.c_contiguous for g in got)
@@ -174,16 +164,8 @@ def test_a_cover_picture_stored_first_is_not_taken_for_the_video(tmp_path: Path)
         art.width, art.height, art.pix_fmt = W, H, "yuvj420p"
         film = out.add_stream("libx264", rate=10)
         film.width, film.height, film.pix_fmt = W, H, "yuv420p"
-        for packet in art.encode(av.VideoFrame.from_ndarray(np.zeros((H, W, 3), np.uint8), format="rgb24")):
-            out.mux(packet)
-        for packet in art.encode():
-            out.mux(packet)
-        for i in range(6):
-            vf = av.VideoFrame.from_ndarray(pattern_frame(i, width=W, height=H), format="rgb24")
-            for packet in film.encode(vf):
-                out.mux(packet)
-        for packet in film.encode():
-            out.mux(packet)
+        mux_frames(out, art, [np.zeros((H, W, 3), np.uint8)])
+        mux_frames(out, film, (pattern_frame(i, width=W, height=H) for i in range(6)))
     with av.open(str(clip)) as c:
         assert [s.index for s in c.streams.video] == [0, 1]
     src = parse_source(str(clip)).create()
@@ -216,13 +198,7 @@ def test_a_long_pause_in_a_recording_is_cut_and_play_resumes_at_its_pace(tmp_pat
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         stream.codec_context.time_base = tb
         stream.options = {"bf": "0", "preset": "ultrafast"}
-        for i, t in enumerate(pts):
-            vf = av.VideoFrame.from_ndarray(pattern_frame(i, width=W, height=H), format="rgb24")
-            vf.pts, vf.time_base = round(t / tb), tb
-            for packet in stream.encode(vf):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        mux_frames(out, stream, (pattern_frame(i, width=W, height=H) for i in range(len(pts))), times=pts)
     slot = FrameSlot(capacity=16, policy=DropPolicy.BLOCK)
     worker = StreamWorker("paused", parse_source(str(clip)), slot, reconnect=ReconnectConfig())
     arrived: list[tuple[float, float | None]] = []
