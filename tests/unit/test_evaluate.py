@@ -107,10 +107,26 @@ def encode_video(av, path, frames, *, rotation: float = 0, cover: bool = False):
     return path
 
 
-def test_eval_reads_a_video_file(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [
+        ("clip.mp4", "plain"),
+        # a phone video stored sideways (rotation 90: a player turns it counter-clockwise):
+        # its ground truth is drawn on the upright picture a player shows
+        ("phone.mp4", "sideways"),
+        # a Matroska cover picture stored as the first video stream: the frames counted
+        # against the masks are the film's
+        ("film.mkv", "cover"),
+    ],
+)
+def test_eval_reads_a_video_file_as_the_server_shows_it(tmp_path, capsys, name, layout):
     av = pytest.importorskip("av")
     frames, masks = make_scene(5, moving=False)
-    video = encode_video(av, tmp_path / "clip.mp4", frames)
+    if layout == "sideways":
+        stored = [np.ascontiguousarray(np.rot90(f, -1)) for f in frames]
+        video = encode_video(av, tmp_path / name, stored, rotation=90)
+    else:
+        video = encode_video(av, tmp_path / name, frames, cover=layout == "cover")
     mdir = tmp_path / "masks"
     mdir.mkdir()
     for i, m in enumerate(masks):
@@ -232,37 +248,3 @@ def test_roi_flags_without_roi_are_refused(tmp_path, capsys):
     fdir, mdir, _, _ = write_davis(tmp_path, n=2)
     assert run_eval(parse(["eval", str(fdir), str(mdir), "--roi-full-every", "3"]), load_segmenter=list) == 2
     assert "--roi-full-every applies to ROI mode only: add --roi" in capsys.readouterr().err
-
-
-def test_eval_of_a_phone_video_scores_the_picture_as_shown(tmp_path, capsys):
-    """A phone video stored sideways with a rotation: its ground truth is drawn on the upright
-    picture a player shows, and eval scores what the server would serve."""
-    av = pytest.importorskip("av")
-    frames, masks = make_scene(5, moving=False)
-    # stored turned a quarter: a player turns it back (rotation 90: counter-clockwise)
-    stored = [np.ascontiguousarray(np.rot90(f, -1)) for f in frames]
-    video = encode_video(av, tmp_path / "phone.mp4", stored, rotation=90)
-    mdir = tmp_path / "masks"
-    mdir.mkdir()
-    for i, m in enumerate(masks):  # drawn on the upright picture
-        cv2.imwrite(str(mdir / f"{i:05d}.png"), m.astype(np.uint8) * 255)
-    args = parse(["eval", str(video), str(mdir), "--json"])
-    assert run_eval(args, load_segmenter=lambda a: FakeSegmenter()) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["frames"] == 5 and out["miou"] > 0.7
-
-
-def test_eval_of_a_video_with_a_cover_picture_counts_and_scores_the_film(tmp_path, capsys):
-    """The frames counted against the masks are those of the stream decoded: the film, not a
-    cover picture stored ahead of it."""
-    av = pytest.importorskip("av")
-    frames, masks = make_scene(5, moving=False)
-    video = encode_video(av, tmp_path / "film.mkv", frames, cover=True)
-    mdir = tmp_path / "masks"
-    mdir.mkdir()
-    for i, m in enumerate(masks):
-        cv2.imwrite(str(mdir / f"{i:05d}.png"), m.astype(np.uint8) * 255)
-    args = parse(["eval", str(video), str(mdir), "--json"])
-    assert run_eval(args, load_segmenter=lambda a: FakeSegmenter()) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["frames"] == 5 and out["miou"] > 0.7
