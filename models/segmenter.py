@@ -12,6 +12,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -24,6 +25,9 @@ from models.registry import ModelSpec, build_model
 
 PRECISIONS = ("fp32", "fp16", "bf16", "auto")
 _MAX_FROZEN = 4  # image shapes with a frozen graph each; further shapes run eagerly
+_MAX_CUDA_GRAPHS = 32  # input shapes (batch size included) with a captured CUDA graph each
+_Graph = tuple[torch.Tensor, "torch.cuda.CUDAGraph", torch.Tensor]  # static input, graph, static output
+_HOST_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +118,17 @@ class Segmenter:
         channels_last: bool = False,
         compile: bool = False,
         optimize: bool | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         """``optimize`` (default: on for CPU fp32 without ``compile``) runs the network as a frozen
         TorchScript graph in channels-last layout, traced once per input shape on first use; if
-        tracing fails the segmenter logs why and stays eager."""
+        tracing fails the segmenter logs why and stays eager.
+
+        ``cuda_graphs`` (CUDA only; ignored elsewhere) captures the whole forward pass (layout,
+        autocast, network, softmax) as one CUDA graph per input shape on first use, or at
+        :meth:`warmup`, and replays it: one launch instead of hundreds, which is what a small
+        model at a small batch is bound by. With ``compile`` it selects torch.compile's own
+        CUDA-graph mode (``reduce-overhead``) instead."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.spec = spec
@@ -133,10 +144,23 @@ class Segmenter:
         channels_last = channels_last or optimize
         self.channels_last = channels_last
         self._frozen: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor] | None] = {}
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = cuda_graphs and on_cuda
+        # Captured graphs share one memory pool; every replay's output is copied out before the
+        # next replay (see _graphed), so one graph's buffers never hold another's live result.
+        self._graphs: dict[tuple[int, ...], _Graph | None] = {}
+        self._graph_pool: Any = None  # torch.cuda.graph_pool_handle(), made at the first capture
+        if on_cuda:
+            # Inputs have one size per model: let cuDNN pick its fastest kernels for it once.
+            torch.backends.cudnn.benchmark = True
         module = module.eval().to(self.device)
         if channels_last:
             module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.module: nn.Module = torch.compile(module) if compile else module  # type: ignore[assignment]
+        if compile:
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            self.cuda_graphs = False  # torch.compile captures its own graphs in that mode
+            module = torch.compile(module, mode=mode)  # type: ignore[assignment]
+        self.module: nn.Module = module
         self._scale, self._shift = _normalisation(spec, self.device)
 
     @classmethod
@@ -150,6 +174,7 @@ class Segmenter:
         channels_last: bool | None = None,
         compile: bool = False,
         optimize: bool | None = None,
+        cuda_graphs: bool = False,
     ) -> Segmenter:
         dev = _resolve_device(device)  # an unusable device is refused before any weights are read
         module, spec = build_model(name, weights=weights)
@@ -163,16 +188,34 @@ class Segmenter:
             channels_last=channels_last,
             compile=compile,
             optimize=optimize,
+            cuda_graphs=cuda_graphs,
         )
 
     # -- pre-processing ------------------------------------------------------------------
-    def _to_device(self, batch: np.ndarray) -> torch.Tensor:
-        if not batch.flags.writeable:  # torch wants writable memory; frames are never written to
-            batch = batch.copy()
-        t = torch.from_numpy(np.ascontiguousarray(batch))
+    def _to_device(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """Same-shape H×W×3 arrays as one N×3×H×W tensor on the device (a view of NHWC memory,
+        i.e. channels-last).
+
+        On the CPU a single array is viewed, not copied, and several are stacked once. On CUDA
+        they are written straight into a page-locked host buffer from torch's caching host
+        allocator and copied to the device without blocking; the allocator hands that buffer
+        out again only after the copy has finished, so no frame is overwritten in flight.
+        """
+        first = arrays[0]
         if self.device.type == "cuda":
-            t = t.pin_memory().to(self.device, non_blocking=True)
-        return t.permute(0, 3, 1, 2)  # N×3×H×W view of NHWC memory (channels_last)
+            host = torch.empty((len(arrays), *first.shape), dtype=_HOST_DTYPES[first.dtype], pin_memory=True)
+            staged = host.numpy()
+            for i, a in enumerate(arrays):
+                staged[i] = a
+            t = host.to(self.device, non_blocking=True)
+        else:
+            batch = first[None] if len(arrays) == 1 else np.stack(arrays)
+            if not batch.flags.writeable or not batch.flags.c_contiguous:
+                batch = np.array(batch, order="C")  # torch wants writable memory; frames are never written to
+            t = torch.from_numpy(batch)
+            if self.device.type != "cpu":
+                t = t.to(self.device)
+        return t.permute(0, 3, 1, 2)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         if len(images) == 0:
@@ -187,8 +230,7 @@ class Segmenter:
                 raise ValueError(f"image {i}: expected RGB uint8 HxWx3, got {img.dtype} {img.shape}")
             groups.setdefault((img.shape[0], img.shape[1]), []).append(i)
         for (h, w), idx in groups.items():
-            batch = images[idx[0]][None] if len(idx) == 1 else np.stack([images[i] for i in idx])
-            x = self._to_device(batch)  # a single frame is viewed, not copied
+            x = self._to_device([images[i] for i in idx])
             top, left, bh, bw = input_box(self.spec, (h, w))
             x = _scaled(x, (bh, bw), self._scale, self._shift)
             index = torch.tensor(idx, device=self.device)
@@ -209,33 +251,84 @@ class Segmenter:
         for i, a in enumerate(inputs):
             if a.shape != (th, tw, 3) or a.dtype != np.float32:
                 raise ValueError(f"input {i}: expected float32 {th}x{tw}x3, got {a.dtype} {a.shape}")
-        batch = inputs[0][None] if len(inputs) == 1 else np.stack(inputs)
-        if not batch.flags.writeable or not batch.flags.c_contiguous:
-            batch = np.array(batch, order="C")
-        t = torch.from_numpy(batch)
-        if self.device.type == "cuda":
-            t = t.pin_memory().to(self.device, non_blocking=True)
-        elif self.device.type != "cpu":
-            t = t.to(self.device)
-        return t.permute(0, 3, 1, 2)
+        return self._to_device(inputs)
 
     # -- inference -----------------------------------------------------------------------
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities N×C×h×w (float32) at the model's resolution."""
+        if self.cuda_graphs:
+            out = self._graphed(x)
+            if out is not None:
+                return out
         run = self._runner(x)  # tracing, if any, must happen outside inference mode
         with torch.inference_mode():
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if self._amp_dtype is not None:
-                with torch.autocast(device_type=self.device.type, dtype=self._amp_dtype):
-                    logits = self.module(x)
-            else:
+            return self._forward(x, run)
+
+    def _forward(self, x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Layout, network (under autocast for fp16/bf16) and probabilities: everything a CUDA
+        graph captures."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self._amp_dtype is not None:
+            # No cast cache: cached weight casts would outlive a graph capture's memory pool.
+            with torch.autocast(device_type=self.device.type, dtype=self._amp_dtype, cache_enabled=False):
                 logits = run(x)
-            logits = logits.float()
-            if self.spec.binary:
-                p = torch.sigmoid(logits[:, :1])
-                return torch.cat([1.0 - p, p], dim=1)
-            return torch.softmax(logits, dim=1)
+        else:
+            logits = run(x)
+        logits = logits.float()
+        if self.spec.binary:
+            p = torch.sigmoid(logits[:, :1])
+            return torch.cat([1.0 - p, p], dim=1)
+        return torch.softmax(logits, dim=1)
+
+    @property
+    def cuda_graph_shapes(self) -> list[tuple[int, ...]]:
+        """The input shapes (N, 3, H, W) that replay a captured CUDA graph, in capture order."""
+        return [k for k, v in self._graphs.items() if v is not None]
+
+    def _graphed(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The forward pass replayed from the CUDA graph for ``x``'s shape (captured on first
+        use), or None where there is none (too many shapes, or capture failed: eager then)."""
+        key = tuple(x.shape)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(x) if len(self._graphs) < _MAX_CUDA_GRAPHS else None
+        entry = self._graphs[key]
+        if entry is None:
+            return None
+        static_in, graph, static_out = entry
+        with torch.inference_mode():
+            static_in.copy_(x)
+            graph.replay()
+            return static_out.clone()  # the next replay overwrites static_out
+
+    def _capture(
+        self, x: torch.Tensor
+    ) -> _Graph | None:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        try:
+            with torch.inference_mode():
+                static_in = torch.empty_like(x, memory_format=fmt)
+                static_in.copy_(x)
+                # Warm-up runs on a side stream (cuDNN picks its kernels, lazy state is built),
+                # as capturing requires; then one capture of the whole forward pass.
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        self._forward(static_in, self.module)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: other threads (postprocessing the previous batch) keep working.
+                with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+                    static_out = self._forward(static_in, self.module)
+        except Exception as e:  # noqa: BLE001 - any failure leaves this shape eager, which always works
+            log.warning("%s: running eagerly, could not capture a CUDA graph for %s: %s",
+                        self.spec.name, tuple(x.shape), e)
+            return None
+        log.debug("%s: CUDA graph for input %s", self.spec.name, tuple(x.shape))
+        return static_in, graph, static_out
 
     def _runner(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """The frozen graph for ``x``'s shape (traced on first use), or the eager module."""

@@ -172,12 +172,15 @@ class StreamManager:
             precision=cfg.precision,
             channels_last=cfg.channels_last,
             compile=cfg.compile,
+            cuda_graphs=cfg.cuda_graphs,
         )
-        # Frozen CPU graphs build their fused kernels per batch size on first use (0.3-0.9 s);
-        # for small models warm every size the batcher can form so live frames never pay it.
-        # Large models cost seconds per warm-up pass, so only batch 1 is warmed for them.
+        # Frozen CPU graphs build their fused kernels per batch size on first use (0.3-0.9 s),
+        # and so do cuDNN's kernel choice, CUDA graphs and compiled code on a GPU: warm every
+        # size the batcher can form so live frames never pay it. Large models cost seconds per
+        # warm-up pass on a CPU, so only batch 1 is warmed for them there.
         h, w = spec.input_size
-        seg.warmup(range(1, cfg.max_batch + 1) if h * w <= 256 * 256 else (1,))
+        every_size = h * w <= 256 * 256 or seg.device.type == "cuda"
+        seg.warmup(range(1, cfg.max_batch + 1) if every_size else (1,))
         return seg
 
     def _prepare_for(self, model: str, roi: RoiConfig) -> Callable[[Any], Any] | None:

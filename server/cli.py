@@ -51,8 +51,9 @@ def _config_from_args(args: argparse.Namespace) -> AppConfig:
     for key in ("max_batch", "precision"):
         if getattr(args, key, None) is not None:
             engine[key] = getattr(args, key)
-    if getattr(args, "compile", False):
-        engine["compile"] = True
+    for key in ("compile", "cuda_graphs"):
+        if getattr(args, key, False):
+            engine[key] = True
     if getattr(args, "model", None):
         data["default_model"] = args.model
     if getattr(args, "weights", None):
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=["auto", "fp32", "fp16", "bf16"], help="engine.precision (auto: fp16 on CUDA)"
     )
     s.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    s.add_argument(
+        "--cuda-graphs", action="store_true", help="replay the model as CUDA graphs, one per batch size (GPU)"
+    )
     s.add_argument(
         "--temporal", choices=["off", "smooth", "keyframe"], help="temporal refinement for --source streams"
     )

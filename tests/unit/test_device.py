@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,3 +61,15 @@ def test_segmenter_refuses_before_touching_torch(no_cuda: None) -> None:
         with pytest.raises(ValueError, match=name):
             Segmenter.from_name("null", device=name)
     assert Segmenter(module, spec, device=torch.device("cpu")).device.type == "cpu"
+
+
+def test_cuda_graphs_on_the_cpu_run_the_model_as_without() -> None:
+    """``engine.cuda_graphs = true`` in a config shared with CPU machines changes nothing there."""
+    module, spec = build_model("selfie")
+    frame = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    plain = Segmenter(module, spec, device="cpu")([frame])
+    seg = Segmenter(module, spec, device="cpu", cuda_graphs=True)
+    (labels, probs), = seg([frame])
+    assert seg.cuda_graphs is False and seg.cuda_graph_shapes == []
+    np.testing.assert_array_equal(labels, plain[0][0])
+    np.testing.assert_array_equal(probs, plain[0][1])
