@@ -4,6 +4,7 @@
     python -m bench --quick         # shorter windows, no 60 s overload (~2 min)
     python -m bench --only e2e --only latency
     python -m bench --list
+    python -m bench --engine cuda_graphs=true --engine precision=bf16   # engine settings (GPU)
 
 Sections from other ``bench`` modules (models, sources, temporal, roi, soak) run when
 the module exists and exposes ``run()`` or ``main()``; otherwise they are reported as
@@ -27,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from bench import load, pipeline
 from bench.tables import Table, skipped, write_json
+from pipeline.config import EngineConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,6 +87,17 @@ def _external(name: str, quick: bool) -> tuple[str, Any]:
     return "ok", out
 
 
+def _engine_setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as JSON where it is JSON (true, 8, 2.5), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main(argv: list[str] | None = None) -> int:
     names = list(SECTIONS) + list(EXTERNAL)
     ap = argparse.ArgumentParser(prog="python -m bench", description="segstream benchmarks")
@@ -93,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the sections and exit")
     ap.add_argument("--model", default="selfie", help="the model the pipeline sections use (default: selfie)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where JSON results go")
+    ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE", type=_engine_setting,
+                    help="an [engine] setting every section uses, e.g. cuda_graphs=true (repeatable)")
     args = ap.parse_args(argv)
+    try:
+        engine = EngineConfig(**dict(args.engine))
+    except ValidationError as e:
+        ap.error(f"--engine: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
     if args.list:
         print("\n".join(names))
         return 0
@@ -104,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [n for n in names if n not in NAMED_ONLY and not (args.quick and n in FULL_ONLY)]
     workdir = args.results / "clips"
     workdir.mkdir(parents=True, exist_ok=True)
-    run = pipeline.Run(quick=args.quick, workdir=workdir, model=args.model)
+    run = pipeline.Run(quick=args.quick, workdir=workdir, model=args.model,
+                       engine=engine.model_dump(exclude_unset=True))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     env = {
         "python": platform.python_version(),
@@ -113,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "machine": platform.machine(),
         "quick": args.quick,
+        "engine": run.engine,
     }
     print(f"# segstream benchmarks ({'quick' if args.quick else 'full'}) — {stamp}\n")
     print(f"environment: {json.dumps(env)}\n", flush=True)

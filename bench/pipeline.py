@@ -39,10 +39,15 @@ class Run:
     quick: bool
     workdir: Path
     model: str = "selfie"
+    engine: dict[str, Any] = field(default_factory=dict)  # engine settings every section uses
     cache: dict[str, Any] = field(default_factory=dict)
 
     def seconds(self, full: float, quick: float) -> float:
         return quick if self.quick else full
+
+    def engine_config(self, **kw: Any) -> EngineConfig:
+        """The engine's configuration: defaults, then ``--engine`` settings, then ``kw``."""
+        return EngineConfig(**{**self.engine, **kw})
 
     def clip(self, width: int, height: int, fps: int, seconds: float = 4.0) -> Path:
         path = self.workdir / f"clip_{width}x{height}_{fps}fps.mp4"
@@ -90,7 +95,7 @@ def bench_decode(run: Run) -> Table:
 
 def _throughput(run: Run, model: str, fmt: str, *, threads: int | None = None) -> dict[str, Any]:
     """One unpaced 720p stream through the real service (blocking slot: nothing is decoded in vain)."""
-    engine = EngineConfig(threads=threads)
+    engine = run.engine_config(threads=threads)
     dur = run.seconds(8.0, 4.0)
     cpu: list[float] = []  # process CPU seconds at the start and the end of the measured window
     with Service(model=model, engine=engine, realtime=False, policy=DropPolicy.BLOCK) as svc:
@@ -145,16 +150,16 @@ def bench_null_pipeline(run: Run) -> Table:
 
 def segmenter_for(run: Run, name: str) -> Segmenter:
     module, spec = build_model(name)
-    cfg = EngineConfig()
+    cfg = run.engine_config()
     return Segmenter(module, spec, device=resolve_device(cfg.device), precision=cfg.precision,
-                     channels_last=cfg.channels_last)
+                     channels_last=cfg.channels_last, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
 
 
 def model_only(run: Run) -> dict[int, float]:
     """Frames/s of ``infer`` alone (input already preprocessed) at batch 1, 2, 4, 8."""
     if "model_only" in run.cache:
         return dict(run.cache["model_only"])
-    torch.set_num_threads(EngineConfig().threads or default_torch_threads())
+    torch.set_num_threads(run.engine_config().threads or default_torch_threads())
     seg = segmenter_for(run, run.model)
     th, tw = seg.spec.input_size
     rng = np.random.default_rng(0)
@@ -178,7 +183,7 @@ def model_only_beside_decode(run: Run) -> float:
     network alone can do when the rest of a pipeline (here just its decoder) uses the other cores."""
     if "model_only_loaded" in run.cache:
         return float(run.cache["model_only_loaded"])
-    torch.set_num_threads(EngineConfig().threads or default_torch_threads())
+    torch.set_num_threads(run.engine_config().threads or default_torch_threads())
     seg = segmenter_for(run, run.model)
     th, tw = seg.spec.input_size
     x = seg.preprocess([np.zeros((th, tw, 3), np.uint8)])
@@ -282,7 +287,7 @@ def bench_latency(run: Run) -> Table:
                "goal: p50 ≤ (infer + 2 intervals) ms", "met"])
     fps = int(max(2, min(30, round(0.5 * sustained_fps(run)))))
     dur = run.seconds(15.0, 6.0)
-    with Service(model=run.model, engine=EngineConfig(), realtime=True) as svc:
+    with Service(model=run.model, engine=run.engine_config(), realtime=True) as svc:
         svc.add(run.clip(*HD, fps=fps), stream_id="hd")
         with clients(svc, [("hd", {}, 0.0)], WARMUP_S + dur) as recs:
             start = time.time() + WARMUP_S
