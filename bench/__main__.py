@@ -4,7 +4,7 @@
     python -m bench --quick         # shorter windows, no 60 s overload (~2 min)
     python -m bench --only e2e --only latency
     python -m bench --list
-    python -m bench --engine cuda_graphs=true --engine precision=bf16   # engine settings (GPU)
+    python -m bench --engine cuda_graphs=false --engine precision=bf16   # [engine] settings
 
 Sections from other ``bench`` modules (models, sources, temporal, roi, soak) run when
 the module exists and exposes ``run()`` or ``main()``; otherwise they are reported as

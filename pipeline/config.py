@@ -119,7 +119,7 @@ class EngineConfig(_Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     channels_last: bool = True
     compile: bool = False
-    cuda_graphs: bool = False
+    cuda_graphs: bool = True  # CUDA only (ignored on a CPU): one graph per batch size, captured at warm-up
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None = cores - 1 (>=1)
     encode_workers: int | None = Field(None, ge=1)
 

@@ -51,9 +51,10 @@ def _config_from_args(args: argparse.Namespace) -> AppConfig:
     for key in ("max_batch", "precision"):
         if getattr(args, key, None) is not None:
             engine[key] = getattr(args, key)
-    for key in ("compile", "cuda_graphs"):
-        if getattr(args, key, False):
-            engine[key] = True
+    if getattr(args, "compile", False):
+        engine["compile"] = True
+    if getattr(args, "cuda_graphs", None) is not None:
+        engine["cuda_graphs"] = args.cuda_graphs
     if getattr(args, "model", None):
         data["default_model"] = args.model
     if getattr(args, "weights", None):
@@ -333,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     s.add_argument(
-        "--cuda-graphs", action="store_true", help="replay the model as CUDA graphs, one per batch size (GPU)"
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        help="engine.cuda_graphs: replay the model as one CUDA graph per batch size (GPU; default: on)",
     )
     s.add_argument(
         "--temporal", choices=["off", "smooth", "keyframe"], help="temporal refinement for --source streams"

@@ -187,3 +187,15 @@ def test_cli_reports_a_bad_config_file_in_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "limits.max_clients" in err and err.startswith("segstream serve: error:")
+
+
+@pytest.mark.parametrize(
+    ("file", "flags", "graphs"),
+    [("", [], True), ("[engine]\ncuda_graphs = false\n", [], False),
+     ("[engine]\ncuda_graphs = false\n", ["--cuda-graphs"], True), ("", ["--no-cuda-graphs"], False)],
+)
+def test_cuda_graphs_are_on_unless_the_file_or_a_flag_turns_them_off(
+    tmp_path: Path, file: str, flags: list[str], graphs: bool
+) -> None:
+    p = write(tmp_path, file)
+    assert _config_from_args(serve_args("--config", str(p), *flags)).engine.cuda_graphs is graphs
