@@ -79,6 +79,31 @@ class OneLineStartupFailure:
         await self.app(scope, receive, one_line)
 
 
+class HeadAsGet:
+    """ASGI middleware: ``HEAD`` is answered as ``GET`` would be, with its status and headers
+    (``Content-Length`` included) and no body, as HTTP asks; uptime monitors, load balancers and
+    ``curl -I`` check ``/healthz`` that way. An endless response (an MJPEG stream) has no
+    final headers to give, so its routes keep refusing HEAD (405)."""
+
+    def __init__(self, app: ASGIApp, endless_suffixes: tuple[str, ...] = ("/mjpeg",)) -> None:
+        self.app = app
+        self.endless = endless_suffixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD" or scope["path"].endswith(self.endless):
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 def create_app(config: AppConfig | None = None, *, manager: StreamManager | None = None) -> FastAPI:
     """Build the app. The pipeline starts in the lifespan (so importing this starts nothing)."""
     config = config or AppConfig()
@@ -184,6 +209,7 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
     )
 
     app.add_middleware(BodySizeLimit, limit=config.limits.max_request_bytes)
+    app.add_middleware(HeadAsGet)
     app.add_middleware(OneLineStartupFailure)
 
     app.include_router(api.router)

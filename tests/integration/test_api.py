@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import pytest
@@ -237,3 +238,39 @@ def test_a_refused_token_is_logged_without_the_token(live_server, caplog) -> Non
     lines = [r.getMessage() for r in caplog.records if r.name == "segstream.auth"]
     assert any("refused /api/streams from 127.0.0.1: missing or wrong token" in line for line in lines), lines
     assert not any("guess1" in line for line in lines)
+
+
+def _raw(url: str, request: str) -> bytes:
+    """Everything the server sends back for one raw HTTP/1.1 request (connection closed after)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        s.sendall(request.encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_head_is_answered_like_get_without_a_body(live_server, null_config) -> None:
+    srv = live_server(null_config)
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        assert http.post("/api/streams", json={"source": "demo", "id": "d"}).status_code == 201
+        for path, status in [("/healthz", 200), ("/api/models", 200), ("/api/streams/d", 200), ("/", 200),
+                             ("/static/app.js", 200), ("/metrics", 200), ("/api/streams/nope", 404)]:
+            raw = _raw(srv.url, f"HEAD {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            head, _, rest = raw.partition(b"\r\n\r\n")
+            assert head.startswith(f"HTTP/1.1 {status} ".encode()), (path, head[:80])
+            assert rest == b"", (path, rest[:80])  # headers only
+            got = http.get(path)
+            assert got.status_code == status
+            if path not in ("/metrics", "/api/streams/d"):  # live numbers change between two requests
+                length = re.search(rb"(?im)^content-length: *(\d+)", head)
+                assert length and int(length.group(1)) == len(got.content), path
+        # one keep-alive connection: a HEAD leaves nothing behind for the next request to trip on
+        assert http.head("/api/streams").status_code == 200
+        assert http.get("/api/streams").json()[0]["id"] == "d"
+        # an MJPEG response never ends: there are no final headers to give
+        assert http.head("/api/streams/d/mjpeg").status_code == 405
