@@ -349,7 +349,8 @@ def add_eval_parser(subparsers: Any) -> None:
 def _load_segmenter(args: argparse.Namespace) -> SegmenterLike:
     from models.segmenter import Segmenter
 
-    return Segmenter.from_name(args.model, weights=args.weights, device=args.device)
+    # One frame at a time: on a GPU, CUDA graphs (as the server's default) make that a single launch.
+    return Segmenter.from_name(args.model, weights=args.weights, device=args.device, cuda_graphs=True)
 
 
 def _roi_config(args: argparse.Namespace) -> Any:
