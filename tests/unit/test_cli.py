@@ -288,7 +288,7 @@ def test_serve_builds_a_network_checked_against_its_weights_file_once(monkeypatc
 
     def serve_app(app, _cfg) -> int:
         with TestClient(app) as client:
-            for _ in range(200):
+            for _ in range(1200):  # a GPU warms up every batch size's kernels and graph: seconds
                 if client.get("/readyz").json()["ready"]:
                     ready.append(True)
                     break

@@ -419,8 +419,8 @@ def test_wanted_models_are_built_before_their_first_frame():
         return ThresholdSegmenter(name)
 
     col = Collector()
-    eng = Engine(
-        config=EngineConfig(max_wait_ms=0),
+    eng = Engine(  # on a CPU: a GPU engine builds models on its own thread, which owns the device
+        config=EngineConfig(device="cpu", max_wait_ms=0),
         segmenter_factory=slow_factory,
         on_result=col.on_result,
         preload=["m"],

@@ -110,8 +110,10 @@ def test_a_capture_time_that_is_not_a_finite_number_is_a_bad_picture(header: byt
 
 
 def test_a_deeply_nested_picture_header_is_a_bad_picture_not_a_crash() -> None:
-    header = b"[" * 2000 + b"]" * 2000
-    with pytest.raises(ParamError, match="nested"):
+    header = b"[" * 2000 + b"]" * 2000  # within the 4096-byte header limit
+    # Python 3.11's json gives up on this depth ("nested too deeply"); 3.12's parses it, and the
+    # list is then refused as not an object. Either way: one clear error about the header.
+    with pytest.raises(ParamError, match=r"header .*(nested too deeply|must be a JSON object)"):
         split_picture(framed_with_header(header, encode_jpeg(picture(), 80)))
 
 
