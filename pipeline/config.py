@@ -29,6 +29,7 @@ class SourceOptions(_Strict):
     loop: bool = False
     low_latency: bool = True
     realtime: bool | None = None  # pace files at their frame rate; None = decide by context
+    deinterlace: Literal["auto", "on", "off"] = "auto"  # auto: pictures flagged interlaced
 
 
 class ReconnectConfig(_Strict):

@@ -51,6 +51,7 @@ _OPTION_PARAMS: dict[str, str] = {
     "loop": "loop",
     "low_latency": "low_latency",
     "realtime": "realtime",
+    "deinterlace": "deinterlace",
 }
 _FORMAT_PARAM = "format"  # a demuxer hint for FFmpeg, e.g. ``mpjpeg``
 _FORMAT_RE = re.compile(r"^[a-z0-9_,]{1,32}$")

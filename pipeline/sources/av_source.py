@@ -316,6 +316,66 @@ def describe_av_error(
     return f"{type(exc).__name__}: {strerror}", network
 
 
+class _Deinterlacer:
+    """FFmpeg's ``bwdif`` on interlaced pictures, whose two fields are taken a field apart in
+    time, so that anything moving shows combs (analogue cameras through a DVR or encoder,
+    broadcast 576i/1080i). ``auto`` starts at the first picture flagged interlaced and leaves
+    progressive ones to the fields' filter (``deint=interlaced``); ``on`` deinterlaces every
+    picture, for recorders that encode interlaced video without flagging it; ``off`` never.
+    bwdif finishes a picture when the next one arrives: an interlaced stream is one picture
+    behind (40 ms at 25 fps), a progressive one under ``auto`` is not held at all."""
+
+    def __init__(self, mode: str, time_base: Any) -> None:
+        self.mode = mode
+        self._time_base = time_base
+        self._graph: Any = None
+        self._key: tuple[int, int, str] | None = None
+
+    def push(self, frame: Any) -> list[Any]:
+        """The pictures ready to show after ``frame``: none, one, or (after a size change) two."""
+        if self.mode == "off" or (self._graph is None and self.mode == "auto" and not frame.interlaced_frame):
+            return [frame]
+        key = (frame.width, frame.height, frame.format.name)
+        done = []
+        if key != self._key:  # the first interlaced picture, or a camera that changed its size
+            done = self.flush()
+            self._graph = self._build(frame)
+            self._key = key
+        self._graph.push(frame)
+        return done + self._pull()
+
+    def flush(self) -> list[Any]:
+        """The picture held back, at the end of the stream."""
+        if self._graph is None:
+            return []
+        self._graph.push(None)
+        done = self._pull()
+        self._graph, self._key = None, None
+        return done
+
+    def _build(self, frame: Any) -> Any:
+        graph = av.filter.Graph()
+        src = graph.add_buffer(
+            width=frame.width, height=frame.height, format=frame.format.name,
+            time_base=frame.time_base or self._time_base,
+        )
+        deint = "all" if self.mode == "on" else "interlaced"
+        bwdif = graph.add("bwdif", f"mode=send_frame:parity=auto:deint={deint}")
+        sink = graph.add("buffersink")
+        src.link_to(bwdif)
+        bwdif.link_to(sink)
+        graph.configure()
+        return graph
+
+    def _pull(self) -> list[Any]:
+        out = []
+        while True:
+            try:
+                out.append(self._graph.pull())
+            except (av.error.BlockingIOError, av.error.EOFError):
+                return out
+
+
 class AvSource(Source):
     def __init__(self, spec: SourceSpec) -> None:
         self.spec = spec
@@ -328,6 +388,7 @@ class AvSource(Source):
         self._frame_s: float | None = None
         self._sar: Fraction | None = None  # non-square pixels: stored width x this = shown width
         self._scaler = VideoReformatter()
+        self._deinterlacer: _Deinterlacer | None = None
         self._made_up_pts = False  # the demuxer numbers frames at a guessed rate (MJPEG over HTTP)
 
     def _av_options(self) -> dict[str, str]:
@@ -410,6 +471,7 @@ class AvSource(Source):
         # Frame threading adds a frame of latency per thread: fine for files, not for cameras.
         stream.thread_type = "SLICE" if (network and o.low_latency) else "AUTO"
         self._stream = stream
+        self._deinterlacer = _Deinterlacer(o.deinterlace, stream.time_base)
         cc = stream.codec_context
         self._sar = _sample_aspect_ratio(stream)
         width = int(cc.width or 0)
@@ -446,6 +508,18 @@ class AvSource(Source):
         errors = 0
         packets = frames = 0
         last_pts: float | None = None
+        deint = self._deinterlacer
+        assert deint is not None
+
+        def emit(frame: Any, t0: float) -> RawFrame:
+            nonlocal frames, last_pts
+            image = self._picture(frame)
+            pts = float(frame.time) if frame.time is not None and not self._made_up_pts else None
+            frames += 1
+            if pts is not None and (last_pts is None or pts > last_pts):
+                last_pts = pts
+            return RawFrame(image=image, pts=pts, decode_ms=(time.perf_counter() - t0) * 1000.0)
+
         try:
             for packet in self._container.demux(self._stream):
                 if self._stop.is_set():
@@ -467,30 +541,12 @@ class AvSource(Source):
                 errors = 0
                 if not decoded:
                     yield None  # still alive; lets the worker check its stall deadline
-                for frame in decoded:
-                    # Stretched to square pixels, as players show it (an anamorphic 720x576
-                    # PAL picture is 1047x576 on screen): masks and overlays then fit what
-                    # users see, in every viewer.
-                    width = _shown_width(frame.width, self._sar) if self._sar is not None else None
-                    # One scaler for the whole stream: ``frame.to_ndarray(format=...)`` builds
-                    # (and tears down) a scaler and its threads for every picture, several ms each.
-                    # One thread: each stream has its own already, and a pool per stream would
-                    # keep a thread per core idle for each (1080p converts in ~1.3 ms alone).
-                    # (odd widths: FFmpeg pads the rows; a contiguous array is not copied)
-                    image: np.ndarray = np.ascontiguousarray(
-                        self._scaler.reformat(frame, format="rgb24", width=width, threads=1).to_ndarray()
-                    )
-                    turn = _display_orientation(frame)
-                    if turn != _UPRIGHT:
-                        image = turn.apply(image)
-                    t1 = time.perf_counter()
-                    pts = float(frame.time) if frame.time is not None and not self._made_up_pts else None
-                    frames += 1
-                    if pts is not None and (last_pts is None or pts > last_pts):
-                        last_pts = pts
-                    yield RawFrame(image=image, pts=pts, decode_ms=(t1 - t0) * 1000.0)
+                for frame in (shown for f in decoded for shown in deint.push(f)):
+                    yield emit(frame, t0)
                     t0 = time.perf_counter()
             if not self._stop.is_set():
+                for frame in deint.flush():  # the last picture, held back for its successor
+                    yield emit(frame, time.perf_counter())
                 self._check_complete(packets, frames, last_pts)
         except SourceError:
             raise
@@ -505,6 +561,22 @@ class AvSource(Source):
             if isinstance(e, av.error.TimeoutError | av.error.ExitError | TimeoutError):
                 raise SourceStalled(msg) from None
             raise SourceError(msg, retryable=retry) from None
+
+    def _picture(self, frame: Any) -> np.ndarray:
+        """RGB uint8 H×W×3 of a decoded picture, as players show it."""
+        # Stretched to square pixels, as players show it (an anamorphic 720x576 PAL picture is
+        # 1047x576 on screen): masks and overlays then fit what users see, in every viewer.
+        width = _shown_width(frame.width, self._sar) if self._sar is not None else None
+        # One scaler for the whole stream: ``frame.to_ndarray(format=...)`` builds (and tears
+        # down) a scaler and its threads for every picture, several ms each. One thread: each
+        # stream has its own already, and a pool per stream would keep a thread per core idle
+        # for each (1080p converts in ~1.3 ms alone). (Odd widths: FFmpeg pads the rows; a
+        # contiguous array is not copied.)
+        image: np.ndarray = np.ascontiguousarray(
+            self._scaler.reformat(frame, format="rgb24", width=width, threads=1).to_ndarray()
+        )
+        turn = _display_orientation(frame)
+        return turn.apply(image) if turn != _UPRIGHT else image
 
     def _index_out_of_reach(self, exc: BaseException) -> bool:
         """An MP4 over HTTP whose index follows the pictures: FFmpeg reads the index by

@@ -161,10 +161,13 @@ def gi_available() -> str | None:
 class RtspServer:
     """The GStreamer RTSP server (``rtsp_server.py``) as a child process that can be killed and restarted."""
 
-    def __init__(self, port: int | None = None, path: str = "/test", gop: int = 15) -> None:
+    def __init__(
+        self, port: int | None = None, path: str = "/test", gop: int = 15, *, interlaced: bool = False
+    ) -> None:
         self.port = port or free_port()
         self.path = path
         self.gop = gop
+        self.interlaced = interlaced
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -174,7 +177,8 @@ class RtspServer:
     def start(self, timeout: float = 20.0) -> None:
         assert shutil.which(SYSTEM_PYTHON)
         self.proc = subprocess.Popen(
-            [SYSTEM_PYTHON, str(RTSP_SCRIPT), str(self.port), self.path, str(self.gop)],
+            [SYSTEM_PYTHON, str(RTSP_SCRIPT), str(self.port), self.path, str(self.gop),
+             *(["interlaced"] if self.interlaced else [])],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )

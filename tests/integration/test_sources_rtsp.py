@@ -210,3 +210,33 @@ def test_a_frozen_rtsp_camera_shows_as_stalled_at_the_stall_timeout() -> None:
         finally:
             server.proc.send_signal(signal.SIGCONT)
             assert manager.shutdown()
+
+
+@needs_gst
+def test_an_interlaced_rtsp_camera_is_deinterlaced_live() -> None:
+    """Pictures flagged interlaced go through the deinterlacer (one picture behind) and keep
+    coming at the camera's rate (15 pictures/s: two fields of its 30 fps make one) with their
+    own timestamps."""
+    import av
+
+    with RtspServer(interlaced=True) as server:
+        with av.open(server.url, options={"rtsp_transport": "tcp"}, timeout=5) as probe:
+            assert next(probe.decode(video=0)).interlaced_frame  # the camera's pictures are flagged
+        src = parse_source(server.url).create()
+        src.open()
+        try:
+            t0, got = time.monotonic(), []
+            for f in src.frames():
+                if f is not None:
+                    got.append(f)
+                if len(got) == 30 or time.monotonic() - t0 > 10:
+                    break
+            took = time.monotonic() - t0
+            assert src._deinterlacer is not None and src._deinterlacer._graph is not None  # engaged
+        finally:
+            src.close()
+    assert len(got) == 30, f"{len(got)} pictures in {took:.1f} s"
+    assert took < 3.5  # 30 pictures at 15 per second, not slowed down
+    pts = [f.pts for f in got[1:]]  # (an RTSP stream's first picture has no timestamp yet)
+    assert all(abs((b - a) - 1 / 15) < 0.005 for a, b in zip(pts, pts[1:], strict=False)), pts
+    assert got[0].image.shape == (240, 320, 3)

@@ -1,0 +1,118 @@
+"""Interlaced video (analogue cameras through a DVR, broadcast 576i): pictures come out without
+the combs of two fields taken at different moments, and nothing else changes."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from pipeline.sources import parse_source
+from pipeline.sources.av_source import _Deinterlacer
+from tests.helpers_video import mux_frames
+
+W, H, N = 160, 96, 12
+
+
+def _fields(i: int) -> np.ndarray:
+    """An interlaced camera's picture of a bar moving right: the bottom field was taken half a
+    frame after the top one, so the bar's odd rows sit 6 px further on."""
+    img = np.full((H, W, 3), 30, np.uint8)
+    x = 10 + 8 * i  # stays inside the picture
+    img[0::2, x : x + 24] = 220
+    img[1::2, x + 6 : x + 30] = 220
+    return img
+
+
+def _encode(path: Path, *, interlaced: bool) -> Path:
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "12",
+                          **({"x264-params": "interlaced=1:tff=1"} if interlaced else {})}
+        mux_frames(out, stream, (_fields(i) for i in range(N)))
+    return path
+
+
+def _read(uri: str) -> list:
+    src = parse_source(uri).create()
+    try:
+        src.open()
+        return [f for f in src.frames() if f is not None]
+    finally:
+        src.close()
+
+
+def combing(img: np.ndarray) -> float:
+    """Mean distance of each row from the average of its neighbours (combs: large)."""
+    g = img.astype(np.float32).mean(axis=2)
+    return float(np.abs(g[1:-1] - (g[:-2] + g[2:]) / 2).mean())
+
+
+def _bar_centre(img: np.ndarray) -> float:
+    cols = np.nonzero(img.mean(axis=2) > 125)[1]
+    return float(cols.mean())
+
+
+def test_flagged_interlaced_video_is_deinterlaced_and_keeps_every_frame_and_time(tmp_path: Path) -> None:
+    clip = _encode(tmp_path / "i.mp4", interlaced=True)
+    with av.open(str(clip)) as c:
+        stored = list(c.decode(video=0))
+    assert all(f.interlaced_frame for f in stored)
+    raw = _read(f"{clip}?deinterlace=off")
+    shown = _read(str(clip))  # auto
+    assert [f.pts for f in shown] == [f.pts for f in raw] == [float(f.time) for f in stored]
+    before = [combing(f.image) for f in raw]
+    after = [combing(f.image) for f in shown]
+    assert min(before) > 4 * max(after), (before, after)
+    # the bar is still there, between where its two fields saw it (6 px apart)
+    for r, s in zip(raw, shown, strict=True):
+        assert abs(_bar_centre(s.image) - _bar_centre(r.image)) <= 3.5
+        assert 20 <= (s.image.mean(axis=2) > 125).sum(axis=1).mean() <= 32  # its width, not smeared
+
+
+def test_progressive_video_is_left_exactly_as_it_was(tmp_path: Path) -> None:
+    clip = _encode(tmp_path / "p.mp4", interlaced=False)
+    auto, off = _read(str(clip)), _read(f"{clip}?deinterlace=off")
+    assert len(auto) == len(off) == N
+    for a, b in zip(auto, off, strict=True):
+        assert a.pts == b.pts and np.array_equal(a.image, b.image)
+
+
+def test_on_deinterlaces_video_that_is_not_flagged(tmp_path: Path) -> None:
+    """Recorders that encode an analogue camera's fields as progressive pictures."""
+    clip = _encode(tmp_path / "p.mp4", interlaced=False)
+    off, on = _read(f"{clip}?deinterlace=off"), _read(f"{clip}?deinterlace=on")
+    assert len(on) == N
+    assert min(combing(f.image) for f in off) > 4 * max(combing(f.image) for f in on)
+
+
+def _frame(width: int, height: int, pts: int) -> av.VideoFrame:
+    f = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24").reformat(
+        format="yuv420p"
+    )
+    f.pts, f.time_base = pts, Fraction(1, 25)
+    return f
+
+
+def test_a_camera_changing_its_size_keeps_every_picture_in_order() -> None:
+    d = _Deinterlacer("on", Fraction(1, 25))
+    sizes = [(64, 48)] * 3 + [(96, 64)] * 3
+    out = []
+    for i, (w, h) in enumerate(sizes):
+        out += d.push(_frame(w, h, i))
+    assert len(out) == len(sizes) - 1  # one picture held back for its successor
+    out += d.flush()
+    assert [(f.width, f.height) for f in out] == sizes
+    assert [f.time for f in out] == [i / 25 for i in range(len(sizes))]
+    assert d.flush() == []
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_progressive_pictures_are_not_held_back(mode: str) -> None:
+    d = _Deinterlacer(mode, Fraction(1, 25))
+    f = _frame(64, 48, 0)
+    assert d.push(f) == [f] and d.flush() == []
