@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -79,18 +80,23 @@ class OneLineStartupFailure:
         await self.app(scope, receive, one_line)
 
 
+# Paths whose GET answer never ends (the MJPEG route, /api/streams/{stream_id}/mjpeg).
+ENDLESS_PATHS = re.compile(r"/api/streams/[^/]+/mjpeg")
+
+
 class HeadAsGet:
     """ASGI middleware: ``HEAD`` is answered as ``GET`` would be, with its status and headers
     (``Content-Length`` included) and no body, as HTTP asks; uptime monitors, load balancers and
     ``curl -I`` check ``/healthz`` that way. An endless response (an MJPEG stream) has no
-    final headers to give, so its routes keep refusing HEAD (405)."""
+    final headers to give, so its route keeps refusing HEAD (405); other paths that merely end
+    in ``/mjpeg`` (a stream or model named ``mjpeg``) are answered as GET."""
 
-    def __init__(self, app: ASGIApp, endless_suffixes: tuple[str, ...] = ("/mjpeg",)) -> None:
+    def __init__(self, app: ASGIApp, endless: re.Pattern[str] = ENDLESS_PATHS) -> None:
         self.app = app
-        self.endless = endless_suffixes
+        self.endless = endless
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD" or scope["path"].endswith(self.endless):
+        if scope["type"] != "http" or scope["method"] != "HEAD" or self.endless.fullmatch(scope["path"]):
             await self.app(scope, receive, send)
             return
 

@@ -274,3 +274,14 @@ def test_head_is_answered_like_get_without_a_body(live_server, null_config) -> N
         assert http.get("/api/streams").json()[0]["id"] == "d"
         # an MJPEG response never ends: there are no final headers to give
         assert http.head("/api/streams/d/mjpeg").status_code == 405
+
+
+def test_head_refuses_only_the_mjpeg_route_not_other_paths_ending_in_mjpeg(live_server, null_config) -> None:
+    # "mjpeg" is a valid stream id; its GET /api/streams/mjpeg is a finite answer like any other
+    srv = live_server(null_config)
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        assert http.post("/api/streams", json={"source": "demo", "id": "mjpeg"}).status_code == 201
+        paths = ("/api/streams/mjpeg", "/api/models/mjpeg", "/static/mjpeg", "/api/streams/mjpeg/snapshot")
+        for path in paths:
+            assert http.head(path).status_code == http.get(path).status_code, path
+        assert http.head("/api/streams/mjpeg/mjpeg").status_code == 405
