@@ -6,6 +6,9 @@
     python -m bench --list
     python -m bench --engine cuda_graphs=false --engine precision=bf16   # [engine] settings
 
+``--engine`` settings reach the sections that run the service or the model (not ``decode``,
+``gpu``, which sets its own per variant, or the other modules' sections).
+
 Sections from other ``bench`` modules (models, sources, temporal, roi, soak) run when
 the module exists and exposes ``run()`` or ``main()``; otherwise they are reported as
 skipped; in a run of everything they run in their quick mode. ``soak`` is long and has
@@ -32,6 +35,7 @@ from pydantic import ValidationError
 
 from bench import load, pipeline
 from bench.tables import Table, skipped, write_json
+from models.device import check_device
 from pipeline.config import EngineConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,12 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="selfie", help="the model the pipeline sections use (default: selfie)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where JSON results go")
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE", type=_engine_setting,
-                    help="an [engine] setting every section uses, e.g. cuda_graphs=true (repeatable)")
+                    help="an [engine] setting for the sections that run the service or the model "
+                         "(not decode, gpu or the other modules'), e.g. cuda_graphs=false (repeatable)")
     args = ap.parse_args(argv)
     try:
         engine = EngineConfig(**dict(args.engine))
     except ValidationError as e:
         ap.error(f"--engine: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
+    try:  # an unknown device name, or CUDA on a machine without it, would fail every section
+        check_device(engine.device)
+    except ValueError as e:
+        ap.error(f"--engine: device: {str(e).replace('--device ', 'device=')}")
     if args.list:
         print("\n".join(names))
         return 0
