@@ -18,6 +18,7 @@ import contextlib
 import errno
 import functools
 import ipaddress
+import logging
 import math
 import socket
 import threading
@@ -48,6 +49,8 @@ from pipeline.sources.base import (
 
 if TYPE_CHECKING:
     from pipeline.sources import SourceSpec
+
+log = logging.getLogger("segstream.source")
 
 # Consecutive packets that fail to decode before the stream is declared broken.
 _MAX_DECODE_ERRORS = 50
@@ -339,22 +342,36 @@ class _Deinterlacer:
         done = []
         if key != self._key:  # the first interlaced picture, or a camera that changed its size
             done = self.flush()
-            self._graph = self._build(frame)
             self._key = key
+            try:
+                self._graph = self._build(frame)
+            except (av.error.FFmpegError, ValueError) as e:
+                # bwdif refuses some pictures (planes under 3 columns or 4 lines: a 64x6
+                # 4:2:0 picture): they are shown as they are rather than failing the stream.
+                log.warning(
+                    "cannot deinterlace %dx%d %s pictures (%s): shown as they are",
+                    frame.width, frame.height, frame.format.name, e,
+                )
+        if self._graph is None:  # pictures of this size and format cannot be deinterlaced
+            return done + [frame]
         self._graph.push(frame)
-        return done + self._pull()
+        return done + self._pull(self._graph)
 
     def flush(self) -> list[Any]:
         """The picture held back, at the end of the stream."""
-        if self._graph is None:
+        graph, self._graph, self._key = self._graph, None, None
+        if graph is None:
             return []
-        self._graph.push(None)
-        done = self._pull()
-        self._graph, self._key = None, None
-        return done
+        graph.push(None)
+        return self._pull(graph)
 
     def _build(self, frame: Any) -> Any:
         graph = av.filter.Graph()
+        # One thread, as for the scaler: each stream has a thread of its own already, and
+        # FFmpeg's default is a pool of one thread per core for every graph, so per stream
+        # (hundreds of threads for a few cameras on a large machine), for no gain: bwdif on a
+        # 576i picture takes well under a millisecond on one core.
+        graph.threads = 1
         src = graph.add_buffer(
             width=frame.width, height=frame.height, format=frame.format.name,
             time_base=frame.time_base or self._time_base,
@@ -367,11 +384,12 @@ class _Deinterlacer:
         graph.configure()
         return graph
 
-    def _pull(self) -> list[Any]:
+    @staticmethod
+    def _pull(graph: Any) -> list[Any]:
         out = []
         while True:
             try:
-                out.append(self._graph.pull())
+                out.append(graph.pull())
             except (av.error.BlockingIOError, av.error.EOFError):
                 return out
 

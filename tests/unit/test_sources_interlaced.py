@@ -3,6 +3,7 @@ the combs of two fields taken at different moments, and nothing else changes."""
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -116,3 +117,35 @@ def test_progressive_pictures_are_not_held_back(mode: str) -> None:
     d = _Deinterlacer(mode, Fraction(1, 25))
     f = _frame(64, 48, 0)
     assert d.push(f) == [f] and d.flush() == []
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/task").is_dir() or (os.cpu_count() or 1) < 2, reason="Linux, 2+ cores"
+)
+def test_the_filter_adds_no_thread_pool_per_stream() -> None:
+    """FFmpeg gives a filter graph a thread per core unless told otherwise: per stream, that
+    would be hundreds of idle threads for a few cameras on a large machine."""
+    d = _Deinterlacer("on", Fraction(1, 25))
+    before = _os_threads()
+    out = d.push(_frame(720, 576, 0)) + d.push(_frame(720, 576, 1))
+    assert _os_threads() == before
+    assert len(out + d.flush()) == 2
+
+
+def test_pictures_the_filter_cannot_take_are_shown_as_they_are() -> None:
+    """bwdif refuses planes under 3 columns or 4 lines (a 64x6 4:2:0 picture): such pictures
+    come out untouched instead of failing the stream, and a later size is deinterlaced."""
+    d = _Deinterlacer("on", Fraction(1, 25))
+    sizes = [(64, 6)] * 3 + [(64, 48)] * 3
+    frames = [_frame(w, h, i) for i, (w, h) in enumerate(sizes)]
+    out = []
+    for f in frames:
+        out += d.push(f)
+    assert out[:3] == frames[:3]  # not held back either
+    out += d.flush()
+    assert [(f.width, f.height) for f in out] == sizes
+    assert [f.time for f in out] == [i / 25 for i in range(len(sizes))]
