@@ -8,6 +8,7 @@ after normalisation) with the padding cropped away again on the way out.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -146,12 +147,17 @@ class Segmenter:
         self._frozen: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor] | None] = {}
         on_cuda = self.device.type == "cuda"
         self.cuda_graphs = cuda_graphs and on_cuda
-        # Captured graphs share one memory pool; every replay's output is copied out before the
-        # next replay (see _graphed), so one graph's buffers never hold another's live result.
+        # Captured graphs share one memory pool and one capture stream; every replay's output is
+        # copied out before the next replay (see _graphed), so one graph's buffers never hold
+        # another's live result.
         self._graphs: dict[tuple[int, ...], _Graph | None] = {}
         self._graph_pool: Any = None  # torch.cuda.graph_pool_handle(), made at the first capture
+        self._capture_stream: Any = None
+        self._failed_graph: Any = None  # a capture that broke; see _capture
+        self._warm_batch = 0  # the largest batch captured at warm-up; larger batches replay in parts
         if on_cuda:
-            # Inputs have one size per model: let cuDNN pick its fastest kernels for it once.
+            # Inputs have one image size per model: cuDNN picks its fastest kernels once per
+            # batch size, at warm-up (every size the engine forms is warmed on a GPU).
             torch.backends.cudnn.benchmark = True
         module = module.eval().to(self.device)
         if channels_last:
@@ -233,14 +239,25 @@ class Segmenter:
             x = self._to_device([images[i] for i in idx])
             top, left, bh, bw = input_box(self.spec, (h, w))
             x = _scaled(x, (bh, bw), self._scale, self._shift)
-            index = torch.tensor(idx, device=self.device)
-            if (bh, bw) == (th, tw):
-                out.index_copy_(0, index, x)
-            else:
+            if len(idx) == len(images):  # one image size (the usual case): rows in order
+                if (bh, bw) != (th, tw):
+                    out.zero_()  # the letterbox padding: the mean colour, zero after normalising
+                out[:, :, top : top + bh, left : left + bw] = x
+                continue
+            canvas = x
+            if (bh, bw) != (th, tw):
                 canvas = torch.zeros((len(idx), 3, th, tw), dtype=torch.float32, device=self.device)
                 canvas[:, :, top : top + bh, left : left + bw] = x
-                out.index_copy_(0, index, canvas)
+            out.index_copy_(0, self._rows(idx), canvas)
         return out
+
+    def _rows(self, idx: list[int]) -> torch.Tensor:
+        """Row indices on the device. On CUDA from pinned memory without blocking: a plain
+        ``torch.tensor(idx, device=...)`` waits for all the work queued before it."""
+        rows = torch.tensor(idx)
+        if self.device.type == "cuda":
+            return rows.pin_memory().to(self.device, non_blocking=True)
+        return rows.to(self.device)
 
     def from_prepared(self, inputs: Sequence[np.ndarray]) -> torch.Tensor:
         """The network's input (N x 3 x th x tw, channels-last memory) from :func:`prepare_input`
@@ -288,47 +305,82 @@ class Segmenter:
 
     def _graphed(self, x: torch.Tensor) -> torch.Tensor | None:
         """The forward pass replayed from the CUDA graph for ``x``'s shape (captured on first
-        use), or None where there is none (too many shapes, or capture failed: eager then)."""
+        use), or None where there is none (too many shapes, or capture failed: eager then).
+
+        A batch larger than every size captured at warm-up (ROI crops add rows to a batch)
+        replays in parts of the largest warmed size, so no capture, and no stall of every
+        stream behind it, happens while frames are live."""
+        n, step = x.shape[0], self._warm_batch
+        if step and n > step and tuple(x.shape) not in self._graphs:
+            parts = [self._graphed(x[i : i + step]) for i in range(0, n, step)]
+            return None if any(p is None for p in parts) else torch.cat(parts)  # type: ignore[arg-type]
         key = tuple(x.shape)
         if key not in self._graphs:
+            if not self.cuda_graphs:  # a capture broke: no more attempts
+                return None
             self._graphs[key] = self._capture(x) if len(self._graphs) < _MAX_CUDA_GRAPHS else None
         entry = self._graphs[key]
         if entry is None:
             return None
         static_in, graph, static_out = entry
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.cuda.device(self.device):
             static_in.copy_(x)
             graph.replay()
             return static_out.clone()  # the next replay overwrites static_out
 
-    def _capture(
-        self, x: torch.Tensor
-    ) -> _Graph | None:
+    def _capture(self, x: torch.Tensor) -> _Graph | None:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        try:
-            with torch.inference_mode():
-                static_in = torch.empty_like(x, memory_format=fmt)
-                static_in.copy_(x)
-                # Warm-up runs on a side stream (cuDNN picks its kernels, lazy state is built),
-                # as capturing requires; then one capture of the whole forward pass.
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        self._forward(static_in, self.module)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                if self._graph_pool is None:
-                    self._graph_pool = torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: other threads (postprocessing the previous batch) keep working.
-                with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-                    static_out = self._forward(static_in, self.module)
-        except Exception as e:  # noqa: BLE001 - any failure leaves this shape eager, which always works
-            log.warning("%s: running eagerly, could not capture a CUDA graph for %s: %s",
-                        self.spec.name, tuple(x.shape), e)
-            return None
+        # On this segmenter's GPU (cuda:1 included): graphs capture the current device's streams.
+        with torch.cuda.device(self.device):
+            try:
+                with torch.inference_mode():
+                    static_in = torch.empty_like(x, memory_format=fmt)
+                    static_in.copy_(x)
+                    # Warm-up runs on a side stream (cuDNN picks its kernels, lazy state is
+                    # built), as capturing requires; then one capture of the whole forward pass.
+                    side = torch.cuda.Stream(self.device)
+                    side.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(side):
+                        for _ in range(3):
+                            self._forward(static_in, self.module)
+                    torch.cuda.current_stream(self.device).wait_stream(side)
+                    torch.cuda.synchronize(self.device)
+            except Exception as e:  # noqa: BLE001 - the model fails eagerly too: let infer say so
+                log.warning("%s: no CUDA graph for %s: %s", self.spec.name, tuple(x.shape), e)
+                return None
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+                self._capture_stream = torch.cuda.Stream(self.device)
+            graph = torch.cuda.CUDAGraph()
+            # The stream context is left even when ending the capture fails, which
+            # torch.cuda.graph() does not do. thread_local: only this thread's calls that a
+            # capture forbids (a synchronisation inside the model) break it.
+            with torch.inference_mode(), torch.cuda.stream(self._capture_stream):
+                graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
+                try:
+                    try:
+                        static_out = self._forward(static_in, self.module)
+                    finally:
+                        graph.capture_end()
+                except Exception as e:  # noqa: BLE001 - eager always works
+                    self._abandon(graph, e, tuple(x.shape))
+                    return None
         log.debug("%s: CUDA graph for input %s", self.spec.name, tuple(x.shape))
         return static_in, graph, static_out
+
+    def _abandon(self, graph: Any, error: Exception, shape: tuple[int, ...]) -> None:
+        """After a capture that broke: hand the caching allocator's capture pool back if ending
+        the capture could not, keep the graph object alive (the allocator may still refer to
+        it), and run eagerly from now on; later shapes would break the same way."""
+        end_pool = getattr(torch._C, "_cuda_endAllocateToPool", None)
+        if end_pool is not None:
+            with contextlib.suppress(Exception):  # already handed back when capture_end got that far
+                end_pool(self.device.index if self.device.index is not None else torch.cuda.current_device(),
+                         self._graph_pool)
+        self._failed_graph = graph
+        self.cuda_graphs = False
+        log.warning("%s: running eagerly, could not capture a CUDA graph for %s: %s",
+                    self.spec.name, shape, error)
 
     def _runner(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """The frozen graph for ``x``'s shape (traced on first use), or the eager module."""
@@ -418,8 +470,16 @@ class Segmenter:
         return self.postprocess(self.infer(self.preprocess(images)), [im.shape[:2] for im in images])
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run each batch size once, so that live frames never pay for what a first call does:
+        tracing and fusing (CPU), cuDNN's kernel choice and CUDA-graph capture (GPU). Random
+        input, not zeros: kernels chosen on zeros can be the wrong ones for real data."""
         th, tw = self.spec.input_size
-        for n in batch_sizes:
-            self.infer(torch.zeros((n, 3, th, tw), device=self.device))
+        sizes = sorted(set(batch_sizes))
+        for n in sizes:
+            self.infer(torch.rand((n, 3, th, tw), device=self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            # Every batch size up to this one replays from a graph: larger batches replay in parts.
+            captured = {k[0] for k in self.cuda_graph_shapes}
+            whole = [n for n in sizes if all(m in captured for m in range(1, n + 1))]
+            self._warm_batch = max(whole, default=0)

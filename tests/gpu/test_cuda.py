@@ -83,21 +83,51 @@ def test_cuda_graphs_replay_the_eager_result_for_each_new_input(selfie, batch: i
     assert (out_a - out_b).abs().max() > 0.05  # different inputs, different outputs: nothing stale
 
 
-def test_warmup_captures_a_graph_per_batch_size_and_other_sizes_still_run(selfie) -> None:
+def test_warmup_captures_a_graph_per_batch_size_and_larger_batches_replay_in_parts(selfie) -> None:
     seg = _segmenter(selfie, device="cuda", cuda_graphs=True)
     seg.warmup(range(1, 5))
     th, tw = seg.spec.input_size
-    assert seg.cuda_graph_shapes == [(n, 3, th, tw) for n in range(1, 5)]
+    warmed = [(n, 3, th, tw) for n in range(1, 5)]
+    assert seg.cuda_graph_shapes == warmed
     images = _photos(6, 4)
-    out = seg(images)  # batch 6 was never captured at warm-up: captured now, same results
+    out = seg(images)  # batch 6 (ROI crops make such batches): replayed as 4 + 2, nothing captured
+    assert seg.cuda_graph_shapes == warmed
     _agree(out, _segmenter(selfie, device="cuda")(images), labels=0.999, mean_prob=1e-3)
+
+
+class _Syncing(torch.nn.Module):
+    """A network that reads a value back to the host in its forward pass: allowed eagerly,
+    forbidden while a CUDA graph is being captured."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        return y * (1.0 if float(y.mean()) > -1e9 else 0.0)
+
+
+def test_a_model_that_cannot_be_captured_runs_eagerly_and_keeps_working(selfie) -> None:
+    module, spec = selfie
+    seg = Segmenter(_Syncing(copy.deepcopy(module)), spec, device="cuda", cuda_graphs=True)
+    eager = _segmenter(selfie, device="cuda")
+    for n in (1, 3):  # a second shape after the failed capture: still eager, still right
+        images = _photos(n, 30 + n)
+        _agree(seg(images), eager(images), labels=0.999, mean_prob=1e-3)
+    assert seg.cuda_graphs is False and seg.cuda_graph_shapes == []
+    torch.cuda.empty_cache()  # the allocator was left in a usable state
+    again = _segmenter(selfie, device="cuda", cuda_graphs=True)  # and other models still capture
+    again(_photos(2, 40))
+    assert len(again.cuda_graph_shapes) == 1
 
 
 def test_pinned_staging_never_overwrites_a_frame_in_flight(selfie) -> None:
     """Back-to-back batches reuse the caching host allocator's pinned buffers while earlier
     copies may still be running: each batch must still arrive as it was."""
     seg = _segmenter(selfie, device="cuda")
-    batches = [_photos(4, 10 + i) for i in range(24)]
+    batches = [_photos(4, 10 + i) for i in range(24)] + [[img] for img in _photos(8, 50)]
+    torch.cuda._sleep(200_000_000)  # the GPU busy for a while: the copies below queue behind it
     fast = [seg.preprocess(b) for b in batches]  # no synchronisation between batches
     for b, got in zip(batches, fast, strict=True):
         torch.cuda.synchronize()
@@ -118,8 +148,11 @@ def test_compiled_model_with_cuda_graphs_gives_the_fp32_result(selfie) -> None:
     ref = _segmenter(selfie, device="cuda", precision="fp32")
     compiled = _segmenter(selfie, device="cuda", precision="fp16", channels_last=True, compile=True,
                           cuda_graphs=True)
+    from torch._dynamo.utils import counters
+
     inputs = [compiled.preprocess(_photos(2, 20 + i)) for i in range(3)]
     outs = [compiled.infer(x) for x in inputs]  # later calls must not overwrite earlier outputs
+    assert not counters["inductor"].get("cudagraph_skips")  # the graphs were really used
     for x, out in zip(inputs, outs, strict=True):
         fg, want = out[:, 1].cpu().numpy(), ref.infer(x)[:, 1].cpu().numpy()
         _agree([(fg > 0.5, fg)], [(want > 0.5, want)], labels=0.99, mean_prob=1e-2)
