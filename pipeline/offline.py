@@ -6,6 +6,7 @@ nothing is dropped, and writes an overlaid video and/or one label PNG per frame.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import queue
@@ -26,6 +27,8 @@ from pipeline.render import overlay
 from pipeline.slot import DropPolicy
 from pipeline.sources import SourceError, parse_source
 from pipeline.types import SegmentationResult, StreamState
+
+log = logging.getLogger(__name__)
 
 _DEFAULT_FPS = 25.0  # video rate for a source whose rate is not known ahead
 
@@ -54,7 +57,11 @@ class _VideoWriter:
 
     Frames keep their source timestamps (relative to the first), so a variable-frame-rate
     input (a phone video, a screen recording) plays at its own pace rather than at its
-    average rate; frames without a usable timestamp follow the previous one by 1/fps."""
+    average rate; frames without a usable timestamp follow the previous one by 1/fps.
+
+    The video has the first picture's size. A source that changes its size midway (a camera
+    switching streams, a broadcast going from 576i to 720p) has its later pictures scaled to
+    fit inside it, keeping their shape, on black."""
 
     _TIME_BASE = Fraction(1, 90000)
 
@@ -65,6 +72,8 @@ class _VideoWriter:
         self._stream: av.video.stream.VideoStream | None = None
         self._first_pts: float | None = None
         self._last_tick = -1
+        self._size: tuple[int, int] | None = None  # (height, width) of the first picture
+        self._resized_from: set[tuple[int, int]] = set()
 
     def _tick(self, pts: float | None) -> int:
         step = max(1, round(1.0 / (self.fps * self._TIME_BASE)))
@@ -78,7 +87,27 @@ class _VideoWriter:
         self._last_tick = tick
         return tick
 
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        """A picture of another size than the first, scaled inside the first's size on black."""
+        assert self._size is not None
+        (h0, w0), (h, w) = self._size, image.shape[:2]
+        if (h, w) not in self._resized_from:
+            self._resized_from.add((h, w))
+            log.info("%s: the source's pictures changed from %dx%d to %dx%d: scaled to fit the video",
+                     self.path, w0, h0, w, h)
+        scale = min(h0 / h, w0 / w)
+        sh, sw = max(1, min(h0, round(h * scale))), max(1, min(w0, round(w * scale)))
+        shrink = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        canvas = np.zeros((h0, w0, 3), np.uint8)
+        top, left = (h0 - sh) // 2, (w0 - sw) // 2
+        canvas[top : top + sh, left : left + sw] = cv2.resize(image, (sw, sh), interpolation=shrink)
+        return canvas
+
     def write(self, image: np.ndarray, pts: float | None = None) -> None:
+        if self._size is None:
+            self._size = (int(image.shape[0]), int(image.shape[1]))
+        elif image.shape[:2] != self._size:
+            image = self._fit(image)
         h, w = image.shape[:2]
         if self._container is None:
             self._container = av.open(str(self.path), mode="w")

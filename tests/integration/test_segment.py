@@ -3,6 +3,8 @@
 import av
 import cv2
 import numpy as np
+import pytest
+from PIL import Image
 
 from server.cli import main
 from tests.helpers_video import make_test_video, mux_frames
@@ -110,3 +112,30 @@ def test_segment_with_unreadable_weights_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "w.safetensors" in err and err.count("\n") == 1, err
     assert not masks.exists() and not out.parent.exists()  # refused before any directory is made
+
+
+@pytest.mark.parametrize(
+    ("sizes", "bars"),
+    [(((160, 120), (96, 80)), "sides"),  # 96x80 scaled by 1.5 is 144x120: 8 columns each side
+     (((96, 80), (160, 120)), "top")],  # 160x120 scaled by 0.6 is 96x72: 4 rows top and bottom
+)
+def test_segment_of_a_source_that_changes_its_size_midway_fits_the_later_pictures(tmp_path, sizes, bars):
+    """A transport stream whose pictures change size midway (a camera switching streams): the
+    video keeps the first size, the later pictures are scaled into it on black."""
+    from pipeline.config import build_config
+    from pipeline.offline import segment_file
+
+    parts = [make_test_video(tmp_path / f"{w}.ts", frames=10, width=w, height=h, fps=10) for w, h in sizes]
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    out, masks = tmp_path / "out.mp4", tmp_path / "masks"
+    report = segment_file(build_config({}), str(joined), output=out, masks_dir=masks, model="null")
+    assert report.frames == 20
+    with av.open(str(out)) as c:
+        pictures = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    (w0, h0) = sizes[0]
+    assert len(pictures) == 20 and {p.shape for p in pictures} == {(h0, w0, 3)}
+    last = pictures[-1].astype(int)
+    edges = (last[:, :6], last[:, -6:]) if bars == "sides" else (last[:3], last[-3:])
+    assert max(e.mean() for e in edges) < 12 and last[h0 // 4 : -h0 // 4, w0 // 4 : -w0 // 4].mean() > 40
+    assert {Image.open(p).size for p in masks.glob("*.png")} == set(sizes)  # masks: the source's size
