@@ -96,8 +96,11 @@ class HeadAsGet:
         self.endless = endless
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD" or self.endless.fullmatch(scope["path"]):
+        if scope["type"] != "http" or self.endless.fullmatch(scope["path"]):
             await self.app(scope, receive, send)
+            return
+        if scope["method"] != "HEAD":
+            await self.app(scope, receive, self._allow_head(send))
             return
 
         async def headers_only(message: Message) -> None:
@@ -108,6 +111,25 @@ class HeadAsGet:
             await send(message)
 
         await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+    @staticmethod
+    def _allow_head(send: Send) -> Send:
+        """A 405's ``Allow`` lists HEAD beside GET, since HEAD is answered wherever GET is."""
+
+        async def allow(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 405:
+                headers = []
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"allow":
+                        methods = [m.strip() for m in value.decode("latin-1").split(",") if m.strip()]
+                        if "GET" in methods and "HEAD" not in methods:
+                            methods.insert(methods.index("GET") + 1, "HEAD")
+                        value = ", ".join(methods).encode("latin-1")
+                    headers.append((name, value))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return allow
 
 
 def create_app(config: AppConfig | None = None, *, manager: StreamManager | None = None) -> FastAPI:
@@ -136,7 +158,10 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
             await anyio.to_thread.run_sync(lambda: mgr.shutdown(bound))
             raise
         app.state.started = True
-        log.info("segstream ready on %s:%s", config.server.host, config.server.port)
+        if config.server.port:
+            log.info("segstream ready on %s:%s", config.server.host, config.server.port)
+        else:  # port 0: the system picks one when uvicorn binds, after this (uvicorn logs it)
+            log.info("segstream ready on %s, on the port the system picks", config.server.host)
         try:
             yield
         finally:

@@ -285,3 +285,15 @@ def test_head_refuses_only_the_mjpeg_route_not_other_paths_ending_in_mjpeg(live_
         for path in paths:
             assert http.head(path).status_code == http.get(path).status_code, path
         assert http.head("/api/streams/mjpeg/mjpeg").status_code == 405
+
+
+def test_a_405_names_head_beside_get(live_server, null_config) -> None:
+    srv = live_server(null_config)
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        assert http.post("/api/streams", json={"source": "demo", "id": "d"}).status_code == 201
+        r = http.put("/healthz")
+        assert r.status_code == 405 and [m.strip() for m in r.headers["allow"].split(",")] == ["GET", "HEAD"]
+        r = http.put("/api/streams/d")
+        assert r.status_code == 405 and {"GET", "HEAD"} <= {m.strip() for m in r.headers["allow"].split(",")}
+        r = http.post("/api/streams/d/mjpeg")  # no HEAD on the endless MJPEG route
+        assert r.status_code == 405 and "HEAD" not in r.headers["allow"]
