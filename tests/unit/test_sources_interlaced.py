@@ -149,3 +149,48 @@ def test_pictures_the_filter_cannot_take_are_shown_as_they_are() -> None:
     out += d.flush()
     assert [(f.width, f.height) for f in out] == sizes
     assert [f.time for f in out] == [i / 25 for i in range(len(sizes))]
+
+
+class _WovenCamera:
+    """OpenCV's capture of an analogue camera through a USB grabber: woven fields, not flagged."""
+
+    def __init__(self, *args) -> None:
+        self.i = 0
+
+    def isOpened(self) -> bool:
+        return True
+
+    def set(self, *args) -> bool:
+        return True
+
+    def get(self, prop: int) -> float:
+        return {3: W, 4: H, 5: 25.0}.get(prop, 0.0)  # CAP_PROP_FRAME_WIDTH, _HEIGHT, _FPS
+
+    def read(self):
+        self.i += 1
+        return True, _fields(self.i % 10)[..., ::-1].copy()  # BGR
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_a_webcam_is_deinterlaced_only_when_asked(monkeypatch, tmp_path: Path, mode: str) -> None:
+    import pipeline.sources.webcam as webcam
+
+    monkeypatch.setattr(webcam.cv2, "VideoCapture", _WovenCamera)
+    src = parse_source(f"webcam:0?deinterlace={mode}").create()
+    src._path = tmp_path / "video0"  # the device node the source checks for
+    src._path.touch()
+    src.open()
+    try:
+        it = src.frames()
+        got = [next(it) for _ in range(8)]
+    finally:
+        src.close()
+    assert all(f.image.shape == (H, W, 3) and f.image.dtype == np.uint8 for f in got)
+    combs = [combing(f.image) for f in got]
+    if mode == "on":
+        assert max(combs) < min(combing(_fields(i)) for i in range(10)) / 4, combs
+    else:  # nothing flags a webcam's pictures: shown as they come
+        assert [f.image.tolist() for f in got] == [_fields(i % 10).tolist() for i in range(1, 9)]
