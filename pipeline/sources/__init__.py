@@ -65,6 +65,44 @@ _SECRET_PARAM = re.compile(
     r"[\w.-]*|key)=)[^&;#\s\"'\\]*"
 )
 _USERINFO = re.compile(r"(://[^/@:\s\"'\\]*:)[^/@\s\"'\\]*@")
+# A password typed as is, holding characters that end a URL's host part (``/``, ``?``, ``#``;
+# ``@`` too): ``rtsp://admin:p#ss/1@cam/live``. Parsers then take ``admin`` for the host and
+# ``p`` for its port, and the password for a path, query or fragment. It runs to the last
+# ``@`` that is followed by a host name (and port) and the end of that host part.
+_RAW_USERINFO = re.compile(
+    r"(?P<head>://[^/?#@:\s\"'\\]*:)(?P<password>[^\s\"'\\]*)@"
+    r"(?=(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::\d*)?(?:[/?#\s\"'\\]|$))"
+)
+_AUTHORITY_END = re.compile(r"[/?#]")
+
+
+def _raw_password(match: re.Match[str]) -> bool:
+    """Whether ``_RAW_USERINFO`` matched a password, not ``host:port/path...@...`` (a port
+    followed by a path with an ``@`` in it)."""
+    password = match.group("password")
+    end = _AUTHORITY_END.search(password)
+    if end is None:
+        return "@" in password  # ``user:p@ss@host``: urlsplit reads it right, a plain regex does not
+    return not (password[: end.start()].isdigit() and password[end.start()] == "/")
+
+
+def _redact_userinfo(text: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        return m.group("head") + "***@" if _raw_password(m) else m.group(0)
+
+    return _USERINFO.sub(r"\1***@", _RAW_USERINFO.sub(sub, text))
+
+
+def escape_raw_password(uri: str) -> str:
+    """``uri`` with a password typed as is (holding ``/``, ``?``, ``#`` or ``@``) percent-encoded,
+    which is how FFmpeg reads it; other URIs are returned unchanged."""
+    m = _RAW_USERINFO.match(uri, uri.find("://")) if "://" in uri else None
+    if m is None or not _raw_password(m) or not _AUTHORITY_END.search(m.group("password")):
+        return uri
+    password = m.group("password")
+    for ch in "/?#@":
+        password = password.replace(ch, f"%{ord(ch):02X}")
+    return uri[: m.start("password")] + password + uri[m.end("password") :]
 
 
 def redact_secrets(text: str) -> str:
@@ -72,12 +110,13 @@ def redact_secrets(text: str) -> str:
     replaced by ``***``."""
     if "=" not in text and "@" not in text:
         return text
-    return _USERINFO.sub(r"\1***@", _SECRET_PARAM.sub(r"\1***", text))
+    return _redact_userinfo(_SECRET_PARAM.sub(r"\1***", text))
 
 
 def redact(uri: str) -> str:
     """The URI with any password replaced by ``***`` (for logs, status and errors): in its
     user information and in query parameters named like one (``pwd``, ``token``, ...)."""
+    uri = escape_raw_password(uri)
     try:
         parts = urlsplit(uri)
     except ValueError:
@@ -260,7 +299,9 @@ def parse_source(
         params, _, _ = _split_options(query, strict=True)
         return SourceSpec(uri, "webcam", _merge_options(base, params), display, target=rest)
     if scheme in _NETWORK_SCHEMES:
-        parts = urlsplit(uri)
+        # A password typed with ``#``, ``?`` or ``/`` in it would otherwise be read as part of
+        # the path (and shown, unredacted) and its first letters as a port.
+        parts = urlsplit(escape_raw_password(uri))
         if not parts.hostname:
             raise ValueError(f"source {display!r} has no host")
         params, fmt, rest_q = _split_options(parts.query, strict=False)

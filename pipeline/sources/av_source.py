@@ -254,6 +254,21 @@ def _unresolvable_host(url: str) -> str | None:
     return None
 
 
+def _unauthorized(url: str) -> str:
+    """What a 401 answer means for ``url``: credentials missing, or wrong (never showing them)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:
+        user = password = None
+    if not user and not password:
+        return (
+            "authentication required (401 Unauthorized): the source asks for a user name and "
+            "password; give them in the URL (scheme://user:password@host/...)"
+        )
+    return "authentication failed (401 Unauthorized): wrong user name or password?"
+
+
 def describe_av_error(
     exc: BaseException,
     *,
@@ -432,7 +447,19 @@ class AvSource(Source):
             opts["flags"] = "low_delay"
             if self.spec.format is None:
                 # Probing 5 s of a live stream before the first frame is pointless latency.
-                opts["analyzeduration"] = "0"
+                # ``analyzeduration=0`` is FFmpeg's "default" (5 s), not "none": the probe then
+                # reads 20 pictures to measure the frame rate (and 7 more for H.264's decoder
+                # delay), which is 5 s on a 1-5 fps camera, and hands them over in one burst.
+                # For RTSP, whose streams are all known from the SDP before the probe, one
+                # microsecond ends it once a stream has its parameters and two pictures, and
+                # ``fpsprobesize=0`` stops it waiting for pictures to measure the frame rate
+                # (the stream states it, or timestamps give it). RTMP (FLV) creates its
+                # streams as their first packets come: a probe cut that short could end
+                # before the video stream exists.
+                rtsp = scheme in ("rtsp", "rtsps")
+                opts["analyzeduration"] = "1" if rtsp else "0"
+                if rtsp:
+                    opts["fpsprobesize"] = "0"
                 opts["probesize"] = "32768"
         return opts
 
@@ -473,7 +500,20 @@ class AvSource(Source):
                 open_timeout_s=o.open_timeout_s if network else None,
                 waited_s=time.monotonic() - started,
             )
-            if network and (unresolved := _unresolvable_host(self.spec.target)) is not None:
+            if isinstance(e, av.error.HTTPUnauthorizedError):
+                msg = _unauthorized(self.spec.target)
+            elif (
+                isinstance(e, OSError)
+                and e.errno == errno.EPROTONOSUPPORT
+                and self.spec.target.lower().startswith(("rtsp:", "rtsps:"))
+            ):
+                # The camera's "461 Unsupported Transport": it streams over the other one.
+                other = "udp" if o.rtsp_transport == "tcp" else "tcp"
+                msg = (
+                    f"the camera does not stream over {o.rtsp_transport.upper()} (unsupported "
+                    f"transport): try ?rtsp_transport={other}"
+                )
+            elif network and (unresolved := _unresolvable_host(self.spec.target)) is not None:
                 # FFmpeg reports a failed name lookup as a generic I/O error.
                 msg = f"cannot resolve host {unresolved!r}: check the address (or the DNS)"
             raise SourceError(f"cannot open: {msg}", retryable=retry) from None

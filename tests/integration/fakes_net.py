@@ -159,16 +159,37 @@ def gi_available() -> str | None:
 
 
 class RtspServer:
-    """The GStreamer RTSP server (``rtsp_server.py``) as a child process that can be killed and restarted."""
+    """The GStreamer RTSP server (``rtsp_server.py``) as a child process that can be killed and
+    restarted. ``options`` become the script's ``--name=value`` options (underscores as dashes;
+    True gives a bare flag, None or False leaves it out): ``codec="h265"``, ``width=640``,
+    ``fps=5``, ``audio="aac"``, ``audio_first=True``, ``auth="digest"``, ``user=``/``password=``,
+    ``protocols="udp"``... Change them between ``kill`` and ``start`` for a camera that comes
+    back different."""
 
     def __init__(
-        self, port: int | None = None, path: str = "/test", gop: int = 15, *, interlaced: bool = False
+        self,
+        port: int | None = None,
+        path: str = "/test",
+        gop: int = 15,
+        *,
+        interlaced: bool = False,
+        **options: str | int | bool | None,
     ) -> None:
         self.port = port or free_port()
         self.path = path
         self.gop = gop
         self.interlaced = interlaced
+        self.options = options
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _option_args(self) -> list[str]:
+        args = []
+        for name, value in self.options.items():
+            if value is None or value is False:
+                continue
+            flag = "--" + name.replace("_", "-")
+            args.append(flag if value is True else f"{flag}={value}")
+        return args
 
     @property
     def url(self) -> str:
@@ -178,7 +199,7 @@ class RtspServer:
         assert shutil.which(SYSTEM_PYTHON)
         self.proc = subprocess.Popen(
             [SYSTEM_PYTHON, str(RTSP_SCRIPT), str(self.port), self.path, str(self.gop),
-             *(["interlaced"] if self.interlaced else [])],
+             *(["interlaced"] if self.interlaced else []), *self._option_args()],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
