@@ -38,6 +38,10 @@ class ReconnectConfig(_Strict):
     jitter: float = Field(0.2, ge=0, le=1)
     stall_timeout_s: float = Field(5.0, gt=0)  # no frame for this long = stalled, decoder restarted
     max_attempts: int | None = Field(None, ge=1)  # None: retry for ever
+    # A source that refuses the credentials is retried after this, doubling up to
+    # auth_max_backoff_s: many cameras lock the account after a few failed logins.
+    auth_backoff_s: float = Field(60.0, gt=0)
+    auth_max_backoff_s: float = Field(900.0, gt=0)
 
 
 class TemporalConfig(_Strict):

@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.config import ReconnectConfig
 from pipeline.slot import FrameSlot
 from pipeline.sources import SourceSpec
-from pipeline.sources.base import RawFrame, Source, SourceError, SourceStalled
+from pipeline.sources.base import RawFrame, Source, SourceAuthError, SourceError, SourceStalled
 from pipeline.stats import events_per_second
 from pipeline.types import Frame, StreamState, now
 
@@ -57,9 +57,21 @@ def backoff_delay(attempt: int, cfg: ReconnectConfig, rng: random.Random | None 
     so many cameras behind one switch do not all retry in the same instant."""
     if attempt < 1:
         raise ValueError(f"attempt must be >= 1, got {attempt}")
-    base = min(cfg.max_backoff_s, cfg.initial_backoff_s * 2 ** min(attempt - 1, 30))
-    r = (rng or random).uniform(-cfg.jitter, cfg.jitter)
-    return max(0.0, min(cfg.max_backoff_s, base * (1.0 + r)))
+    return _capped(cfg.initial_backoff_s, cfg.max_backoff_s, attempt, cfg.jitter, rng)
+
+
+def auth_backoff_delay(attempt: int, cfg: ReconnectConfig, rng: random.Random | None = None) -> float:
+    """Seconds to wait after the ``attempt``-th refused login in a row (1-based): slow from the
+    start and doubling, so that a wrong password does not get the camera's account locked."""
+    if attempt < 1:
+        raise ValueError(f"attempt must be >= 1, got {attempt}")
+    return _capped(cfg.auth_backoff_s, cfg.auth_max_backoff_s, attempt, cfg.jitter, rng)
+
+
+def _capped(first: float, cap: float, attempt: int, jitter: float, rng: random.Random | None) -> float:
+    base = min(cap, first * 2 ** min(attempt - 1, 30))
+    r = (rng or random).uniform(-jitter, jitter)
+    return max(0.0, min(cap, base * (1.0 + r)))
 
 
 class _Stop(Exception):
@@ -278,6 +290,7 @@ class StreamWorker:
 
     def _loop(self) -> None:
         attempt = 0
+        refused = 0  # refused logins in a row
         discontinuity = True
         while not self._stop.is_set():
             delivered = 0
@@ -346,7 +359,12 @@ class StreamWorker:
                 log.error("stream %s: %s", self.stream_id, msg)
                 self._set_state(StreamState.FAILED, msg)
                 return
-            delay = backoff_delay(attempt, self.reconnect, self._rng)
+            if isinstance(error, SourceAuthError):
+                refused += 1
+                delay = auth_backoff_delay(refused, self.reconnect, self._rng)
+            else:
+                refused = 0
+                delay = backoff_delay(attempt, self.reconnect, self._rng)
             # One line per attempt; the backoff grows, so a dead camera never floods the log.
             # The error is part of the log's rate-limit key: a camera whose trouble changes
             # (refused, then 401) is reported at once, a repeated one is held back.

@@ -40,6 +40,7 @@ from av.video.reformatter import VideoReformatter
 from pipeline.sources.base import (
     RawFrame,
     Source,
+    SourceAuthError,
     SourceError,
     SourceInfo,
     SourceStalled,
@@ -516,6 +517,8 @@ class AvSource(Source):
             elif network and (unresolved := _unresolvable_host(self.spec.target)) is not None:
                 # FFmpeg reports a failed name lookup as a generic I/O error.
                 msg = f"cannot resolve host {unresolved!r}: check the address (or the DNS)"
+            if network and isinstance(e, av.error.HTTPUnauthorizedError | av.error.HTTPForbiddenError):
+                raise SourceAuthError(f"cannot open: {msg}") from None
             raise SourceError(f"cannot open: {msg}", retryable=retry) from None
         if not network:
             fmt = reference_format(self._container.format.name)

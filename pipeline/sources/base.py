@@ -56,6 +56,14 @@ class SourceError(Exception):
         self.retryable = retryable
 
 
+class SourceAuthError(SourceError):
+    """The source refused the credentials (or asked for some). Retried, but slowly: many
+    cameras lock the account, or the address, after a few failed logins."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
 class SourceStalled(SourceError):
     """The source stopped sending data (a read timed out). Always worth a reconnect."""
 

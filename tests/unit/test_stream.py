@@ -17,8 +17,8 @@ import pytest
 from pipeline.config import ReconnectConfig, SourceOptions
 from pipeline.slot import DropPolicy, FrameSlot
 from pipeline.sources import SourceSpec, parse_source
-from pipeline.sources.base import RawFrame, Source, SourceError, SourceInfo, SourceStalled
-from pipeline.stream import StreamStatus, StreamWorker, backoff_delay
+from pipeline.sources.base import RawFrame, Source, SourceAuthError, SourceError, SourceInfo, SourceStalled
+from pipeline.stream import StreamStatus, StreamWorker, auth_backoff_delay, backoff_delay
 from pipeline.types import DropCause, Frame, StreamState, now
 from tests.helpers_video import make_test_video
 
@@ -487,3 +487,33 @@ def test_backoff_doubles_is_capped_and_jittered() -> None:
     assert min(samples) >= 3.2 and max(samples) <= 4.8 and len(set(samples)) > 100
     with pytest.raises(ValueError, match="attempt must be >= 1, got 0"):
         backoff_delay(0, cfg)
+
+
+class Refused(Scripted):
+    def open(self) -> SourceInfo:
+        raise SourceAuthError("cannot open: authentication failed (401 Unauthorized): wrong password?")
+
+
+def test_refused_credentials_are_retried_slowly_and_other_errors_as_usual() -> None:
+    """Cameras lock an account after a few failed logins: a refused login waits
+    ``auth_backoff_s`` (doubling), where a refused connection is retried at once."""
+    cfg = ReconnectConfig(initial_backoff_s=0.01, max_backoff_s=0.05, jitter=0.0,
+                          auth_backoff_s=0.6, auth_max_backoff_s=5.0)
+    factory, made = script(Refused("fail"))
+    worker, _, seen = run(fake_spec(factory), reconnect=cfg)
+    time.sleep(1.2)  # attempts at 0 and 0.6 s; the next waits 1.2 s more (1.8 s)
+    refused_attempts = len(made)
+    assert worker.stop(2)
+    assert refused_attempts == 2, refused_attempts
+    assert any(s.state is S.RECONNECTING and "authentication failed" in (s.error or "") for s in seen)
+
+    factory, made = script(Scripted("fail"))
+    worker, _, _ = run(fake_spec(factory), reconnect=cfg)
+    time.sleep(1.2)
+    assert worker.stop(2)
+    assert len(made) > 6  # a refused connection: 0.01, 0.02, 0.04, then every 0.05 s
+
+
+def test_auth_backoff_doubles_from_its_own_start_and_is_capped() -> None:
+    cfg = ReconnectConfig(jitter=0.0)
+    assert [auth_backoff_delay(n, cfg) for n in (1, 2, 3, 4, 5, 6)] == [60, 120, 240, 480, 900, 900]
