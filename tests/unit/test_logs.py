@@ -92,14 +92,14 @@ def test_a_dead_camera_does_not_flood_the_log(restore_root: None) -> None:
 
 def test_a_camera_whose_error_changes_is_reported_at_once(restore_root: None) -> None:
     """The stream worker keys its reconnect line's rate limit by the error as well: a repeated
-    error is held back, a new one (refused, then 401) is reported at once."""
+    error is held back, a new one (refused, then 404) is reported at once."""
     from pipeline.config import ReconnectConfig
     from pipeline.slot import FrameSlot
     from pipeline.sources.base import Source, SourceError
     from pipeline.stream import StreamWorker
     from tests.unit.test_stream import fake_spec
 
-    errors = ["connection refused"] * 6 + ["server refused access (401): check the credentials"] * 6
+    errors = ["connection refused"] * 6 + ["server answered 404 Not Found (wrong path or stream name?)"] * 6
 
     class Failing(Source):
         def open(self):  # type: ignore[no-untyped-def]
@@ -119,7 +119,7 @@ def test_a_camera_whose_error_changes_is_reported_at_once(restore_root: None) ->
     assert worker.wait_state({StreamState.FAILED}, timeout=5) is StreamState.FAILED
     lines = [ln for ln in buf.getvalue().splitlines() if "reconnecting in" in ln]
     assert sum("connection refused" in ln for ln in lines) == 2, lines  # held back after 2
-    assert sum("401" in ln for ln in lines) == 2, lines  # the new error is not held back
+    assert sum("404" in ln for ln in lines) == 2, lines  # the new error is not held back
 
 
 def test_rate_limit_zero_disables_it_and_bad_values_are_rejected() -> None:
