@@ -59,10 +59,12 @@ _WEBCAM_DEV_RE = re.compile(r"^/dev/video(\d{1,3})$")
 
 
 # Query parameters that hold secrets on cameras and signed URLs (``?user=admin&pwd=…``,
-# ``?token=…``, ``?X-Amz-Signature=…``): a name that is one of these or contains one.
+# ``?token=…``, ``?X-Amz-Signature=…``): a name that is one of these or contains one, or that
+# ends in ``pw`` or ``pas`` (``?user=admin&pw=…`` on Blue Iris and many snapshot CGIs,
+# ``videostream.cgi?loginuse=admin&loginpas=…`` on Foscam-style cameras).
 _SECRET_PARAM = re.compile(
-    r"(?i)([?&;](?:[\w.-]*(?:pass|pwd|secret|token|signature|credential|auth|apikey|api_key|sig)"
-    r"[\w.-]*|key)=)[^&;#\s\"'\\]*"
+    r"(?i)([?&;](?:[\w.-]*(?:pass|pwd|psw|secret|token|signature|credential|auth|apikey|api_key|sig)"
+    r"[\w.-]*|key|[\w.-]*pw|[\w.-]*pas)=)[^&;#\s\"'\\]*"
 )
 _USERINFO = re.compile(r"(://[^/@:\s\"'\\]*:)[^/@\s\"'\\]*@")
 # A password typed as is, holding characters that end a URL's host part (``/``, ``?``, ``#``;

@@ -68,6 +68,31 @@ _SNIFF_BYTES = 4096
 
 _AVFMT_NOTIMESTAMPS = 0x0080  # libavformat: the format has no timestamps of its own
 
+# A camera's snapshot URL (``/snapshot.jpg``, ``/cgi-bin/snapshot.cgi``, ``.../picture``) answers
+# each request with one picture: it is asked again for the next one, every this many seconds
+# (``1 / target_fps`` when that is set), as long as the stream runs.
+_SNAPSHOT_INTERVAL_S = 0.5
+# A URL ending like a picture file makes FFmpeg pick its file-sequence demuxer (``image2``) by
+# the name alone, which reads the picture by the length the server announces: a snapshot sent
+# chunked (ESP32-CAM) or without a Content-Length fails as invalid data. ``image2pipe`` reads
+# the same pictures to their end, whatever the transfer.
+_PICTURE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+_PICTURE_URL_FORMAT = "image2pipe"
+
+
+def _single_picture_format(name: str) -> bool:
+    """A demuxer that reads still pictures (one per request, from an HTTP URL)."""
+    return any(part.endswith("_pipe") or part in ("image2", _PICTURE_URL_FORMAT) for part in name.split(","))
+
+
+def _picture_url(url: str) -> bool:
+    """An HTTP(S) URL whose path ends like a picture file (``/snapshot.jpg``)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and Path(parts.path).suffix.lower() in _PICTURE_SUFFIXES
+
 
 @functools.cache
 def _local_format_whitelist() -> str:
@@ -424,6 +449,8 @@ class AvSource(Source):
         self._scaler = VideoReformatter()
         self._deinterlacer: _Deinterlacer | None = None
         self._made_up_pts = False  # the demuxer numbers frames at a guessed rate (MJPEG over HTTP)
+        self._snapshot = False  # an HTTP URL that answers one still picture per request
+        self._requested_at = 0.0  # when the current container was asked for (snapshot polling)
 
     def _av_options(self) -> dict[str, str]:
         o = self.spec.options
@@ -464,25 +491,37 @@ class AvSource(Source):
                 opts["probesize"] = "32768"
         return opts
 
+    def _format(self) -> str | None:
+        """The demuxer to use: ``format=`` when given, else FFmpeg's guess (``image2pipe`` for
+        an HTTP URL that names a picture file)."""
+        if self.spec.format is None and self._network and _picture_url(self.spec.target):
+            return _PICTURE_URL_FORMAT
+        return self.spec.format
+
     def _refuse_reference(self, fmt: str) -> SourceError:
         return SourceError(reference_refusal(Path(self.spec.target).name, fmt), retryable=False)
 
     def open(self) -> SourceInfo:
-        o = self.spec.options
-        network = self._network
-        if not network:
+        if not self._network:
             fmt = reference_format(self.spec.format) or sniff_reference_format(self.spec.target)
             if fmt is not None:
                 raise self._refuse_reference(fmt)
             with contextlib.suppress(OSError):
                 if Path(self.spec.target).stat().st_size == 0:
                     raise SourceError("the file is empty (0 bytes)", retryable=False)
-        started = time.monotonic()
+        self._container = self._open_container()
+        return self._start()
+
+    def _open_container(self) -> Any:
+        """``av.open`` the source, every failure raised as a SourceError saying why."""
+        o = self.spec.options
+        network = self._network
+        started = self._requested_at = time.monotonic()
         try:
-            self._container = av.open(
+            return av.open(
                 self.spec.target,
                 mode="r",
-                format=self.spec.format,
+                format=self._format(),
                 options=self._av_options(),
                 timeout=(o.open_timeout_s, o.read_timeout_s) if network else None,
             )
@@ -520,6 +559,11 @@ class AvSource(Source):
             if network and isinstance(e, av.error.HTTPUnauthorizedError | av.error.HTTPForbiddenError):
                 raise SourceAuthError(f"cannot open: {msg}") from None
             raise SourceError(f"cannot open: {msg}", retryable=retry) from None
+
+    def _start(self) -> SourceInfo:
+        """Check the opened container and pick its video stream."""
+        o = self.spec.options
+        network = self._network
         if not network:
             fmt = reference_format(self._container.format.name)
             if fmt is not None:
@@ -547,7 +591,11 @@ class AvSource(Source):
         # does; from a live camera it is fiction (a 1 fps camera's frames would be 0.04 s
         # apart, and ``target_fps`` would thin them to nothing): no pts and no rate, so the
         # worker goes by the pictures' arrival.
-        self._made_up_pts = network and bool(self._container.format.flags & _AVFMT_NOTIMESTAMPS)
+        # A snapshot URL's picture gets pts 0 and FFmpeg's 25 fps: it has neither.
+        self._snapshot = network and _single_picture_format(str(self._container.format.name))
+        self._made_up_pts = network and (
+            bool(self._container.format.flags & _AVFMT_NOTIMESTAMPS) or self._snapshot
+        )
         if self._made_up_pts:
             fps = None
         if not network:
@@ -565,6 +613,25 @@ class AvSource(Source):
     def frames(self) -> Iterator[RawFrame | None]:
         if self._container is None:
             raise SourceError("source is not open")
+        yield from self._decode()
+        # A snapshot URL is asked again for each picture: one request per interval (counted
+        # from the previous request), instead of ending the stream after every picture (which
+        # made it flap between streaming and reconnecting, with a warning per picture).
+        target = self.spec.options.target_fps
+        interval = 1.0 / target if target else _SNAPSHOT_INTERVAL_S
+        while self._snapshot and not self._stop.is_set():
+            wait = self._requested_at + interval - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return
+            self.close()
+            self._container = self._open_container()
+            if not self._container.streams.video:
+                raise SourceError("the snapshot URL answered without a picture")
+            self._stream = video_stream(self._container)
+            yield from self._decode()
+
+    def _decode(self) -> Iterator[RawFrame | None]:
+        """The pictures of the open container, until it ends."""
         o = self.spec.options
         errors = 0
         packets = frames = 0
@@ -612,6 +679,9 @@ class AvSource(Source):
         except SourceError:
             raise
         except Exception as e:  # noqa: BLE001
+            closed = self._closed_by_server(e)
+            if closed and self._snapshot and frames > 0:
+                return  # the picture came whole; the server just did not say how long it was
             msg, retry = describe_av_error(e, network=self._network, read_timeout_s=o.read_timeout_s)
             if frames == 0 and self._index_out_of_reach(e):
                 msg = (
@@ -619,6 +689,11 @@ class AvSource(Source):
                     "parts of it (no HTTP range requests): re-encode it with -movflags +faststart, "
                     "or serve it from a server that supports ranges"
                 )
+            elif closed:
+                # FFmpeg's HTTP client reports a body of no stated length (an MJPEG camera's
+                # stream) that ends, as it does when a camera closes the connection, as an I/O
+                # error ("stream ends prematurely"): it is not an answer that could not be read.
+                msg = "the server closed the connection in the middle of the stream"
             if isinstance(e, av.error.TimeoutError | av.error.ExitError | TimeoutError):
                 raise SourceStalled(msg) from None
             raise SourceError(msg, retryable=retry) from None
@@ -638,6 +713,15 @@ class AvSource(Source):
         )
         turn = _display_orientation(frame)
         return turn.apply(image) if turn != _UPRIGHT else image
+
+    def _closed_by_server(self, exc: BaseException) -> bool:
+        """An HTTP source's connection that ended while its pictures were being read."""
+        return (
+            self._network
+            and self.spec.target.lower().startswith(("http:", "https:"))
+            and isinstance(exc, OSError)
+            and exc.errno == errno.EIO
+        )
 
     def _index_out_of_reach(self, exc: BaseException) -> bool:
         """An MP4 over HTTP whose index follows the pictures: FFmpeg reads the index by

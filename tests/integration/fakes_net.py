@@ -258,3 +258,54 @@ class FileHttpServer:
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         pass
+
+
+def jpeg_picture(i: int, *, width: int = 160, height: int = 120) -> bytes:
+    """Pattern frame ``i`` as a JPEG, as a camera sends it."""
+    return simplejpeg.encode_jpeg(pattern_frame(i, width=width, height=height), quality=80, colorspace="RGB")
+
+
+class HttpRequest:
+    """What an ``HttpCamera`` was asked: method, path (with its query) and headers (lower-case names)."""
+
+    def __init__(self, method: str, path: str, version: str, headers: dict[str, str]) -> None:
+        self.method, self.path, self.version, self.headers = method, path, version, headers
+
+
+class HttpCamera(_TcpServer):
+    """A camera's HTTP server, byte by byte: ``respond(camera, conn, request)`` writes whatever
+    the camera under test would (any status line, headers, line endings, framing) and may
+    keep the connection open. ``requests`` lists what was asked, in order."""
+
+    def __init__(self, respond) -> None:
+        self.respond = respond
+        self.requests: list[HttpRequest] = []
+        super().__init__()
+
+    def url(self, path: str = "/", userinfo: str = "") -> str:
+        return f"http://{userinfo}127.0.0.1:{self.port}{path}"
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(2.0)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        lines = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        method, path, version = lines[0].split(" ", 2)
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        request = HttpRequest(method, path, version, headers)
+        self.requests.append(request)
+        try:
+            self.respond(self, conn, request)
+        finally:
+            conn.close()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; False once the server is closing (stop sending)."""
+        return not self._closed.wait(seconds)
