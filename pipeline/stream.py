@@ -306,7 +306,7 @@ class StreamWorker:
                     log.info("stream %s: connecting to %s", self.stream_id, self.spec.display)
                 info = source.open()
                 self._source_fps = info.fps
-                delivered = self._pump(source, info.fps, discontinuity)
+                delivered = self._pump(source, info.fps, discontinuity, segmented=info.segmented)
                 if self._stop.is_set():
                     return
                 if self.spec.kind == "file":
@@ -379,15 +379,17 @@ class StreamWorker:
                 self._reconnects += 1
             discontinuity = True
 
-    def _pump(self, source: Source, fps: float | None, discontinuity: bool) -> int:
+    def _pump(
+        self, source: Source, fps: float | None, discontinuity: bool, *, segmented: bool = False
+    ) -> int:
         """Deliver frames until the source ends. Returns how many were delivered."""
         opts = self.spec.options
         # A source's own ``realtime`` option wins over the worker's default for its context.
         realtime = opts.realtime if opts.realtime is not None else self.realtime
-        # Files are paced when served live; any other source only when asked (``realtime=1``
-        # on a progressive MP4 or an HLS recording over HTTP, which would otherwise arrive
-        # as fast as it downloads).
-        pace = (realtime and self.spec.kind == "file") or opts.realtime is True
+        # Files and HLS (whose pictures come a segment at a time) are paced when served live;
+        # any other source only when asked (``realtime=1`` on a progressive MP4 over HTTP,
+        # which would otherwise arrive as fast as it downloads).
+        pace = (realtime and (self.spec.kind == "file" or segmented)) or opts.realtime is True
         rate = fps or _DEFAULT_FPS  # for a source with no timestamps and no declared rate
         last_pts: float | None = None
         stall_s = self.reconnect.stall_timeout_s

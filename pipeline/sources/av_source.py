@@ -608,6 +608,7 @@ class AvSource(Source):
             codec=str(cc.name or ""),
             live=network or bool(o.realtime),
             frames=None if network else (int(stream.frames or 0) or None),
+            segmented=network and "hls" in str(self._container.format.name).split(","),
         )
 
     def frames(self) -> Iterator[RawFrame | None]:

@@ -79,6 +79,9 @@ class SourceInfo:
     codec: str = ""
     live: bool = True  # True when frames arrive in real time (cameras, network streams)
     frames: int | None = None  # how many frames a file's header declares, when it does
+    # Pictures arrive a segment at a time (HLS): served live they are paced by their
+    # timestamps, as a file is, or the one-frame slot would drop most of each burst.
+    segmented: bool = False
 
 
 @dataclass(frozen=True, slots=True)

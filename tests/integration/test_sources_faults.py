@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ReconnectConfig
-from pipeline.slot import FrameSlot
+from pipeline.slot import DropPolicy, FrameSlot
 from pipeline.sources import SourceError, parse_source
 from pipeline.stream import StreamWorker
 from pipeline.types import StreamState
@@ -194,3 +194,49 @@ def test_missing_webcam(healthy: StreamWorker) -> None:
 def test_no_source_thread_outlives_its_test(healthy: StreamWorker) -> None:
     names = {t.name for t in threading.enumerate() if t.name.startswith("source-")}
     assert names == {"source-healthy"}, names
+
+
+def _hls_recording(directory: Path, seconds: int = 4, fps: int = 10) -> Path:
+    """An HLS VOD of one-second segments, as FFmpeg's muxer writes it."""
+    import av
+    import numpy as np
+
+    with av.open(str(directory / "index.m3u8"), "w", format="hls",
+                 options={"hls_time": "1", "hls_playlist_type": "vod"}) as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"preset": "ultrafast", "g": str(fps)}
+        for i in range(seconds * fps):
+            grey = np.full((48, 64, 3), (i * 6) % 255, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(grey, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return directory / "index.m3u8"
+
+
+@pytest.mark.parametrize(("query", "paced"), [("", True), ("?realtime=0", False)])
+def test_hls_served_live_comes_at_its_pace_not_a_segment_at_a_time(
+    tmp_path: Path, query: str, paced: bool
+) -> None:
+    """HLS hands over a whole segment at once; served live, its pictures are paced by their
+    timestamps (10 fps here), so the one-frame slot does not drop most of every segment."""
+    _hls_recording(tmp_path)
+    with FileHttpServer(tmp_path) as server:
+        spec = parse_source(f"http://127.0.0.1:{server.port}/index.m3u8{query}")
+        slot = FrameSlot(capacity=1, policy=DropPolicy.BLOCK)
+        worker = StreamWorker("hls", spec, slot, reconnect=FAST)
+        worker.start()
+        arrivals: list[float] = []
+        try:
+            deadline = time.monotonic() + 8
+            while len(arrivals) < 25 and time.monotonic() < deadline:
+                if slot.take() is not None:
+                    arrivals.append(time.monotonic())
+                else:
+                    time.sleep(0.002)
+        finally:
+            assert worker.stop(timeout=3)
+    assert len(arrivals) == 25
+    span = arrivals[-1] - arrivals[0]  # 24 intervals: 2.4 s at 10 fps
+    assert (span > 1.8) if paced else (span < 1.0), span
