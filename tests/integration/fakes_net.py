@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
+from pipeline.sources import SourceError, parse_source
 from tests.helpers_video import pattern_frame
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -309,3 +310,17 @@ class HttpCamera(_TcpServer):
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; False once the server is closing (stop sending)."""
         return not self._closed.wait(seconds)
+
+
+def read_until_error(uri: str) -> SourceError:
+    """Open ``uri`` as a source and read it to its end: the SourceError it ends with."""
+    src = parse_source(uri).create()
+    try:
+        src.open()
+        for _ in src.frames():
+            pass
+    except SourceError as e:
+        return e
+    finally:
+        src.close()
+    raise AssertionError(f"{uri}: the source ended without an error")

@@ -53,6 +53,15 @@ def test_http_keeps_the_cameras_own_query_parameters() -> None:
         ("https://s3/x.mp4?X-Amz-Signature=abc&X-Amz-Credential=zz", "https://s3/x.mp4?X-Amz-Signature=***&X-Amz-Credential=***"),
         ("http://h/live?token=t0k&key=k3y&keyframe=3", "http://h/live?token=***&key=***&keyframe=3"),
         ("rtsp://u:p@cam/live?rtsp_transport=tcp", "rtsp://u:***@cam/live?rtsp_transport=tcp"),
+        # cheap P2P cameras (Foscam clones): videostream.cgi?loginuse=...&loginpas=...
+        (
+            "http://cam/videostream.cgi?loginuse=admin&loginpas=hunter2&resolution=32",
+            "http://cam/videostream.cgi?loginuse=admin&loginpas=***&resolution=32",
+        ),
+        # Blue Iris and many cameras' snapshot CGIs: ?user=...&pw=...
+        ("http://cam/image/front?user=admin&pw=hunter2", "http://cam/image/front?user=admin&pw=***"),
+        ("http://cam/snapshot.cgi?user=admin&psw=hunter2", "http://cam/snapshot.cgi?user=admin&psw=***"),
+        ("http://cam/mjpg?usr=admin&pwd=hunter2", "http://cam/mjpg?usr=admin&pwd=***"),
     ],
 )
 def test_secrets_in_query_parameters_are_redacted_too(uri: str, shown: str) -> None:
