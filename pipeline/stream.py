@@ -202,7 +202,7 @@ class StreamWorker:
         timeout: for RTSP up to twice ``read_timeout_s``). Called from outside the thread
         (the manager's watchdog); the next picture makes it ``streaming`` again, the read's
         timeout a reconnect. True when it marked the stream."""
-        stall_s = self.reconnect.stall_timeout_s
+        stall_s = self._stall_s()
         with self._cond:
             if self.spec.kind == "file" or self._state is not StreamState.STREAMING or not self._recent:
                 return False
@@ -211,6 +211,13 @@ class StreamWorker:
         # (the state says "stalled"; the error says what is seen)
         self._set_state(StreamState.STALLED, f"no picture for {stall_s:g} s")
         return True
+
+    def _stall_s(self) -> float:
+        """How long without a picture counts as stalled: ``stall_timeout_s``, or two of the
+        intervals ``target_fps`` asks for when those are longer (a snapshot URL polled once
+        every 10 s is not stalled between its pictures)."""
+        target = self.spec.options.target_fps
+        return max(self.reconnect.stall_timeout_s, 2.0 / target if target else 0.0)
 
     @property
     def finished(self) -> bool:
@@ -392,7 +399,7 @@ class StreamWorker:
         pace = (realtime and (self.spec.kind == "file" or segmented)) or opts.realtime is True
         rate = fps or _DEFAULT_FPS  # for a source with no timestamps and no declared rate
         last_pts: float | None = None
-        stall_s = self.reconnect.stall_timeout_s
+        stall_s = self._stall_s()
         watch_stall = self.spec.kind != "file"
         min_gap = 1.0 / opts.target_fps if opts.target_fps else 0.0
         anchor: tuple[float, float] | None = None  # (monotonic, pts) pacing reference

@@ -517,3 +517,33 @@ def test_refused_credentials_are_retried_slowly_and_other_errors_as_usual() -> N
 def test_auth_backoff_doubles_from_its_own_start_and_is_capped() -> None:
     cfg = ReconnectConfig(jitter=0.0)
     assert [auth_backoff_delay(n, cfg) for n in (1, 2, 3, 4, 5, 6)] == [60, 120, 240, 480, 900, 900]
+
+
+class Polled(Scripted):
+    """A snapshot URL polled slowly: one picture every ``interval`` s, without timestamps."""
+
+    def frames(self) -> Iterator[RawFrame | None]:
+        img = np.zeros((6, 8, 3), np.uint8)
+        while not self.stop.wait(self.interval):
+            yield RawFrame(image=img, pts=None)
+
+
+@pytest.mark.parametrize(("target_fps", "stalls"), [(None, True), (1.5, False)])
+def test_a_source_slowed_by_target_fps_is_not_stalled_between_its_pictures(target_fps, stalls) -> None:
+    """``target_fps`` asks for a picture every 1/target_fps s: waiting that long is no stall
+    (a snapshot URL polled every 0.7 s here, with stall_timeout_s 0.3)."""
+    opts = {"target_fps": target_fps} if target_fps else {}
+    factory, _ = script(Polled("ok", interval=0.7))
+    worker, _, seen = run(fake_spec(factory, **opts))
+    marked = False
+    try:
+        assert worker.wait_frames(1, 3)
+        deadline = time.monotonic() + 2.2
+        while time.monotonic() < deadline:
+            marked = worker.check_stall() or marked  # the manager's watchdog, twice a second
+            time.sleep(0.05)
+        assert worker.wait_frames(3, 3)
+    finally:
+        assert worker.stop(2)
+    assert marked is stalls
+    assert any(s.state is S.STALLED for s in seen) is stalls
