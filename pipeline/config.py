@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -42,6 +42,15 @@ class ReconnectConfig(_Strict):
     # auth_max_backoff_s: many cameras lock the account after a few failed logins.
     auth_backoff_s: float = Field(60.0, gt=0)
     auth_max_backoff_s: float = Field(900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _caps_not_below_their_start(self) -> ReconnectConfig:
+        for first, cap in (("initial_backoff_s", "max_backoff_s"), ("auth_backoff_s", "auth_max_backoff_s")):
+            if getattr(self, cap) < getattr(self, first):
+                raise ValueError(
+                    f"{cap} ({getattr(self, cap):g}) must be at least {first} ({getattr(self, first):g})"
+                )
+        return self
 
 
 class TemporalConfig(_Strict):

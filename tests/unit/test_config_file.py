@@ -109,6 +109,8 @@ def test_streams_models_and_limits_from_a_file(tmp_path: Path) -> None:
         ("[[streams]]\nid = 'bad id'\nsource = 'demo'\n", "streams.0.id"),
         ("[engine]\nmax_batch = 1000\n", "engine.max_batch"),
         ("colour = 'blue'\n", "colour"),
+        ("[reconnect]\nauth_max_backoff_s = 30\n", "reconnect"),  # below auth_backoff_s (60)
+        ("[reconnect]\ninitial_backoff_s = 20\n", "reconnect"),  # above max_backoff_s (10)
     ],
 )
 def test_errors_name_the_bad_key(tmp_path: Path, text: str, names: str) -> None:
@@ -199,3 +201,9 @@ def test_cuda_graphs_are_on_unless_the_file_or_a_flag_turns_them_off(
 ) -> None:
     p = write(tmp_path, file)
     assert _config_from_args(serve_args("--config", str(p), *flags)).engine.cuda_graphs is graphs
+
+
+def test_a_backoff_cap_below_its_start_names_both_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, "[reconnect]\nauth_backoff_s = 120\nauth_max_backoff_s = 30\n")
+    assert "auth_max_backoff_s (30) must be at least auth_backoff_s (120)" in str(e.value)
