@@ -360,7 +360,7 @@ def describe_av_error(
     return f"{type(exc).__name__}: {strerror}", network
 
 
-class _Deinterlacer:
+class Deinterlacer:
     """FFmpeg's ``bwdif`` on interlaced pictures, whose two fields are taken a field apart in
     time, so that anything moving shows combs (analogue cameras through a DVR or encoder,
     broadcast 576i/1080i). ``auto`` starts at the first picture flagged interlaced and leaves
@@ -447,7 +447,7 @@ class AvSource(Source):
         self._frame_s: float | None = None
         self._sar: Fraction | None = None  # non-square pixels: stored width x this = shown width
         self._scaler = VideoReformatter()
-        self._deinterlacer: _Deinterlacer | None = None
+        self._deinterlacer: Deinterlacer | None = None
         self._made_up_pts = False  # the demuxer numbers frames at a guessed rate (MJPEG over HTTP)
         self._snapshot = False  # an HTTP URL that answers one still picture per request
         self._requested_at = 0.0  # when the current container was asked for (snapshot polling)
@@ -576,7 +576,7 @@ class AvSource(Source):
         # Frame threading adds a frame of latency per thread: fine for files, not for cameras.
         stream.thread_type = "SLICE" if (network and o.low_latency) else "AUTO"
         self._stream = stream
-        self._deinterlacer = _Deinterlacer(o.deinterlace, stream.time_base)
+        self._deinterlacer = Deinterlacer(o.deinterlace, stream.time_base)
         cc = stream.codec_context
         self._sar = _sample_aspect_ratio(stream)
         width = int(cc.width or 0)
@@ -728,9 +728,7 @@ class AvSource(Source):
         """An MP4 over HTTP whose index follows the pictures: FFmpeg reads the index by
         jumping to the end and must jump back for the pictures, which a server that ignores
         range requests makes impossible (the read fails with an I/O error)."""
-        if not self._network or not self.spec.target.lower().startswith(("http:", "https:")):
-            return False
-        if not (isinstance(exc, OSError) and exc.errno == errno.EIO):
+        if not self._closed_by_server(exc):
             return False
         container = self._container
         # (a whole file, with a stated length: not a live fragmented MP4 whose connection broke)

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from pipeline.sources.av_source import _Deinterlacer
+from pipeline.sources.av_source import Deinterlacer
 from pipeline.sources.base import RawFrame, Source, SourceError, SourceInfo
 
 _MS = Fraction(1, 1000)
@@ -37,7 +37,7 @@ class WebcamSource(Source):
         self.uri = spec.display
         self._stop = threading.Event()
         self._cap: Any = None
-        self._deinterlacer: _Deinterlacer | None = None
+        self._deinterlacer: Deinterlacer | None = None
         self._scaler = VideoReformatter()
         target = spec.target
         self._device: int | str = int(target) if target.isdigit() else target
@@ -65,7 +65,7 @@ class WebcamSource(Source):
         if o.target_fps:
             cap.set(cv2.CAP_PROP_FPS, float(o.target_fps))
         self._cap = cap
-        self._deinterlacer = _Deinterlacer("on", _MS) if o.deinterlace == "on" else None
+        self._deinterlacer = Deinterlacer("on", _MS) if o.deinterlace == "on" else None
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0) or None
         return SourceInfo(
             width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),

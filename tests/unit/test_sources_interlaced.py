@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.sources import parse_source
-from pipeline.sources.av_source import _Deinterlacer
+from pipeline.sources.av_source import Deinterlacer
 from tests.helpers_video import mux_frames
 
 W, H, N = 160, 96, 12
@@ -100,7 +100,7 @@ def _frame(width: int, height: int, pts: int) -> av.VideoFrame:
 
 
 def test_a_camera_changing_its_size_keeps_every_picture_in_order() -> None:
-    d = _Deinterlacer("on", Fraction(1, 25))
+    d = Deinterlacer("on", Fraction(1, 25))
     sizes = [(64, 48)] * 3 + [(96, 64)] * 3
     out = []
     for i, (w, h) in enumerate(sizes):
@@ -114,7 +114,7 @@ def test_a_camera_changing_its_size_keeps_every_picture_in_order() -> None:
 
 @pytest.mark.parametrize("mode", ["auto", "off"])
 def test_progressive_pictures_are_not_held_back(mode: str) -> None:
-    d = _Deinterlacer(mode, Fraction(1, 25))
+    d = Deinterlacer(mode, Fraction(1, 25))
     f = _frame(64, 48, 0)
     assert d.push(f) == [f] and d.flush() == []
 
@@ -129,7 +129,7 @@ def _os_threads() -> int:
 def test_the_filter_adds_no_thread_pool_per_stream() -> None:
     """FFmpeg gives a filter graph a thread per core unless told otherwise: per stream, that
     would be hundreds of idle threads for a few cameras on a large machine."""
-    d = _Deinterlacer("on", Fraction(1, 25))
+    d = Deinterlacer("on", Fraction(1, 25))
     before = _os_threads()
     out = d.push(_frame(720, 576, 0)) + d.push(_frame(720, 576, 1))
     assert _os_threads() == before
@@ -139,7 +139,7 @@ def test_the_filter_adds_no_thread_pool_per_stream() -> None:
 def test_pictures_the_filter_cannot_take_are_shown_as_they_are() -> None:
     """bwdif refuses planes under 3 columns or 4 lines (a 64x6 4:2:0 picture): such pictures
     come out untouched instead of failing the stream, and a later size is deinterlaced."""
-    d = _Deinterlacer("on", Fraction(1, 25))
+    d = Deinterlacer("on", Fraction(1, 25))
     sizes = [(64, 6)] * 3 + [(64, 48)] * 3
     frames = [_frame(w, h, i) for i, (w, h) in enumerate(sizes)]
     out = []
