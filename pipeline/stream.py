@@ -55,20 +55,18 @@ class StreamStatus:
 def backoff_delay(attempt: int, cfg: ReconnectConfig, rng: random.Random | None = None) -> float:
     """Seconds to wait before reconnect ``attempt`` (1-based): doubling, capped, with jitter
     so many cameras behind one switch do not all retry in the same instant."""
-    if attempt < 1:
-        raise ValueError(f"attempt must be >= 1, got {attempt}")
     return _capped(cfg.initial_backoff_s, cfg.max_backoff_s, attempt, cfg.jitter, rng)
 
 
 def auth_backoff_delay(attempt: int, cfg: ReconnectConfig, rng: random.Random | None = None) -> float:
     """Seconds to wait after the ``attempt``-th refused login in a row (1-based): slow from the
     start and doubling, so that a wrong password does not get the camera's account locked."""
-    if attempt < 1:
-        raise ValueError(f"attempt must be >= 1, got {attempt}")
     return _capped(cfg.auth_backoff_s, cfg.auth_max_backoff_s, attempt, cfg.jitter, rng)
 
 
 def _capped(first: float, cap: float, attempt: int, jitter: float, rng: random.Random | None) -> float:
+    if attempt < 1:
+        raise ValueError(f"attempt must be >= 1, got {attempt}")
     base = min(cap, first * 2 ** min(attempt - 1, 30))
     r = (rng or random).uniform(-jitter, jitter)
     return max(0.0, min(cap, base * (1.0 + r)))
