@@ -354,12 +354,11 @@ def _load_segmenter(args: argparse.Namespace) -> SegmenterLike:
     if seg.device.type == "cuda":
         # Kernel choice and graph capture before the first frame, so that its time is the
         # model's alone; in ROI mode a batch holds a frame's crops (and the frame itself).
-        regions = (args.roi_max_regions or _ROI_MAX_REGIONS) if getattr(args, "roi", False) else 0
+        from pipeline.config import RoiConfig
+
+        regions = (args.roi_max_regions or RoiConfig().max_regions) if getattr(args, "roi", False) else 0
         seg.warmup(range(1, regions + 2))
     return seg
-
-
-_ROI_MAX_REGIONS = 4  # RoiConfig's default, without importing the config for it
 
 
 def _roi_config(args: argparse.Namespace) -> Any:
