@@ -252,7 +252,12 @@ class _StateCollector:
         clients = GaugeMetricFamily(
             "segstream_stream_clients", "Websocket clients connected", labels=["stream"]
         )
-        up = GaugeMetricFamily("segstream_stream_up", "1 while the stream delivers frames", labels=["stream"])
+        up = GaugeMetricFamily(
+            "segstream_stream_up", "1 while the stream delivers segmented frames", labels=["stream"]
+        )
+        # Without the engine thread nothing is segmented: a stream whose source still streams
+        # is not up then (its error names the dead engine).
+        engine_up = bool(self._manager.engine.alive)
         total_clients = 0
         for info in infos:
             sid = info["id"]
@@ -266,7 +271,7 @@ class _StateCollector:
             current = info.get("state")
             for s in StreamState:
                 state.add_metric([sid, s.value], 1.0 if s.value == current else 0.0)
-            up.add_metric([sid], 1.0 if current == StreamState.STREAMING.value else 0.0)
+            up.add_metric([sid], 1.0 if engine_up and current == StreamState.STREAMING.value else 0.0)
             reconnects.add_metric([sid], info.get("reconnects", 0))
             n = self._hub.client_count(sid)
             total_clients += n

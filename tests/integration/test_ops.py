@@ -105,6 +105,31 @@ def test_metrics_reflect_drops_state_and_reconnects_after_a_source_failure(live_
     assert m["segstream_streams"] == 1
 
 
+def test_a_stream_is_not_up_once_the_engine_thread_died(live_server) -> None:
+    """Its source still streams, but nothing is segmented any more (``/healthz`` fails and the
+    stream's error names the dead engine): ``segstream_stream_up`` says 0."""
+    cfg = AppConfig(
+        default_model="null",
+        engine=EngineConfig(threads=1),
+        streams=[StreamConfig(id="cam", source="demo")],
+    )
+    srv = live_server(cfg)
+    wait_for(lambda: scrape(srv.url).get('segstream_stream_up{stream="cam"}') == 1, 20, "the stream up")
+    engine = srv.app.state.manager.engine
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("batcher broke")
+
+    engine._batcher.poll = broken
+    wait_for(lambda: not engine.alive, 10, "the engine thread to end")
+    assert httpx.get(f"{srv.url}/healthz", timeout=5).status_code == 503
+    assert "engine thread died" in httpx.get(f"{srv.url}/api/streams/cam", timeout=5).json()["error"]
+    m = scrape(srv.url)
+    assert m['segstream_stream_state{state="streaming",stream="cam"}'] == 1  # the camera is fine
+    assert m['segstream_stream_up{stream="cam"}'] == 0
+    assert m["segstream_engine_up"] == 0
+
+
 def test_stage_latency_histograms_fill_while_streaming(live_server, tmp_path: Path) -> None:
     clip = make_test_video(tmp_path / "c.mp4", frames=20, width=64, height=48)
     cfg = AppConfig(

@@ -149,6 +149,18 @@ def test_a_stream_removed_and_added_again_between_scrapes_starts_its_histograms_
     assert samples(m)[("segstream_latency_seconds_count", (("stream", "a"),))] == 1
 
 
+def test_a_streaming_stream_is_not_up_once_the_engine_thread_died() -> None:
+    """The source still streams, but nothing is segmented any more: the stream is down."""
+    mgr = FakeManager([FakeHandle("cam", info(state="streaming"))])
+    m = Metrics(mgr, FakeHub(), process=False)
+    assert samples(m)[("segstream_stream_up", (("stream", "cam"),))] == 1
+    mgr.engine.alive = False
+    s = samples(m)
+    assert s[("segstream_stream_up", (("stream", "cam"),))] == 0
+    assert s[("segstream_engine_up", ())] == 0
+    assert s[("segstream_stream_state", (("state", "streaming"), ("stream", "cam")))] == 1
+
+
 def test_engine_batch_histogram_and_counters() -> None:
     mgr = FakeManager([])
     mgr.engine.stats = EngineStats(
