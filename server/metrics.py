@@ -95,6 +95,8 @@ class _ManagerLike(Protocol):
 
     def list(self) -> list[Any]: ...
 
+    def find(self, stream_id: str) -> Any | None: ...
+
 
 class _HubLike(Protocol):
     encoded: int
@@ -146,6 +148,8 @@ class Metrics:
         hists = self._hists.get(sid)
         if hists is None:
             hists = self._bind(sid)
+            if hists is None:
+                return
         lat = result.latency_ms
         for stage in STAGES:
             ms = lat.get(stage)
@@ -153,10 +157,18 @@ class Metrics:
                 hists[stage].observe(ms / 1000.0)
         hists["total"].observe(max(0.0, result.segmented_at - result.frame.captured_at))
 
-    def _bind(self, sid: str) -> dict[str, LatencyHistogram]:
+    def _bind(self, sid: str) -> dict[str, LatencyHistogram] | None:
+        """The stream's histograms, made on its first result; None for a stream that is no
+        longer there (a result that was in flight when it was removed).
+
+        The manager takes a stream out of its table before it calls :meth:`forget`, and the
+        check runs under the lock ``forget`` takes: histograms made here either are forgotten
+        by that call or are never made, so a removed stream's series cannot come back."""
         with self._lock:
             hists = self._hists.get(sid)
             if hists is None:
+                if self._manager.find(sid) is None:
+                    return None
                 hists = {s: LatencyHistogram() for s in (*STAGES, "total")}
                 self._hists[sid] = hists
             return hists

@@ -38,6 +38,9 @@ class FakeManager:
     def list(self) -> list[FakeHandle]:
         return list(self.handles)
 
+    def find(self, stream_id: str) -> FakeHandle | None:
+        return next((h for h in self.handles if h.id == stream_id), None)
+
 
 @dataclass
 class FakeHub:
@@ -145,6 +148,38 @@ def test_a_stream_removed_and_added_again_between_scrapes_starts_its_histograms_
     for _ in range(5):
         m.observe(result("a", infer_ms=3.0, total_s=0.02))
     m.forget("a")  # removed (the manager's removal listener) and added again before any scrape
+    m.observe(result("a", infer_ms=3.0, total_s=0.02))
+    assert samples(m)[("segstream_latency_seconds_count", (("stream", "a"),))] == 1
+
+
+def test_a_result_in_flight_when_its_stream_is_removed_never_brings_its_series_back() -> None:
+    """The engine thread may deliver a result of a stream that DELETE has just removed, while
+    a scrape is being collected: no scrape after the removal shows that stream."""
+    a, b = FakeHandle("a", info()), FakeHandle("b", info())
+    mgr = FakeManager([a, b])
+    late: list[SegmentationResult] = []
+
+    class EngineMidScrape(FakeHub):
+        def client_count(self, stream_id: str) -> int:
+            # called while the scrape collects live stream "b": the engine thread runs meanwhile
+            while late:
+                m.observe(late.pop())
+            return 0
+
+    m = Metrics(mgr, EngineMidScrape(), process=False)
+    m.observe(result("a", infer_ms=3.0, total_s=0.02))
+    assert ("segstream_latency_seconds_count", (("stream", "a"),)) in samples(m)
+    mgr.handles.remove(a)  # DELETE /api/streams/a: out of the manager, then its listeners
+    m.forget("a")
+    m.observe(result("a", infer_ms=3.0, total_s=0.02))  # in flight before the removal
+    late.append(result("a", infer_ms=3.0, total_s=0.02))  # delivered during the next scrape
+    for _ in range(2):
+        s = samples(m)
+        assert [k for k in s if ("stream", "a") in k[1]] == []
+        assert ("segstream_latency_seconds_count", (("stream", "b"),)) not in s  # b never had a result
+    assert not late
+    # a stream added again under the same id gets its histograms from its first result on
+    mgr.handles.append(FakeHandle("a", info()))
     m.observe(result("a", infer_ms=3.0, total_s=0.02))
     assert samples(m)[("segstream_latency_seconds_count", (("stream", "a"),))] == 1
 

@@ -52,6 +52,10 @@ class Manager:
         with self.lock:
             return list(self.handles.values())
 
+    def find(self, stream_id: str) -> Handle | None:
+        with self.lock:
+            return self.handles.get(stream_id)
+
 
 @dataclass
 class Hub:
