@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.registry import get_spec
@@ -100,7 +101,7 @@ class HeadAsGet:
             await self.app(scope, receive, send)
             return
         if scope["method"] != "HEAD":
-            await self.app(scope, receive, self._allow_head(send))
+            await self.app(scope, receive, self._complete_allow(scope, send))
             return
 
         async def headers_only(message: Message) -> None:
@@ -113,15 +114,18 @@ class HeadAsGet:
         await self.app({**scope, "method": "GET"}, receive, headers_only)
 
     @staticmethod
-    def _allow_head(send: Send) -> Send:
-        """A 405's ``Allow`` lists HEAD beside GET, since HEAD is answered wherever GET is."""
+    def _complete_allow(scope: Scope, send: Send) -> Send:
+        """A 405's ``Allow`` lists every method the path takes, not only those of the first route
+        that matched it (Starlette's answer), and HEAD beside GET, since HEAD is answered
+        wherever GET is."""
 
         async def allow(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] == 405:
                 headers = []
                 for name, value in message.get("headers", []):
                     if name.lower() == b"allow":
-                        methods = [m.strip() for m in value.decode("latin-1").split(",") if m.strip()]
+                        named = [m.strip() for m in value.decode("latin-1").split(",") if m.strip()]
+                        methods = method_order({*named, *path_methods(scope, {*_METHOD_ORDER, *named})})
                         if "GET" in methods and "HEAD" not in methods:
                             methods.insert(methods.index("GET") + 1, "HEAD")
                         value = ", ".join(methods).encode("latin-1")
@@ -130,6 +134,35 @@ class HeadAsGet:
             await send(message)
 
         return allow
+
+
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def method_order(methods: set[str]) -> list[str]:
+    """HTTP methods in the usual order (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, then
+    any other alphabetically), each once."""
+    known = [m for m in _METHOD_ORDER if m in methods]
+    return known + sorted(methods - set(_METHOD_ORDER))
+
+
+def path_methods(scope: Scope, candidates: Iterable[str] = _METHOD_ORDER) -> set[str]:
+    """Which of ``candidates`` some route of the app takes at the request's path (each route,
+    included routers too, asked through Starlette's ``matches``). Mounts are left out: they
+    match a path whatever the method."""
+    app = scope.get("app")
+    methods: set[str] = set()
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        if isinstance(route, Mount):
+            continue
+        for method in set(candidates) - methods:
+            try:
+                match, _ = route.matches({**scope, "method": method})
+            except Exception:  # a path parameter its converter refuses: not this route's path
+                break
+            if match is Match.FULL:
+                methods.add(method)
+    return methods
 
 
 def create_app(config: AppConfig | None = None, *, manager: StreamManager | None = None) -> FastAPI:

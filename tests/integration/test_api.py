@@ -297,3 +297,26 @@ def test_a_405_names_head_beside_get(live_server, null_config) -> None:
         assert r.status_code == 405 and {"GET", "HEAD"} <= {m.strip() for m in r.headers["allow"].split(",")}
         r = http.post("/api/streams/d/mjpeg")  # no HEAD on the endless MJPEG route
         assert r.status_code == 405 and "HEAD" not in r.headers["allow"]
+
+
+def test_a_405_lists_every_method_the_path_takes(live_server, null_config) -> None:
+    """Not only the methods of the first route that matched the path: a client told which
+    methods it may use must not be sent away from PATCH and DELETE."""
+    srv = live_server(null_config)
+
+    def allow(r: httpx.Response) -> list[str]:
+        assert r.status_code == 405, r.text
+        return [m.strip() for m in r.headers["allow"].split(",")]
+
+    with httpx.Client(base_url=srv.url, timeout=10) as http:
+        assert http.post("/api/streams", json={"source": "demo", "id": "d"}).status_code == 201
+        assert allow(http.put("/api/streams/d")) == ["GET", "HEAD", "PATCH", "DELETE"]
+        assert allow(http.post("/api/streams/d")) == ["GET", "HEAD", "PATCH", "DELETE"]
+        assert allow(http.put("/api/streams/nope")) == ["GET", "HEAD", "PATCH", "DELETE"]
+        assert allow(http.delete("/api/streams")) == ["GET", "HEAD", "POST"]
+        assert allow(http.delete("/api/models/null")) == ["GET", "HEAD"]
+        # every method named is one the path takes
+        for method in ("GET", "HEAD", "PATCH"):
+            r = http.request(method, "/api/streams/d", json={} if method == "PATCH" else None)
+            assert r.status_code == 200, (method, r.status_code)
+        assert http.delete("/api/streams/d").status_code == 204
