@@ -406,3 +406,94 @@ def test_no_merge_into_a_frame_sized_crop():
     assert len(boxes) == 2
     small = (region(20, 20, 20, 30), region(45, 25, 20, 30))
     assert len(region_boxes(small, (H, W), cfg)) == 1
+
+
+# -- what the tracker's bookkeeping may skip, and must still find ------------------------------
+
+
+def _plain_components(mask, min_pixels):
+    """Reference: every component of the whole mask, labelled the straightforward way."""
+    n, _, stats, cents = cv2.connectedComponentsWithStats(mask.astype(np.uint8), 8, cv2.CV_32S)
+    return sorted(
+        (int(stats[i][0]), int(stats[i][1]), int(stats[i][0] + stats[i][2]), int(stats[i][1] + stats[i][3]),
+         int(stats[i][4]), round(float(cents[i][0]), 6), round(float(cents[i][1]), 6))
+        for i in range(1, n) if stats[i][4] >= max(1.0, min_pixels)
+    )
+
+
+def _as_tuples(regions):
+    return sorted(
+        (r.box.x0, r.box.y0, r.box.x1, r.box.y1, r.area, round(r.cx, 6), round(r.cy, 6)) for r in regions
+    )
+
+
+def test_components_inside_a_box_are_in_frame_coordinates_and_match_the_whole_mask():
+    from pipeline.roi import components
+
+    rng = np.random.default_rng(1)
+    mask = np.zeros((H, W), bool)
+    mask[10:50, 30:60] = True
+    mask[70:110, 120:190] = True
+    mask[72:80, 125:130] = False  # a hole
+    mask |= rng.random((H, W)) > 0.995  # specks
+    want = _plain_components(mask, 20)
+    assert len(want) == 2
+    assert _as_tuples(components(mask, 20)) == want
+    assert _as_tuples(components(mask, 20, Box(0, 0, W, H))) == want
+    # A box around both blobs; then each blob's own box: the same regions, frame coordinates.
+    assert _as_tuples(components(mask & ~(rng.random((H, W)) > 2), 20, Box(25, 5, 195, 115))) == want
+    parts = components(mask, 20, Box(25, 5, 65, 55)) + components(mask, 20, Box(115, 65, 195, 115))
+    assert _as_tuples(parts) == want
+    assert components(np.zeros((H, W), bool), 1, Box(10, 10, 50, 50)) == []
+
+
+def test_tracked_regions_are_those_of_the_whole_output_mask():
+    """Between full passes only the crops' boxes are searched for people: the regions the
+    tracker keeps must be exactly the output mask's own components, crops apart or touching."""
+    from pipeline.roi import components
+
+    seg = RedSegmenter()
+    cfg = RoiConfig(enabled=True, full_every=50, min_crop=0.0, budget=0)
+    # apart; close (overlapping crops); one wide region cut into side-by-side crops that overlap
+    for blobs in ([(20, 30, 20, 30), (150, 40, 20, 30)], [(40, 30, 20, 30), (66, 40, 20, 30)],
+                  [(20, 50, 150, 40)]):
+        tracker = RoiTracker(cfg, Spec())
+        for i in range(6):
+            moved = [(x + 2 * i, y, bw, bh) for x, y, bw, bh in blobs]
+            img, _ = scene(moved)
+            plan, out = step(tracker, seg, img, i)
+            mask = out.labels != 0
+            got = [(r.box, r.area) for r in tracker.state.regions]
+            assert got, "the tracked people were lost"
+            if plan.full:
+                continue  # a full pass also seeds from fainter foreground than the output shows
+            assert sorted(got, key=str) == sorted(
+                [(r.box, r.area) for r in components(mask, cfg.min_area * H * W)], key=str
+            )
+        assert not plan.full  # the last frames ran crops only
+
+
+def test_cpu_pasting_matches_torch_resizing():
+    """On a CPU the crops' probabilities are resized with OpenCV: the same as torch's bilinear."""
+    import torch.nn.functional as F
+
+    from pipeline.roi import fit_probs
+
+    probs = torch.rand(2, 32, 32)
+    for size in ((17, 17), (45, 45), (120, 71)):
+        got = fit_probs(probs, size, Spec())
+        want = F.interpolate(probs[None, 1:2], size=size, mode="bilinear", align_corners=False)[0]
+        assert got.shape == (1, *size)
+        assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_blend_windows_are_shared_and_never_written():
+    from pipeline.roi import crop_window
+
+    box = Box(40, 20, 100, 80)
+    first = crop_window(box, (H, W), 0.1).clone()
+    plan = RoiPlan(0, (H, W), False, (box,), "track", ((region(50, 30, 20, 30),),))
+    for _ in range(2):
+        compose(plan, Spec(), None, [torch.full((1, 60, 60), 0.8)], 0.1)
+    assert torch.equal(crop_window(box, (H, W), 0.1), first)
+    assert crop_window(box, (H, W), 0.1) is crop_window(Box(40, 20, 100, 80), (H, W), 0.1)
