@@ -146,6 +146,10 @@ class LimitsConfig(_Strict):
     max_request_bytes: int = Field(64 * 1024, ge=1024)
     max_header_bytes: int = Field(64 * 1024, ge=1024)  # request line and headers of one request
     client_queue: int = Field(1, ge=1, le=16)
+    # a message a websocket client does not take within this many seconds (its TCP window stays
+    # full: it does not read) closes the connection (1008), reset if the close cannot go out;
+    # unset: 20 s
+    ws_send_timeout_s: float | None = Field(None, gt=0, le=3600)
 
 
 class ServerConfig(_Strict):

@@ -221,8 +221,14 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
     app.state.hub = hub
     app.state.shutting_down = False
     app.state.started = False
+    app.state.ws_stats = ws.WsStats()
     app.state.metrics = (
-        Metrics(mgr, hub, device_memory=cuda_memory if mgr.device.startswith("cuda") else None)
+        Metrics(
+            mgr,
+            hub,
+            device_memory=cuda_memory if mgr.device.startswith("cuda") else None,
+            not_reading=lambda: int(app.state.ws_stats.not_reading),
+        )
         if config.server.metrics
         else None
     )
@@ -275,6 +281,7 @@ def create_app(config: AppConfig | None = None, *, manager: StreamManager | None
     app.add_middleware(BodySizeLimit, limit=config.limits.max_request_bytes)
     app.add_middleware(HeadAsGet)
     app.add_middleware(OneLineStartupFailure)
+    app.add_middleware(ws.TransportAbort)  # outermost: it needs the server's own send
 
     app.include_router(api.router)
     app.include_router(ws.router)

@@ -130,13 +130,14 @@ class Metrics:
         hub: _HubLike,
         *,
         device_memory: Callable[[], dict[str, int]] | None = None,
+        not_reading: Callable[[], int] | None = None,
         process: bool = True,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._manager = manager
         self._lock = threading.Lock()
         # One collector for everything: a scrape prunes removed streams, then reads the histograms.
-        self.registry.register(_StateCollector(manager, hub, self, device_memory))
+        self.registry.register(_StateCollector(manager, hub, self, device_memory, not_reading))
         # stream id -> {stage: histogram}; "total" is capture -> segmented
         self._hists: dict[str, dict[str, LatencyHistogram]] = {}
         if process:
@@ -221,11 +222,13 @@ class _StateCollector:
         hub: _HubLike,
         metrics: Metrics,
         device_memory: Callable[[], dict[str, int]] | None,
+        not_reading: Callable[[], int] | None = None,
     ) -> None:
         self._manager = manager
         self._hub = hub
         self._metrics = metrics
         self._device_memory = device_memory
+        self._not_reading = not_reading
 
     def describe(self) -> list[Metric]:
         return []  # families are dynamic; nothing to pre-register
@@ -294,6 +297,12 @@ class _StateCollector:
             "segstream_clients", "Websocket clients connected, all streams", value=total_clients
         )
         yield CounterMetricFamily("segstream_encoded", "Result messages encoded", value=self._hub.encoded)
+        yield CounterMetricFamily(
+            "segstream_clients_not_reading",
+            "Websocket clients closed because a message to them did not go out within "
+            "limits.ws_send_timeout_s (they did not read)",
+            value=self._not_reading() if self._not_reading is not None else 0,
+        )
 
     def _engine(self) -> Iterator[Metric]:
         engine = self._manager.engine

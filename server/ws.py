@@ -3,7 +3,13 @@
 Close codes (also in the README):
     4400 bad parameters, 4401 unauthorised, 4403 origin not allowed, 4404 unknown stream,
     4410 stream removed, 4429 too many clients, 1001 server shutting down,
-    1008 the client took no message for ``SEND_TIMEOUT_S``, 1009 message too big.
+    1008 the client took no message for ``limits.ws_send_timeout_s`` (``SEND_TIMEOUT_S`` when
+    unset), 1009 message too big.
+
+A client that does not read (its TCP receive window stays full) cannot be told anything: the
+close frame waits behind the messages it does not take. Once its send timeout has run out, it
+gets ``CLOSE_WAIT_S`` for the close frame, then its connection is reset (:class:`TransportAbort`),
+so neither its socket nor its buffered messages stay on the server.
 """
 
 from __future__ import annotations
@@ -13,10 +19,14 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import MutableMapping
+import socket
+import struct
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnected, WebSocketState
 
 from pipeline.render import Format
@@ -38,14 +48,66 @@ CLOSE_TOO_BIG = 1009
 CLOSE_NOT_READING = 1008
 
 MAX_CONTROL_BYTES = 64 * 1024  # control messages are tiny JSON objects
-# A message the transport cannot take for this long (its buffer stays full) means the client
-# does not read: it is closed instead of holding its slot, its encoder output and its
+# A message the transport cannot take for limits.ws_send_timeout_s (its buffer stays full) means
+# the client does not read: it is closed instead of holding its slot, its encoder output and its
 # connection for ever (the server's keepalive ping cannot end it: the ping waits behind the
 # same full buffer). A reader on a slow link empties the buffer in well under a second.
+# limits.ws_send_timeout_s when the config leaves it unset (also the MJPEG readers' timeout).
 SEND_TIMEOUT_S = 20.0
 # How long a removed stream's (or a stopping server's) sender may take to finish, and how
-# long the close frame may wait to be written, before the handler gives up on the client.
+# long the close frame may wait to be written, before the connection is reset.
 CLOSE_WAIT_S = 2.0
+# The scope key under which TransportAbort hands the handler a way to reset the connection.
+ABORT_KEY = "segstream.abort"
+
+
+@dataclass
+class WsStats:
+    """Per-app websocket counters, read by ``/metrics``."""
+
+    not_reading: int = 0  # clients closed because a message to them did not go out in time
+
+
+class ClientNotReading(Exception):
+    """A message to the client could not be handed to the transport within the send timeout."""
+
+
+def transport_abort(send: Send) -> Callable[[], None] | None:
+    """A function resetting the connection behind ``send``, or None where the server's
+    transport is not reachable.
+
+    ASGI has no way to ask for this. uvicorn's websocket protocols hand the application a
+    method of the protocol object, which holds the asyncio transport: its ``abort`` drops the
+    connection and its unsent buffer at once, where ``close`` waits for ever for a client that
+    does not read to take that buffer. Under another server nothing is reachable and the
+    server's own close applies."""
+    transport: Any = getattr(getattr(send, "__self__", None), "transport", None)
+    if not callable(getattr(transport, "abort", None)):
+        return None
+
+    def reset() -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # a reset (RST), not a FIN queued behind data the client does not read; uvloop's
+            # stand-in for a socket raises ValueError once the connection is gone
+            with contextlib.suppress(OSError, ValueError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+
+    return reset
+
+
+class TransportAbort:
+    """ASGI middleware: a websocket's scope carries (under ``ABORT_KEY``) a function resetting
+    its connection, or None where the server's transport cannot be reached."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            scope = {**scope, ABORT_KEY: transport_abort(send)}
+        await self.app(scope, receive, send)
 
 
 class ParamError(ValueError):
@@ -220,27 +282,29 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
     # Tell the client where the stream stands right away (it may be reconnecting).
     info = handle.describe()
     hub.publish_status(stream_id, {**info, "classes": list(app.state.classes_for(handle.model))}, only=client)
-    sender = asyncio.create_task(_send_loop(ws, hub, client))
+    send_timeout = config.limits.ws_send_timeout_s or SEND_TIMEOUT_S
+    sender = asyncio.create_task(_send_loop(ws, hub, client, send_timeout))
     receiver = asyncio.create_task(_receive_loop(ws, client))
     ended = asyncio.create_task(client.ended.wait())  # stream removed, server stopping
-    not_reading = False
+    not_reading = blocked = False
     try:
         done, _ = await asyncio.wait({sender, receiver, ended}, return_when=asyncio.FIRST_COMPLETED)
         if ended in done and not sender.done():
             # The sender ends by itself now, unless it is blocked on a client that does not read.
             await asyncio.wait({sender}, timeout=CLOSE_WAIT_S)
+            blocked = not sender.done()
         await cancel_and_wait(sender, receiver, ended)
         for task in (sender, receiver):
             error = None if task.cancelled() else task.exception()
-            if error is None or _disconnected(error):
-                continue
-            if task is sender and isinstance(error, TimeoutError):
+            if isinstance(error, ClientNotReading):
                 not_reading = True
+                app.state.ws_stats.not_reading += 1
                 log.info(
-                    "stream %s: websocket client took no message for %.0f s: closing it",
-                    stream_id, SEND_TIMEOUT_S,
+                    "stream %s: websocket client %s took no message for %g s "
+                    "(limits.ws_send_timeout_s): closing it",
+                    stream_id, _peer(ws), send_timeout,
                 )
-            else:
+            elif error is not None and not _disconnected(error):
                 log.warning("stream %s: websocket client ended with %r", stream_id, error)
     finally:
         hub.unsubscribe(client)
@@ -248,13 +312,16 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
             ws.application_state != WebSocketState.DISCONNECTED
             and ws.client_state != WebSocketState.DISCONNECTED
         ):
+            # A sender still blocked after CLOSE_WAIT_S: the close frame would wait behind the
+            # same full buffer, so the connection is reset at once.
+            wait = 0.0 if blocked else CLOSE_WAIT_S
             if app.state.shutting_down:
-                await _close_within(ws, CLOSE_GOING_AWAY, "server shutting down")
+                await _close_within(ws, CLOSE_GOING_AWAY, "server shutting down", wait)
             elif app.state.manager.find(stream_id) is not handle:
-                await _close_within(ws, CLOSE_STREAM_REMOVED, f"stream {stream_id!r} was removed")
+                await _close_within(ws, CLOSE_STREAM_REMOVED, f"stream {stream_id!r} was removed", wait)
             elif not_reading:
                 await _close_within(
-                    ws, CLOSE_NOT_READING, f"client took no message for {SEND_TIMEOUT_S:.0f} s"
+                    ws, CLOSE_NOT_READING, f"client took no message for {send_timeout:g} s", wait
                 )
 
 
@@ -278,22 +345,37 @@ def _disconnected(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "after sending 'websocket.close'" in str(error)
 
 
-async def _close_within(ws: WebSocket, code: int, reason: str) -> None:
-    """:func:`close`, but given up after ``CLOSE_WAIT_S``: the close frame of a client that
-    does not read waits behind the full buffer for ever."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(CLOSE_WAIT_S):
-            await close(ws, code, reason)
+async def _close_within(ws: WebSocket, code: int, reason: str, wait: float = CLOSE_WAIT_S) -> None:
+    """:func:`close`, but when the close frame cannot be written within ``wait`` seconds (the
+    client does not read: it waits behind the full buffer for ever) the connection is reset
+    instead, so that its socket and buffer do not stay on the server."""
+    if wait > 0:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await close(ws, code, reason)
+                return
+    abort = ws.scope.get(ABORT_KEY)
+    if abort is not None:
+        abort()
 
 
-async def _send_loop(ws: WebSocket, hub: Hub, client: Client) -> None:
+def _peer(ws: WebSocket) -> str:
+    return f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
+
+
+async def _send_loop(ws: WebSocket, hub: Hub, client: Client, timeout: float) -> None:
     while True:
         msg = await client.next()
         if msg is None:
             return
         data = hub.finalize(client, msg)
-        async with asyncio.timeout(SEND_TIMEOUT_S):
-            await ws.send_bytes(data)
+        try:
+            async with asyncio.timeout(timeout):
+                await ws.send_bytes(data)
+        except TimeoutError:
+            # raised apart from TimeoutError, which is an OSError: _disconnected() would take it
+            # for a client that went away
+            raise ClientNotReading(f"no message taken for {timeout:g} s") from None
         client.sent += 1
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -243,3 +245,85 @@ async def test_a_slow_client_does_not_slow_a_fast_one(live_server, null_config) 
     assert len(stalled_client[0].queue) <= 1
     drops = httpx.get(f"{srv.url}/api/streams/demo").json()["drops"]
     assert drops.get("client_slow", 0) > 0, drops
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (Linux ``tcp_info.tcpi_state``): 1 while established,
+    7 (closed) after a reset from the peer, 8 (close-wait) after its FIN. Unlike a read, it does
+    not take what the server sent."""
+    return struct.unpack("B", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
+
+
+ESTABLISHED = 1
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="reads the TCP state through Linux's TCP_INFO")
+async def test_a_client_that_does_not_read_is_disconnected_while_a_slow_reader_keeps_its_frames(
+    live_server, null_config, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A viewer whose TCP window stays full is disconnected once a message to it has waited
+    limits.ws_send_timeout_s (its socket does not stay open on the server, which logs and counts
+    it), while a viewer that reads slower than the stream, but reads, keeps getting frames."""
+    timeout_s = 2.0
+    limits = null_config.limits.model_copy(update={"ws_send_timeout_s": timeout_s})
+    srv = live_server(null_config.model_copy(update={"limits": limits}))
+    caplog.set_level(logging.INFO, logger="segstream.ws")
+    add_stream(srv, id="demo", source="demo")  # 25 fps of 640x360: 5.8 MB/s as raw label maps
+    path = srv.stream_ws("demo", format="raw").split(str(srv.port), 1)[1]
+    stalled = stalled_websocket(srv.port, path)
+    try:
+        # max_queue=1: the client library stops reading the socket while a message waits, so
+        # this viewer's window fills too whenever it has not taken the last one yet
+        async with connect(
+            srv.stream_ws("demo", format="raw"), open_timeout=5, max_size=None, max_queue=1, close_timeout=1
+        ) as slow:
+            frames: list[int] = []
+
+            async def read_slowly(until: float) -> dict:
+                header: dict = {}
+                while time.monotonic() < until:
+                    header = (await next_result(slow, timeout=10)).header
+                    frames.append(header["frame"])
+                    await asyncio.sleep(0.25)  # 4 frames a second out of 25
+                return header
+
+            deadline = time.monotonic() + 30
+            while tcp_state(stalled) == ESTABLISHED:
+                assert time.monotonic() < deadline, "the client that does not read is still connected"
+                await read_slowly(time.monotonic() + 0.5)
+            # the slow reader outlives the send timeout twice over
+            last = await read_slowly(time.monotonic() + 2 * timeout_s)
+            assert slow.close_code is None
+            assert srv.app.state.hub.client_count("demo") == 1
+    finally:
+        stalled.close()
+    assert frames == sorted(set(frames)) and len(frames) >= 20
+    assert last["dropped"]["client_slow"] > 0  # it was slower than the stream
+    logged = [r.getMessage() for r in caplog.records if r.name == "segstream.ws"]
+    assert [m for m in logged if "took no message for 2 s" in m], logged
+    metrics = httpx.get(f"{srv.url}/metrics", timeout=5).text
+    assert "segstream_clients_not_reading_total 1.0" in metrics.splitlines()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="reads the TCP state through Linux's TCP_INFO")
+async def test_removing_a_stream_ends_the_connection_of_a_client_that_does_not_read(
+    live_server, null_config
+) -> None:
+    """Its close frame cannot go out (the client's window is full), so its connection is reset
+    instead of staying open on the server for as long as the client stays."""
+    srv = live_server(null_config)
+    add_stream(srv, id="demo", source="demo")
+    path = srv.stream_ws("demo", format="raw").split(str(srv.port), 1)[1]
+    stalled = stalled_websocket(srv.port, path)
+    try:
+        deadline = time.monotonic() + 10
+        while not [c for c in srv.app.state.hub.clients("demo") if c.dropped_slow > 0]:
+            assert time.monotonic() < deadline, "the client's window did not fill"
+            await asyncio.sleep(0.1)
+        assert httpx.delete(f"{srv.url}/api/streams/demo", timeout=10).status_code == 204
+        deadline = time.monotonic() + 15
+        while tcp_state(stalled) == ESTABLISHED:
+            assert time.monotonic() < deadline, "the client of a removed stream is still connected"
+            await asyncio.sleep(0.1)
+    finally:
+        stalled.close()
