@@ -25,6 +25,7 @@ from models.segmenter import Segmenter, prepare_input
 from models.temporal import TemporalParams
 from pipeline.config import AppConfig, RoiConfig, StreamConfig, TemporalConfig, check_stream_id
 from pipeline.engine import Engine
+from pipeline.memory import keep_frame_buffers
 from pipeline.slot import DropCounter, DropPolicy, FrameSlot
 from pipeline.sources import SourceSpec, parse_source
 from pipeline.stats import RollingWindow
@@ -132,6 +133,9 @@ class StreamManager:
         # OpenCV's own pool on top of that only adds hand-offs and busy waiting (about 1 ms of
         # CPU per 720p frame on 2 cores) for no gain in throughput.
         cv2.setNumThreads(1)
+        # Frame-sized buffers are freed and allocated again on every frame: keep them in the
+        # process instead of paying for fresh pages each time (pipeline.memory).
+        keep_frame_buffers()
         self._lock = threading.RLock()
         self._streams: dict[str, StreamHandle] = {}
         self._modules: dict[str, tuple[torch.nn.Module, Any]] = {}
