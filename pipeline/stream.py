@@ -32,6 +32,10 @@ _PUT_POLL_S = 0.25  # how often a producer blocked on a full ``block`` slot re-c
 _FPS_WINDOW_S = 2.0
 _DEFAULT_FPS = 25.0  # pacing rate of a file that declares none and has no timestamps
 _MAX_FRAME_GAP_S = 5.0  # a longer gap between timestamps is a jump, not a frame interval
+# A live HLS playlist reopened after a reconnect starts a few segments before its end: pictures
+# up to this long before the last one shown are those again. (Further back: a new timeline,
+# e.g. the encoder behind the playlist restarted.)
+_REPLAY_WINDOW_S = 120.0
 _SLOW_FPS_WINDOW_S = 60.0
 
 
@@ -121,6 +125,7 @@ class StreamWorker:
         self._started_at = t
         self._last_frame_at: float | None = None
         self._frames = 0
+        self._shown_pts: float | None = None  # HLS: the latest timestamp delivered, across reconnects
         self._next_index = 0
         self._reconnects = 0
         self._size: tuple[int, int] | None = None
@@ -405,10 +410,22 @@ class StreamWorker:
         last_kept_pts: float | None = None
         last_kept_wall = 0.0
         delivered = 0
+        replayed = 0
         for raw in source.frames():
             if self._stop.is_set():
                 raise _Stop
             t = time.monotonic()
+            if segmented and delivered == 0 and self._replay(raw):
+                # Shown before the reconnect: not a new picture (nor a sign of life, so a
+                # playlist that stopped growing still counts as stalled). Only the start of a
+                # connection is checked: timestamps that go back later on (a discontinuity in
+                # the playlist) are the source's own.
+                replayed += 1
+                if replayed == 1:
+                    log.info("stream %s: skipping pictures shown before the reconnect", self.stream_id)
+                if watch_stall and t - last_frame > stall_s:
+                    raise SourceStalled(f"stalled: no new picture for {stall_s:g} s")
+                continue
             if raw is None or (min_gap and self._skip(raw, t, min_gap, last_kept_pts, last_kept_wall)):
                 if watch_stall and t - last_frame > stall_s:
                     raise SourceStalled(f"stalled: no picture for {stall_s:g} s")
@@ -423,6 +440,8 @@ class StreamWorker:
                 anchor = self._pace(delivered / rate, anchor, delivered == 0)
             self._deliver(raw, discontinuity=discontinuity and delivered == 0)
             delivered += 1
+            if segmented and raw.pts is not None:
+                self._shown_pts = raw.pts if self._shown_pts is None else max(self._shown_pts, raw.pts)
             if pace:
                 # When the next frame is due, also across a loop or a reopen: the first frame
                 # of the next pass waits one frame interval instead of following at once.
@@ -432,6 +451,12 @@ class StreamWorker:
                 self._resume_at = time.monotonic() + step
                 last_pts = raw.pts
         return delivered
+
+    def _replay(self, raw: RawFrame | None) -> bool:
+        """A picture of a segmented (HLS) source delivered already, before a reconnect."""
+        if raw is None or raw.pts is None or self._shown_pts is None:
+            return False
+        return self._shown_pts - _REPLAY_WINDOW_S <= raw.pts <= self._shown_pts
 
     @staticmethod
     def _skip(raw: RawFrame, t: float, gap: float, last_pts: float | None, last_wall: float) -> bool:

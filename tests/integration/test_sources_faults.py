@@ -240,3 +240,36 @@ def test_hls_served_live_comes_at_its_pace_not_a_segment_at_a_time(
     assert len(arrivals) == 25
     span = arrivals[-1] - arrivals[0]  # 24 intervals: 2.4 s at 10 fps
     assert (span > 1.8) if paced else (span < 1.0), span
+
+
+def test_a_frozen_live_hls_playlist_is_not_replayed_after_a_reconnect(tmp_path: Path) -> None:
+    """A live playlist that stops growing (the encoder behind it hung) stalls; each reconnect
+    starts again a few segments from its end. Those pictures were shown already: they must
+    not come again as new frames with timestamps going backwards."""
+    playlist = _hls_recording(tmp_path)
+    lines = playlist.read_text().splitlines()
+    dropped = ("#EXT-X-ENDLIST", "#EXT-X-PLAYLIST-TYPE:VOD")  # now a live playlist that never grows
+    playlist.write_text("\n".join(ln for ln in lines if ln not in dropped) + "\n")
+    with FileHttpServer(tmp_path) as server:
+        # FFmpeg waits for new segments inside one read: the read timeout ends that wait.
+        spec = parse_source(f"http://127.0.0.1:{server.port}/index.m3u8?realtime=0&read_timeout_s=1")
+        slot = FrameSlot(capacity=64, policy=DropPolicy.BLOCK)
+        worker = StreamWorker("hls", spec, slot, reconnect=FAST)
+        worker.start()
+        pts: list[float] = []
+        try:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and worker.status().reconnects < 2:
+                frame = slot.take()
+                if frame is not None and frame.pts is not None:
+                    pts.append(frame.pts)
+                else:
+                    time.sleep(0.01)
+            while (frame := slot.take()) is not None:
+                pts.append(frame.pts)
+            reconnects = worker.status().reconnects
+        finally:
+            assert worker.stop(timeout=3)
+    assert reconnects >= 2, "the frozen playlist never stalled"
+    assert pts, "no picture at all"
+    assert all(b > a for a, b in zip(pts, pts[1:], strict=False)), f"pictures came again: {pts}"

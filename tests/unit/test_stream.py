@@ -547,3 +547,52 @@ def test_a_source_slowed_by_target_fps_is_not_stalled_between_its_pictures(targe
         assert worker.stop(2)
     assert marked is stalls
     assert any(s.state is S.STALLED for s in seen) is stalls
+
+
+class Segmented(Source):
+    """One HLS-like session: pictures with the given timestamps, then the server closes."""
+
+    def __init__(self, pts: list[float]) -> None:
+        self.uri = "fake://x"
+        self.pts = pts
+
+    def open(self) -> SourceInfo:
+        return SourceInfo(width=8, height=6, fps=30.0, segmented=True)
+
+    def frames(self) -> Iterator[RawFrame | None]:
+        img = np.zeros((6, 8, 3), np.uint8)
+        for p in self.pts:
+            yield RawFrame(image=img, pts=p)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("second", "delivered"),
+    [
+        # reopened a few segments before the end: the repeated pictures are skipped
+        ([3.0, 4.0, 5.0, 6.0, 7.0], [6.0, 7.0]),
+        # the encoder behind the playlist restarted: a new timeline, all of it is new
+        ([0.0, 1.0, 2.0], [0.0, 1.0, 2.0]),
+    ],
+)
+def test_a_reopened_playlist_does_not_show_its_pictures_again(second, delivered) -> None:
+    first = [1.0, 2.0, 3.0, 4.0, 5.0]
+    if second[0] == 0.0:
+        first = [500.0 + p for p in first]
+    factory, _ = script(Segmented(first), Segmented(second), Scripted("stall"))
+    worker, slot, _ = run(fake_spec(factory, realtime=False))
+    frames = drain(slot, worker, until=len(first) + len(delivered), timeout=3)
+    assert worker.stop(2)
+    assert [f.pts for f in frames] == first + delivered
+    assert [f.index for f in frames if f.discontinuity] == [0, len(first)]
+
+
+def test_timestamps_going_back_within_a_playlist_are_kept() -> None:
+    """A discontinuity inside the playlist (timestamps start again) is the source's own."""
+    factory, _ = script(Segmented([1.0, 2.0, 3.0, 1.5, 2.5]), Scripted("stall"))
+    worker, slot, _ = run(fake_spec(factory, realtime=False))
+    frames = drain(slot, worker, until=5, timeout=3)
+    assert worker.stop(2)
+    assert [f.pts for f in frames] == [1.0, 2.0, 3.0, 1.5, 2.5]
