@@ -202,19 +202,24 @@ class _Subscribed(StreamingResponse):
     the response ends (all sent, the client gone, the stream removed, the server stopping),
     notices a client that went away while no frame was coming (a camera that is down) at
     once, and lets go of a reader that does not read: one that takes no part for
-    ``SEND_TIMEOUT_S``, or whose stream ended while a send to it was blocked."""
+    ``send_timeout`` seconds (``limits.ws_send_timeout_s``, as for websockets), or whose
+    stream ended while a send to it was blocked."""
 
-    def __init__(self, content: AsyncIterator[bytes], hub: Hub, client: Client, **kwargs: Any) -> None:
+    def __init__(
+        self, content: AsyncIterator[bytes], hub: Hub, client: Client, *,
+        send_timeout: float = SEND_TIMEOUT_S, **kwargs: Any,
+    ) -> None:
         super().__init__(content, **kwargs)
         self._hub = hub
         self._client = client
+        self._send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         complete = False
 
         async def timed_send(message: Message) -> None:
             nonlocal complete
-            async with asyncio.timeout(SEND_TIMEOUT_S):
+            async with asyncio.timeout(self._send_timeout):
                 await send(message)
             complete = message["type"] == "http.response.body" and not message.get("more_body", False)
 
@@ -242,7 +247,7 @@ class _Subscribed(StreamingResponse):
         if isinstance(error, TimeoutError):
             log.info(
                 "stream %s: MJPEG reader took no picture for %.0f s: closing it",
-                self._client.stream_id, SEND_TIMEOUT_S,
+                self._client.stream_id, self._send_timeout,
             )
         elif error is not None and not isinstance(error, OSError | ClientDisconnect):
             raise error
@@ -314,6 +319,7 @@ async def mjpeg(request: Request, stream_id: str) -> StreamingResponse:
         _parts(client),
         hub,
         client,
+        send_timeout=request.app.state.config.limits.ws_send_timeout_s or SEND_TIMEOUT_S,
         media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
         headers={"Cache-Control": "no-store"},
     )

@@ -295,12 +295,11 @@ def test_an_mjpeg_reader_that_does_not_read_goes_with_its_stream(live_server, nu
 
 
 def test_an_mjpeg_reader_that_stops_reading_is_let_go_after_the_send_timeout(
-    live_server, null_config, monkeypatch: pytest.MonkeyPatch
+    live_server, null_config
 ) -> None:
-    from server import pictures
-
-    monkeypatch.setattr(pictures, "SEND_TIMEOUT_S", 1.0)
-    srv = server_with(live_server, null_config, cam="demo")
+    """limits.ws_send_timeout_s bounds MJPEG readers as it bounds websocket clients."""
+    limits = null_config.limits.model_copy(update={"ws_send_timeout_s": 1.0})
+    srv = server_with(live_server, null_config.model_copy(update={"limits": limits}), cam="demo")
     hub = srv.app.state.hub
     with Errors("uvicorn.error") as errors:
         sock = blocked_mjpeg_reader(srv, "cam")
