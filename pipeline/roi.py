@@ -508,14 +508,16 @@ def _paste(
     acc = torch.zeros_like(region)
     wsum = torch.zeros((1, y1 - y0, x1 - x0), dtype=base.dtype, device=base.device)
     alpha = torch.zeros_like(wsum)
+    # In place throughout: the boxes' common box can be most of the frame, and each temporary
+    # of its size costs as much as the arithmetic.
     for box, p in zip(boxes, crops, strict=True):
         win = crop_window(box, (h, w), feather, base.device)
         sl = (slice(None), slice(box.y0 - y0, box.y1 - y0), slice(box.x0 - x0, box.x1 - x0))
-        acc[sl] += win * p
-        wsum[sl] += win
-        alpha[sl] = torch.maximum(alpha[sl], win)
-    blended = acc / wsum.clamp_min(1e-6)
-    region.copy_(region * (1.0 - alpha) + blended * alpha)
+        acc[sl].addcmul_(win, p)
+        wsum[sl].add_(win)
+        torch.maximum(alpha[sl], win, out=alpha[sl])
+    blended = acc.div_(wsum.clamp_min_(1e-6))
+    region.lerp_(blended, alpha)  # region (1 - alpha) + blended alpha
     return out
 
 
