@@ -229,9 +229,10 @@ class Segmenter:
         if len(images) == 0:
             raise ValueError("preprocess needs at least one image")
         th, tw = self.spec.input_size
-        out = torch.empty((len(images), 3, th, tw), dtype=torch.float32, device=self.device)
-        if self.channels_last:
-            out = out.contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = torch.empty(
+            (len(images), 3, th, tw), dtype=torch.float32, device=self.device, memory_format=layout
+        )
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
             if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
@@ -250,7 +251,13 @@ class Segmenter:
             if (bh, bw) != (th, tw):
                 canvas = torch.zeros((len(idx), 3, th, tw), dtype=torch.float32, device=self.device)
                 canvas[:, :, top : top + bh, left : left + bw] = x
-            out.index_copy_(0, self._rows(idx), canvas)
+            if self.device.type == "cpu":
+                # Row by row: index_copy_ into a channels-last batch is several times slower
+                # than these copies (mixed sizes are ROI mode's usual case: frames and crops).
+                for j, i in enumerate(idx):
+                    out[i].copy_(canvas[j])
+            else:
+                out.index_copy_(0, self._rows(idx), canvas)
         return out
 
     def _rows(self, idx: list[int]) -> torch.Tensor:

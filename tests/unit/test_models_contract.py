@@ -72,6 +72,10 @@ def test_segmenter_mixed_sizes_batch() -> None:
         assert np.array_equal(labels, (fg > 0.5).astype(np.uint8))
     # identical images in one batch give identical results
     assert np.array_equal(out[0][0], out[2][0])
+    # each row of a mixed batch is exactly that image's input alone, in its place
+    for i, im in enumerate(images):
+        assert torch.equal(x[i], seg.preprocess([im])[0])
+    assert not torch.equal(x[0], x[1])
 
 
 def test_segmenter_multiclass_letterbox_roundtrip() -> None:
