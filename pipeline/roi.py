@@ -615,14 +615,15 @@ def update_state(
             vx, vy = 0.5 * (ovx + v[0]), 0.5 * (ovy + v[1])
             probs = crop_probs[k] if crop_probs is not None else torch.empty(0)
             sources.append((plan.boxes[k], Patch(plan.boxes[k], probs, plan.index, vx, vy)))
+    pasted = list(plan.boxes)  # where this frame's mask can hold foreground without a full pass
     for patch in plan.held:
         landed = patch.at(plan.index, plan.size)
         if landed is not None:
             sources.append((landed[0], patch))
+            pasted.append(landed[0])
     regions = []
     # Without a full pass, only the crops (and results held over from earlier ones) put any
-    # foreground in the mask: look for components inside their common box only.
-    pasted = list(plan.boxes) + [landed[0] for p in plan.held if (landed := p.at(plan.index, plan.size))]
+    # foreground in the mask: look for components inside their boxes only.
     found: list[Region] = []
     if plan.full:
         found = components(mask, cfg.min_area * h * w)
