@@ -39,6 +39,7 @@ from server.ws import (
     list_names,
     number_param,
     parse_settings,
+    send_timeout,
 )
 
 log = logging.getLogger("segstream.pictures")
@@ -319,7 +320,7 @@ async def mjpeg(request: Request, stream_id: str) -> StreamingResponse:
         _parts(client),
         hub,
         client,
-        send_timeout=request.app.state.config.limits.ws_send_timeout_s or SEND_TIMEOUT_S,
+        send_timeout=send_timeout(request.app.state.config),
         media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
         headers={"Cache-Control": "no-store"},
     )

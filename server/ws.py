@@ -72,6 +72,12 @@ class ClientNotReading(Exception):
     """A message to the client could not be handed to the transport within the send timeout."""
 
 
+def send_timeout(config: Any) -> float:
+    """How long a websocket client or MJPEG reader may take no message before it is let go:
+    ``limits.ws_send_timeout_s``, or ``SEND_TIMEOUT_S`` when the config leaves it unset."""
+    return float(config.limits.ws_send_timeout_s or SEND_TIMEOUT_S)
+
+
 def transport_abort(send: Send) -> Callable[[], None] | None:
     """A function resetting the connection behind ``send``, or None where the server's
     transport is not reachable.
@@ -282,8 +288,8 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
     # Tell the client where the stream stands right away (it may be reconnecting).
     info = handle.describe()
     hub.publish_status(stream_id, {**info, "classes": list(app.state.classes_for(handle.model))}, only=client)
-    send_timeout = config.limits.ws_send_timeout_s or SEND_TIMEOUT_S
-    sender = asyncio.create_task(_send_loop(ws, hub, client, send_timeout))
+    timeout = send_timeout(config)
+    sender = asyncio.create_task(_send_loop(ws, hub, client, timeout))
     receiver = asyncio.create_task(_receive_loop(ws, client))
     ended = asyncio.create_task(client.ended.wait())  # stream removed, server stopping
     not_reading = blocked = False
@@ -302,7 +308,7 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
                 log.info(
                     "stream %s: websocket client %s took no message for %g s "
                     "(limits.ws_send_timeout_s): closing it",
-                    stream_id, _peer(ws), send_timeout,
+                    stream_id, _peer(ws), timeout,
                 )
             elif error is not None and not _disconnected(error):
                 log.warning("stream %s: websocket client ended with %r", stream_id, error)
@@ -321,7 +327,7 @@ async def stream_results(ws: WebSocket, stream_id: str) -> None:
                 await _close_within(ws, CLOSE_STREAM_REMOVED, f"stream {stream_id!r} was removed", wait)
             elif not_reading:
                 await _close_within(
-                    ws, CLOSE_NOT_READING, f"client took no message for {send_timeout:g} s", wait
+                    ws, CLOSE_NOT_READING, f"client took no message for {timeout:g} s", wait
                 )
 
 
