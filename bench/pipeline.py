@@ -232,15 +232,14 @@ def _model_b1(run: Run) -> float:
     """Batch-1 frames/s of ``infer`` alone, over a short window: measured right before and right
     after an end-to-end run, so that the ratio divides by what the network did at that time
     (a shared machine's speed drifts by tens of percent within minutes)."""
+    torch.set_num_threads(run.engine_config().threads or default_torch_threads())
     if "b1_segmenter" not in run.cache:
-        torch.set_num_threads(run.engine_config().threads or default_torch_threads())
         seg = segmenter_for(run, run.model)
         th, tw = seg.spec.input_size
         x = seg.preprocess([np.random.default_rng(0).integers(0, 255, (th, tw, 3), dtype=np.uint8)])
         seg.infer(x)
         run.cache["b1_segmenter"] = (seg, x)
     seg, x = run.cache["b1_segmenter"]
-    torch.set_num_threads(run.engine_config().threads or default_torch_threads())
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < run.seconds(1.5, 0.8):
         seg.infer(x)
