@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -215,6 +217,21 @@ def _hls_recording(directory: Path, seconds: int = 4, fps: int = 10) -> Path:
     return directory / "index.m3u8"
 
 
+@contextmanager
+def _hls_worker(directory: Path, query: str, capacity: int) -> Iterator[tuple[StreamWorker, FrameSlot]]:
+    """A stream worker on ``directory``'s ``index.m3u8`` served over HTTP, into a blocking slot;
+    stopped (within 3 s) on the way out."""
+    with FileHttpServer(directory) as server:
+        spec = parse_source(f"http://127.0.0.1:{server.port}/index.m3u8{query}")
+        slot = FrameSlot(capacity=capacity, policy=DropPolicy.BLOCK)
+        worker = StreamWorker("hls", spec, slot, reconnect=FAST)
+        worker.start()
+        try:
+            yield worker, slot
+        finally:
+            assert worker.stop(timeout=3)
+
+
 @pytest.mark.parametrize(("query", "paced"), [("", True), ("?realtime=0", False)])
 def test_hls_served_live_comes_at_its_pace_not_a_segment_at_a_time(
     tmp_path: Path, query: str, paced: bool
@@ -222,21 +239,14 @@ def test_hls_served_live_comes_at_its_pace_not_a_segment_at_a_time(
     """HLS hands over a whole segment at once; served live, its pictures are paced by their
     timestamps (10 fps here), so the one-frame slot does not drop most of every segment."""
     _hls_recording(tmp_path)
-    with FileHttpServer(tmp_path) as server:
-        spec = parse_source(f"http://127.0.0.1:{server.port}/index.m3u8{query}")
-        slot = FrameSlot(capacity=1, policy=DropPolicy.BLOCK)
-        worker = StreamWorker("hls", spec, slot, reconnect=FAST)
-        worker.start()
-        arrivals: list[float] = []
-        try:
-            deadline = time.monotonic() + 8
-            while len(arrivals) < 25 and time.monotonic() < deadline:
-                if slot.take() is not None:
-                    arrivals.append(time.monotonic())
-                else:
-                    time.sleep(0.002)
-        finally:
-            assert worker.stop(timeout=3)
+    arrivals: list[float] = []
+    with _hls_worker(tmp_path, query, capacity=1) as (_, slot):
+        deadline = time.monotonic() + 8
+        while len(arrivals) < 25 and time.monotonic() < deadline:
+            if slot.take() is not None:
+                arrivals.append(time.monotonic())
+            else:
+                time.sleep(0.002)
     assert len(arrivals) == 25
     span = arrivals[-1] - arrivals[0]  # 24 intervals: 2.4 s at 10 fps
     assert (span > 1.8) if paced else (span < 1.0), span
@@ -250,26 +260,19 @@ def test_a_frozen_live_hls_playlist_is_not_replayed_after_a_reconnect(tmp_path: 
     lines = playlist.read_text().splitlines()
     dropped = ("#EXT-X-ENDLIST", "#EXT-X-PLAYLIST-TYPE:VOD")  # now a live playlist that never grows
     playlist.write_text("\n".join(ln for ln in lines if ln not in dropped) + "\n")
-    with FileHttpServer(tmp_path) as server:
-        # FFmpeg waits for new segments inside one read: the read timeout ends that wait.
-        spec = parse_source(f"http://127.0.0.1:{server.port}/index.m3u8?realtime=0&read_timeout_s=1")
-        slot = FrameSlot(capacity=64, policy=DropPolicy.BLOCK)
-        worker = StreamWorker("hls", spec, slot, reconnect=FAST)
-        worker.start()
-        pts: list[float] = []
-        try:
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and worker.status().reconnects < 2:
-                frame = slot.take()
-                if frame is not None and frame.pts is not None:
-                    pts.append(frame.pts)
-                else:
-                    time.sleep(0.01)
-            while (frame := slot.take()) is not None:
+    pts: list[float] = []
+    # FFmpeg waits for new segments inside one read: the read timeout ends that wait.
+    with _hls_worker(tmp_path, "?realtime=0&read_timeout_s=1", capacity=64) as (worker, slot):
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and worker.status().reconnects < 2:
+            frame = slot.take()
+            if frame is not None and frame.pts is not None:
                 pts.append(frame.pts)
-            reconnects = worker.status().reconnects
-        finally:
-            assert worker.stop(timeout=3)
+            else:
+                time.sleep(0.01)
+        while (frame := slot.take()) is not None:
+            pts.append(frame.pts)
+        reconnects = worker.status().reconnects
     assert reconnects >= 2, "the frozen playlist never stalled"
     assert pts, "no picture at all"
     assert all(b > a for a, b in zip(pts, pts[1:], strict=False)), f"pictures came again: {pts}"
