@@ -117,6 +117,7 @@ class _StreamCtx:
     model: str
     temporal: TemporalConfig
     roi: RoiConfig
+    slot: FrameSlot | None = None  # where this stream's frames come from (a re-added id has another)
     temporal_state: TemporalState | None = None
     refiner: TemporalRefiner | None = None
     roi_state: Any = None
@@ -269,7 +270,7 @@ class Engine:
     ) -> None:
         with self._streams_lock:
             self._streams[stream_id] = _StreamCtx(
-                stream_id, model, temporal or TemporalConfig(), roi or RoiConfig()
+                stream_id, model, temporal or TemporalConfig(), roi or RoiConfig(), slot
             )
         self._batcher.add(Lane(stream_id=stream_id, slot=slot, group=model))
         self.notify()
@@ -439,8 +440,21 @@ class Engine:
             return
         for lane, frame in batch.stale:
             log.debug("engine: dropped stale frame %s/%d", lane.stream_id, frame.index)
+        keep = [i for i, lane in enumerate(batch.lanes) if self._current(lane)]
+        if len(keep) < len(batch.frames):
+            # Taken just before their stream was removed: nobody wants them.
+            frames, lanes = [batch.frames[i] for i in keep], [batch.lanes[i] for i in keep]
+            batch = replace(batch, frames=frames, lanes=lanes)
         if batch.frames:
             self._process(batch)
+
+    def _current(self, lane: Lane) -> bool:
+        """Whether ``lane`` still feeds its stream: not once the stream was removed, nor after
+        another stream was added under the same id (the old source's frames, decided or in
+        the network when that happened, must not reach the new stream's clients, counters or
+        temporal and ROI state)."""
+        ctx = self._ctx(lane.stream_id)
+        return ctx is not None and ctx.slot is lane.slot
 
     def _process(self, batch: Batch) -> None:
         size = len(batch.frames)
@@ -509,8 +523,8 @@ class Engine:
         plain_iter = iter(zip(job.plans, outs, strict=True))
         for i, frame in enumerate(batch.frames):
             info: dict[str, Any]
-            if i in job.failed:
-                continue
+            if i in job.failed or not self._current(batch.lanes[i]):
+                continue  # failed, or its stream was removed (or replaced) while the batch ran
             if i in job.roi_outs:
                 r = job.roi_outs[i]
                 labels, fg, full_pass, info = r.labels, r.fg, bool(r.info["full"]), {"roi": r.info}
@@ -558,7 +572,7 @@ class Engine:
         self.stats.last_error = msg
         for lane in lanes:
             lane.slot.drops.add(DropCause.ERROR)
-            if self._on_error is not None:
+            if self._on_error is not None and self._current(lane):
                 self._on_error(lane.stream_id, msg)
 
     # -- temporal refinement: per-stream state, decided before the model runs ---------

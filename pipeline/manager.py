@@ -301,7 +301,7 @@ class StreamManager:
                 reconnect=self.config.reconnect,
                 realtime=self.realtime,
                 max_pixels=self.config.limits.max_source_pixels,
-                on_status=functools.partial(self._on_status, sid),
+                on_status=functools.partial(self._on_status, sid, slot),
                 prepare=self._prepare_for(model, sc.roi),
                 ready=functools.partial(self.engine.wait_model, model),
             )
@@ -387,8 +387,12 @@ class StreamManager:
             return list(self._streams.values())
 
     # -- callbacks from worker and engine threads ------------------------------------
-    def _on_status(self, stream_id: str, status: StreamStatus) -> None:
+    def _on_status(self, stream_id: str, slot: FrameSlot, status: StreamStatus) -> None:
         handle = self.find(stream_id)
+        if handle is not None and handle.slot is not slot:
+            # A removed stream's source ending (it can take up to its read timeout) after
+            # another stream took its id: that one is not stopping.
+            return
         if handle is not None and status.state is StreamState.STREAMING and self.engine.died is None:
             handle.engine_error = None  # a dead engine's error stays: nothing is segmented
         for listener in list(self.status_listeners):

@@ -240,6 +240,57 @@ def test_stale_frames_never_reach_the_model():
     assert eng.stop(2)
 
 
+class GatedSegmenter(ThresholdSegmenter):
+    """Holds its first batch inside the network until ``release`` is set."""
+
+    def __init__(self, name: str, fail_on: set[int] | None = None) -> None:
+        super().__init__(name, fail_on)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def infer(self, x):
+        if self.calls == 0:
+            self.entered.set()
+            assert self.release.wait(5)
+        return super().infer(x)
+
+
+def test_a_frame_in_the_network_when_its_stream_is_replaced_reaches_nobody():
+    """DELETE then POST of the same id while the old source's frame is in the network: the old
+    picture must not appear on the new stream, nor its failure be reported there."""
+    seg = GatedSegmenter("m")
+    eng, col = start_engine({"m": seg})
+    old = FrameSlot(on_put=eng.notify)
+    eng.add_stream("cam", old, model="m")
+    old.put(frame("cam", 500))
+    assert seg.entered.wait(5)
+    eng.remove_stream("cam")
+    new = FrameSlot(on_put=eng.notify)
+    eng.add_stream("cam", new, model="m")
+    seg.release.set()
+    new.put(frame("cam", 0))
+    col.wait(lambda c: any(r.frame.index == 0 for r in c.results))
+    assert [r.frame.index for r in col.results] == [0]
+    assert eng.stop(2)
+
+
+def test_a_failing_batch_of_a_replaced_stream_is_not_reported_on_its_successor():
+    seg = GatedSegmenter("m", fail_on={1})  # the held batch fails once released
+    eng, col = start_engine({"m": seg})
+    old = FrameSlot(on_put=eng.notify)
+    eng.add_stream("cam", old, model="m")
+    old.put(frame("cam", 500))
+    assert seg.entered.wait(5)
+    eng.remove_stream("cam")
+    eng.add_stream("cam", FrameSlot(on_put=eng.notify), model="m")
+    seg.release.set()
+    wait = time.monotonic() + 5
+    while eng.stats.errors == 0 and time.monotonic() < wait:
+        time.sleep(0.01)
+    assert eng.stats.errors == 1 and "boom" in eng.stats.last_error  # it failed, and is counted...
+    assert col.errors == []  # ...but not said to the stream now called "cam"
+    assert eng.stop(2)
+
+
 def test_stop_joins_the_thread():
     eng, _ = start_engine({"m": ThresholdSegmenter("m")})
     assert eng.alive

@@ -1,0 +1,80 @@
+"""A stream removed and added again under the same id: what is left of the old one (a source
+thread stuck in a call that ignores interrupts) must not speak for the new one."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from pipeline.config import AppConfig, EngineConfig, SourceOptions, StreamConfig
+from pipeline.manager import StreamManager
+from pipeline.sources import SourceSpec
+from pipeline.sources.base import RawFrame, Source, SourceError, SourceInfo
+from pipeline.stream import StreamStatus
+from pipeline.types import StreamState
+
+
+@dataclass(frozen=True)
+class _Spec(SourceSpec):
+    factory: Callable[[], Source] | None = None
+
+    def create(self) -> Source:
+        assert self.factory is not None
+        return self.factory()
+
+
+class StuckOpen(Source):
+    """A camera whose open blocks in a call that interrupts cannot cut short (a name lookup
+    against a dead DNS server, a driver call) until ``release`` is set."""
+
+    uri = "stuck://cam"
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        self.entered, self.release = entered, release
+
+    def open(self) -> SourceInfo:
+        self.entered.set()
+        self.release.wait(10)
+        raise SourceError("cannot open: the camera did not answer", retryable=True)
+
+    def frames(self) -> Iterator[RawFrame | None]:
+        yield from ()
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_old_source_ending_after_its_id_was_reused_does_not_stop_the_new_stream() -> None:
+    """DELETE (waiting for the old source thread) and POST of the same id at once: the old
+    stream's end, said when the wait is over, is not the new stream's."""
+    entered, release = threading.Event(), threading.Event()
+    spec = _Spec(
+        uri="stuck://cam", kind="network", options=SourceOptions(), display="stuck://cam",
+        factory=lambda: StuckOpen(entered, release),
+    )
+    mgr = StreamManager(AppConfig(default_model="null", engine=EngineConfig(device="cpu", threads=1)))
+    seen: list[tuple[str, StreamStatus]] = []
+    mgr.status_listeners.append(lambda sid, st: seen.append((sid, st)))
+    mgr.start()
+    try:
+        old = mgr.add(StreamConfig(id="cam", source="stuck://cam"), spec=spec)
+        assert entered.wait(10)
+        removed: list[bool] = []
+        remover = threading.Thread(target=lambda: removed.append(mgr.remove("cam", timeout=1.0)))
+        remover.start()
+        while mgr.find("cam") is not None:  # the id is free as soon as the removal starts
+            threading.Event().wait(0.01)
+        mark = len(seen)
+        new = mgr.add(StreamConfig(id="cam", source="demo"))
+        remover.join(10)
+        assert removed == [False]  # the old thread was still inside the open: it is stopped anyway
+        late = [st.state for sid, st in seen[mark:] if sid == "cam" and st.state.terminal]
+        assert late == [], f"the new stream was told it ended: {late}"
+        release.set()
+        assert old.worker.join(5)
+        assert new.worker.wait_state({StreamState.STREAMING}, 10) is StreamState.STREAMING
+        assert mgr.get("cam").describe()["state"] == "streaming"
+    finally:
+        release.set()
+        assert mgr.shutdown()
