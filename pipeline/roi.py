@@ -266,9 +266,16 @@ def _fits_square(b: Box, frame: tuple[int, int], cfg: RoiConfig) -> bool:
 
 def _split(r: Region, cfg: RoiConfig, gap: int, short: int) -> tuple[Region, ...]:
     """A region too wide for one square crop (people side by side, touching, in one component)
-    as side-by-side slices, one crop each, so each keeps a crop's resolution; others as they are."""
+    as side-by-side slices, one crop each, so each keeps a crop's resolution; others as they are.
+
+    Any such region wider than tall is sliced, into ``ceil(w / h)`` slices no wider than tall,
+    whose margins are relative to the slices, not to the region's width. Unsliced, two people
+    touching (one walking in front of the other) got one crop padded by a quarter of their joint
+    width on each side, wider than the frame is tall; squeezed into the model's square input, the
+    network kept the front person and dropped the one behind. The slices' crops merge back into
+    one square crop where it fits (:func:`region_boxes`): a tighter one."""
     w, h = r.box.width, r.box.height
-    if _side(r, cfg, gap, short) <= short or w <= 1.25 * h:
+    if _side(r, cfg, gap, short) <= short or w <= h:
         return (r,)
     k = max(2, math.ceil(w / max(h, 1)))
     edges = [r.box.x0 + round(i * w / k) for i in range(k + 1)]

@@ -134,6 +134,25 @@ def test_a_region_too_wide_for_one_square_crop_gets_side_by_side_crops():
     assert len(region_boxes((region(20, 30, 60, 60),), (H, W), cfg)) == 1
 
 
+def test_two_people_touching_a_little_wider_than_tall_get_square_crops_that_fit_the_frame():
+    # One walking in front of the other: one component 324 x 262 (wider than tall, less than
+    # 1.25 times) in an 854 x 480 frame. Padded by a quarter of its width on each side it needs
+    # 486 px, more than the frame's height: one crop would be a 486 x 480 rectangle squeezing
+    # both people into the model's square input (the one behind was lost in it). It is sliced
+    # instead, and the slices' crops are square and hold the whole component.
+    frame = (480, 854)
+    cfg = RoiConfig(enabled=True)
+    pair = region(500, 218, 324, 262)
+    boxes = region_boxes((pair,), frame, cfg)
+    for box, _ in boxes:
+        assert box.width == box.height < frame[0]
+    assert min(b.x0 for b, _ in boxes) <= 500 and max(b.x1 for b, _ in boxes) >= 824
+    assert sum(len(m) for _, m in boxes) >= 2  # made for the slices, not for the whole region
+    # one person of the same height, narrower than tall, is left whole
+    (box, members), = region_boxes((region(500, 218, 250, 262),), frame, cfg)
+    assert members == (region(500, 218, 250, 262),) and box.width == box.height
+
+
 def test_cap_merges_the_closest_regions_and_keeps_everyone_covered():
     cfg = RoiConfig(enabled=True, min_crop=0.0, margin=0.0, max_regions=2)
     regs = (region(0, 0, 10, 10), region(14, 0, 10, 10), region(180, 100, 10, 10), region(100, 0, 10, 10))
