@@ -135,6 +135,9 @@ class EngineConfig(_Strict):
     compile: bool = False
     cuda_graphs: bool = True  # CUDA only (ignored on a CPU): one graph per batch size, captured at warm-up
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None = cores - 1 (>=1)
+    # CPU only, Linux: the engine thread on the first `threads` CPUs, every other thread on the
+    # others (pipeline.affinity)
+    pin_threads: bool = False
     encode_workers: int | None = Field(None, ge=1)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from models.temporal import Plan, TemporalParams, TemporalRefiner, TemporalState
+from pipeline.affinity import pin_this_thread
 from pipeline.batcher import Batch, Batcher, Lane
 from pipeline.config import EngineConfig, RoiConfig, TemporalConfig
 from pipeline.roi import RoiOutput, RoiPlan, RoiTracker
@@ -221,8 +222,12 @@ class Engine:
         on_error: Callable[[str, str], None] | None = None,
         on_batch: Callable[[str, int, dict[str, float]], None] | None = None,
         preload: Sequence[str] = (),
+        cpus: set[int] | None = None,
     ) -> None:
+        """``cpus``: the CPUs the engine thread (and the threads it starts: torch's workers,
+        model builders) runs on; None leaves it where it is started (pipeline.affinity)."""
         self.config = config
+        self._cpus = cpus
         self._factory = segmenter_factory
         self._on_result = on_result
         self._on_error = on_error
@@ -408,6 +413,8 @@ class Engine:
 
     def _run(self) -> None:
         try:
+            if self._cpus is not None:
+                pin_this_thread(self._cpus)
             self._build_wanted()  # the preloaded models
             self.stats.ready = True
             while not self._stop.is_set():

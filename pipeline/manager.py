@@ -23,6 +23,7 @@ from models.device import resolve_device
 from models.registry import build_model, get_spec
 from models.segmenter import Segmenter, prepare_input
 from models.temporal import TemporalParams
+from pipeline.affinity import AffinityError, available_cpus, pin_process, split_cpus
 from pipeline.config import AppConfig, RoiConfig, StreamConfig, TemporalConfig, check_stream_id
 from pipeline.engine import Engine
 from pipeline.memory import keep_frame_buffers
@@ -128,7 +129,16 @@ class StreamManager:
         self.slot_policy = slot_policy
         self.restrict_files = restrict_files
         self.device = resolve_device(config.engine.device)
-        torch.set_num_threads(config.engine.threads or default_torch_threads())
+        threads = config.engine.threads or default_torch_threads()
+        # engine.pin_threads: the CPUs split between the engine thread and everything else,
+        # checked first (a split that cannot be made stops the service before anything changes)
+        self._cpus: tuple[set[int], set[int], set[int]] | None = None
+        if config.engine.pin_threads and self.device == "cpu":
+            allowed = available_cpus()
+            if allowed is None:
+                raise AffinityError("engine.pin_threads: threads cannot be pinned to CPUs on this platform")
+            self._cpus = (allowed, *split_cpus(allowed, threads))
+        torch.set_num_threads(threads)
         # Every stage already runs on its own thread (capture per stream, engine, render pool):
         # OpenCV's own pool on top of that only adds hand-offs and busy waiting (about 1 ms of
         # CPU per 720p frame on 2 cores) for no gain in throughput.
@@ -151,6 +161,7 @@ class StreamManager:
             on_result=self._on_result,
             on_error=self._on_engine_error,
             preload=[config.default_model],
+            cpus=self._cpus[1] if self._cpus else None,
         )
         self._started = False
 
@@ -212,6 +223,11 @@ class StreamManager:
         if self._started:
             return
         self._watchdog_stop.clear()
+        if self._cpus is not None:
+            # Every thread there is now, and every thread they start (sources, decoders, encoders,
+            # the server's), on the CPUs the engine thread leaves; it moves to its own when it starts.
+            pin_process(self._cpus[2])
+            log.info("engine thread on CPUs %s, the rest on %s", sorted(self._cpus[1]), sorted(self._cpus[2]))
         self._watchdog = threading.Thread(target=self._watch_stalls, name="stall-watchdog", daemon=True)
         self._watchdog.start()
         self.load_model(self.config.default_model)
@@ -248,6 +264,8 @@ class StreamManager:
         engine_stopped = self.engine.stop(left)
         if not engine_stopped:
             log.error("the engine did not stop within %.1f s (a model call still running)", left)
+        if self._cpus is not None:
+            pin_process(self._cpus[0])  # the process's threads may use all its CPUs again
         self._started = False
         return engine_stopped and not stuck
 

@@ -53,6 +53,8 @@ def _config_from_args(args: argparse.Namespace) -> AppConfig:
             engine[key] = getattr(args, key)
     if getattr(args, "compile", False):
         engine["compile"] = True
+    if getattr(args, "pin_threads", False):
+        engine["pin_threads"] = True
     if getattr(args, "cuda_graphs", None) is not None:
         engine["cuda_graphs"] = args.cuda_graphs
     if getattr(args, "model", None):
@@ -333,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=["auto", "fp32", "fp16", "bf16"], help="engine.precision (auto: fp16 on CUDA)"
     )
     s.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    s.add_argument(
+        "--pin-threads",
+        action="store_true",
+        help="engine.pin_threads: the network's thread on CPUs of its own, the rest on the others",
+    )
     s.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,

@@ -203,6 +203,15 @@ def test_cuda_graphs_are_on_unless_the_file_or_a_flag_turns_them_off(
     assert _config_from_args(serve_args("--config", str(p), *flags)).engine.cuda_graphs is graphs
 
 
+@pytest.mark.parametrize(("file", "flags", "pinned"), [("", [], False), ("", ["--pin-threads"], True),
+                                                      ("[engine]\npin_threads = true\n", [], True)])
+def test_engine_threads_are_pinned_when_the_file_or_a_flag_asks(
+    tmp_path: Path, file: str, flags: list[str], pinned: bool
+) -> None:
+    p = write(tmp_path, file)
+    assert _config_from_args(serve_args("--config", str(p), *flags)).engine.pin_threads is pinned
+
+
 def test_a_backoff_cap_below_its_start_names_both_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load(tmp_path, "[reconnect]\nauth_backoff_s = 120\nauth_max_backoff_s = 30\n")

@@ -1,0 +1,60 @@
+"""Which CPUs the network's thread and the rest of the service run on (Linux, opt-in).
+
+On a CPU the engine thread runs the network with ``engine.threads`` torch threads, and
+every other thread (capture and FFmpeg's decoders, the finisher, encoders, the server) needs
+CPU time too. Left to the scheduler, they all share every core: the network is preempted in
+the middle of a pass, its caches are refilled by someone else's frames, and a pass takes
+longer inside the service than alone. With ``engine.pin_threads`` the CPUs this process may
+use are split: the first ``threads`` of them for the engine thread (torch's own worker
+threads, started by it, inherit its set), the others for everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class AffinityError(ValueError):
+    """The CPUs cannot be split as asked."""
+
+
+def available_cpus() -> set[int] | None:
+    """The CPUs this process may run on, or None where threads cannot be pinned."""
+    if not hasattr(os, "sched_getaffinity") or not hasattr(os, "sched_setaffinity"):
+        return None
+    return set(os.sched_getaffinity(0))
+
+
+def split_cpus(allowed: set[int], engine_threads: int) -> tuple[set[int], set[int]]:
+    """(the engine's CPUs, everyone else's): the lowest ``engine_threads`` of ``allowed``
+    for the engine, at least one left for the rest."""
+    cpus = sorted(allowed)
+    if engine_threads < 1 or len(cpus) < engine_threads + 1:
+        raise AffinityError(
+            f"engine.pin_threads needs one CPU per torch thread ({engine_threads}) and at least one "
+            f"more for decoding and serving; this process may use {len(cpus)}: "
+            "lower engine.threads or turn pin_threads off"
+        )
+    return set(cpus[:engine_threads]), set(cpus[engine_threads:])
+
+
+def pin_process(cpus: set[int]) -> int:
+    """Every thread of the process now, and those they start later, onto ``cpus``.
+    Returns how many threads were moved (a thread that ended meanwhile is skipped)."""
+    moved = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+            moved += 1
+        except (ProcessLookupError, ValueError):
+            continue
+    return moved
+
+
+def pin_this_thread(cpus: set[int]) -> None:
+    """The calling thread (and the threads it starts from now on) onto ``cpus``."""
+    os.sched_setaffinity(0, cpus)
