@@ -254,10 +254,9 @@ class GatedSegmenter(ThresholdSegmenter):
         return super().infer(x)
 
 
-def test_a_frame_in_the_network_when_its_stream_is_replaced_reaches_nobody():
-    """DELETE then POST of the same id while the old source's frame is in the network: the old
-    picture must not appear on the new stream, nor its failure be reported there."""
-    seg = GatedSegmenter("m")
+def replace_mid_batch(seg: GatedSegmenter):
+    """Stream "cam" removed and added again (new slot) while its frame 500 is in the network;
+    the network is then let go. Returns the engine, its collector and the new stream's slot."""
     eng, col = start_engine({"m": seg})
     old = FrameSlot(on_put=eng.notify)
     eng.add_stream("cam", old, model="m")
@@ -267,6 +266,13 @@ def test_a_frame_in_the_network_when_its_stream_is_replaced_reaches_nobody():
     new = FrameSlot(on_put=eng.notify)
     eng.add_stream("cam", new, model="m")
     seg.release.set()
+    return eng, col, new
+
+
+def test_a_frame_in_the_network_when_its_stream_is_replaced_reaches_nobody():
+    """DELETE then POST of the same id while the old source's frame is in the network: the old
+    picture must not appear on the new stream."""
+    eng, col, new = replace_mid_batch(GatedSegmenter("m"))
     new.put(frame("cam", 0))
     col.wait(lambda c: any(r.frame.index == 0 for r in c.results))
     assert [r.frame.index for r in col.results] == [0]
@@ -274,15 +280,7 @@ def test_a_frame_in_the_network_when_its_stream_is_replaced_reaches_nobody():
 
 
 def test_a_failing_batch_of_a_replaced_stream_is_not_reported_on_its_successor():
-    seg = GatedSegmenter("m", fail_on={1})  # the held batch fails once released
-    eng, col = start_engine({"m": seg})
-    old = FrameSlot(on_put=eng.notify)
-    eng.add_stream("cam", old, model="m")
-    old.put(frame("cam", 500))
-    assert seg.entered.wait(5)
-    eng.remove_stream("cam")
-    eng.add_stream("cam", FrameSlot(on_put=eng.notify), model="m")
-    seg.release.set()
+    eng, col, _ = replace_mid_batch(GatedSegmenter("m", fail_on={1}))  # the held batch fails
     wait = time.monotonic() + 5
     while eng.stats.errors == 0 and time.monotonic() < wait:
         time.sleep(0.01)

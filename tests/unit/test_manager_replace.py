@@ -4,24 +4,14 @@ thread stuck in a call that ignores interrupts) must not speak for the new one."
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 from pipeline.config import AppConfig, EngineConfig, SourceOptions, StreamConfig
 from pipeline.manager import StreamManager
-from pipeline.sources import SourceSpec
 from pipeline.sources.base import RawFrame, Source, SourceError, SourceInfo
 from pipeline.stream import StreamStatus
 from pipeline.types import StreamState
-
-
-@dataclass(frozen=True)
-class _Spec(SourceSpec):
-    factory: Callable[[], Source] | None = None
-
-    def create(self) -> Source:
-        assert self.factory is not None
-        return self.factory()
+from tests.unit.test_stream import FakeSpec
 
 
 class StuckOpen(Source):
@@ -49,7 +39,7 @@ def test_an_old_source_ending_after_its_id_was_reused_does_not_stop_the_new_stre
     """DELETE (waiting for the old source thread) and POST of the same id at once: the old
     stream's end, said when the wait is over, is not the new stream's."""
     entered, release = threading.Event(), threading.Event()
-    spec = _Spec(
+    spec = FakeSpec(
         uri="stuck://cam", kind="network", options=SourceOptions(), display="stuck://cam",
         factory=lambda: StuckOpen(entered, release),
     )
