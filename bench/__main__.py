@@ -48,6 +48,7 @@ SECTIONS: dict[str, Section] = {
     "model": pipeline.bench_model,
     "e2e": pipeline.bench_e2e,
     "threads": pipeline.bench_threads,
+    "pinning": pipeline.bench_pinning,
     "latency": pipeline.bench_latency,
     "overload": load.bench_overload,
     "streams": load.bench_streams,

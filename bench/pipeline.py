@@ -24,6 +24,7 @@ from bench.harness import Service, clients, make_clip
 from bench.tables import Table, percentile, ratio, verdict
 from models.registry import build_model
 from models.segmenter import Segmenter
+from pipeline.affinity import available_cpus
 from pipeline.config import EngineConfig
 from pipeline.manager import default_torch_threads, resolve_device
 from pipeline.slot import DropPolicy
@@ -93,9 +94,11 @@ def bench_decode(run: Run) -> Table:
     return t
 
 
-def _throughput(run: Run, model: str, fmt: str, *, threads: int | None = None) -> dict[str, Any]:
+def _throughput(
+    run: Run, model: str, fmt: str, *, threads: int | None = None, **engine_kw: Any
+) -> dict[str, Any]:
     """One unpaced 720p stream through the real service (blocking slot: nothing is decoded in vain)."""
-    engine = run.engine_config(threads=threads)
+    engine = run.engine_config(threads=threads, **engine_kw)
     dur = run.seconds(8.0, 4.0)
     cpu: list[float] = []  # process CPU seconds at the start and the end of the measured window
     with Service(model=model, engine=engine, realtime=False, policy=DropPolicy.BLOCK) as svc:
@@ -313,6 +316,34 @@ def bench_threads(run: Run) -> Table:
     for n, r in res.items():
         t.add(n, r["fps"], r["stages_ms"]["infer"], ratio(r["fps"], res[1]["fps"]))
     t.data = {str(n): r for n, r in res.items()}
+    return t
+
+
+def bench_pinning(run: Run) -> Table:
+    t = Table("pinning", f"`engine.pin_threads`, end to end (`{run.model}`, one unpaced 720p stream)",
+              ["client format", "not pinned frames/s", "pinned frames/s", "pinned ÷ not",
+               "infer ms not pinned / pinned"])
+    cpus = available_cpus()
+    if resolve_device(run.engine_config().device) != "cpu" or cpus is None or len(cpus) < 2:
+        t.notes.append("skipped: needs the CPU device, Linux and 2 CPUs")
+        return t
+    # Interleaved rounds, medians: a noisy neighbour then hurts both settings alike.
+    got: dict[tuple[str, bool], list[dict[str, Any]]] = {}
+    for _ in range(2 if run.quick else 3):
+        for fmt in ("rle", "overlay"):
+            for pin in (False, True):
+                got.setdefault((fmt, pin), []).append(_throughput(run, run.model, fmt, pin_threads=pin))
+    for fmt in ("rle", "overlay"):
+        fps = {pin: statistics.median(r["fps"] for r in got[fmt, pin]) for pin in (False, True)}
+        infer = {pin: statistics.median(r["stages_ms"]["infer"] or 0.0 for r in got[fmt, pin])
+                 for pin in (False, True)}
+        t.add(fmt, fps[False], fps[True], ratio(fps[True], fps[False]),
+              f"{infer[False]:.1f} / {infer[True]:.1f}")
+        t.notes.append(f"{fmt} rounds, not pinned / pinned frames/s: " + ", ".join(
+            f"{a['fps']:.0f} / {b['fps']:.0f}" for a, b in zip(got[fmt, False], got[fmt, True], strict=True)))
+        t.data[fmt] = {"not_pinned": got[fmt, False], "pinned": got[fmt, True]}
+    t.notes.append(f"medians of interleaved rounds; pinned: the engine thread on CPU {min(cpus)}, "
+                   "every other thread (this benchmark's client included) on the others")
     return t
 
 
