@@ -361,9 +361,10 @@ class StreamManager:
     def remove(self, stream_id: str, timeout: float = 5.0) -> bool:
         """Remove a stream; True when its source thread ended within ``timeout``.
 
-        The stream is gone for everyone at once either way. A source blocked inside an open
-        or a read (a camera that stopped answering) leaves its thread behind until that
-        call's own timeout; it is a daemon and delivers nothing more."""
+        The stream is gone for everyone at once either way. A source blocked in a call
+        FFmpeg does not interrupt (a host name lookup) leaves its thread behind until that
+        call ends; it is a daemon and delivers nothing more. (An open or a read blocked on a
+        silent camera is interrupted within about 100 ms.)"""
         handle = self._detach(stream_id)
         stopped = handle.worker.join(timeout)
         if stopped:

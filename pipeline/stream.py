@@ -162,9 +162,9 @@ class StreamWorker:
     def join(self, timeout: float) -> bool:
         """Wait for the thread after ``request_stop``. True when it is gone.
 
-        An open or a read blocked inside FFmpeg ends by its own timeout at the latest
-        (``open_timeout_s``, ``read_timeout_s``), so the thread can outlive ``timeout``; it is
-        a daemon, and the stream is ``stopped`` for everyone meanwhile.
+        An open or a read blocked inside FFmpeg is interrupted within about 100 ms; a call
+        FFmpeg does not interrupt (a host name lookup) can keep the thread past ``timeout``:
+        it is a daemon, and the stream is ``stopped`` for everyone meanwhile.
         """
         with self._cond:
             thread = self._thread

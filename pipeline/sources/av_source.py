@@ -3,8 +3,9 @@
 Every network read is bounded: FFmpeg's socket ``timeout`` option plus PyAV's
 interrupt-callback timeout (``av.open(timeout=(open, read))``) make a frozen peer raise
 instead of blocking the thread for ever. Closing a container from another thread is
-unsafe in FFmpeg, so ``interrupt`` only raises a flag that is checked between packets;
-a read already blocked ends by its timeout.
+unsafe in FFmpeg, so ``interrupt`` raises a flag that is checked between packets and that
+makes the clock PyAV's timeouts read run out on the source's own thread (``_StopClock``):
+an open or a read already blocked in FFmpeg then ends within about 100 ms.
 
 A local file is opened as itself only: demuxers that read a file as a list of other files
 or URLs (HLS playlists, ffconcat lists, DASH manifests, ...) are refused before they open
@@ -435,6 +436,65 @@ class Deinterlacer:
                 return out
 
 
+class _StopClock:
+    """The clock PyAV's timeouts read (``av.container.core.time``): the real one, except on a
+    thread whose source was told to stop. There each reading is a day past the one before, so
+    whichever timeout is running has run out at the next look, and FFmpeg gives up the blocked
+    call at its next check of the interrupt callback (its network reads wait in slices of
+    100 ms). Closing the container from the stopping thread would be unsafe; this ends a read
+    blocked on a frozen camera, a live HLS playlist that stopped growing or a silent server at
+    once instead of after its read timeout. The callback runs only for containers opened with
+    a timeout (network ones); each reading still only goes forwards, as PyAV checks."""
+
+    _DAY = 86400.0
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self._stopping: dict[int, tuple[threading.Thread, threading.Event]] = {}
+        self._ahead = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def monotonic(self) -> float:
+        now = float(self._real.monotonic())
+        entry = self._stopping.get(threading.get_ident())
+        if entry is None or not entry[1].is_set() or entry[0] is not threading.current_thread():
+            return now
+        self._ahead += self._DAY
+        return now + self._ahead
+
+    def watch(self, stop: threading.Event) -> None:
+        """From now on, PyAV calls on the calling thread end once ``stop`` is set."""
+        for ident, (thread, _) in list(self._stopping.items()):
+            if not thread.is_alive():
+                self._stopping.pop(ident, None)
+        self._stopping[threading.get_ident()] = (threading.current_thread(), stop)
+
+    def forget(self, stop: threading.Event) -> None:
+        for ident, (_, event) in list(self._stopping.items()):
+            if event is stop:
+                self._stopping.pop(ident, None)
+
+
+def _install_stop_clock() -> _StopClock | None:
+    """Put a :class:`_StopClock` where PyAV's interrupt callback looks the time up; None (reads
+    then end by their timeouts only) when this PyAV does not look it up there."""
+    core = getattr(getattr(av, "container", None), "core", None)
+    current = getattr(core, "time", None)
+    if isinstance(current, _StopClock):
+        return current
+    if current is not time:
+        log.debug("PyAV's interrupt callback clock not found: stopped sources wait for their read timeout")
+        return None
+    clock = _StopClock(time)
+    core.time = clock  # type: ignore[union-attr]
+    return clock
+
+
+_CLOCK = _install_stop_clock()
+
+
 class AvSource(Source):
     def __init__(self, spec: SourceSpec) -> None:
         self.spec = spec
@@ -516,6 +576,8 @@ class AvSource(Source):
         """``av.open`` the source, every failure raised as a SourceError saying why."""
         o = self.spec.options
         network = self._network
+        if network and _CLOCK is not None:
+            _CLOCK.watch(self._stop)  # opened and read on this thread: a stop ends its calls
         started = self._requested_at = time.monotonic()
         try:
             return av.open(
@@ -680,6 +742,8 @@ class AvSource(Source):
         except SourceError:
             raise
         except Exception as e:  # noqa: BLE001
+            if self._stop.is_set() and isinstance(e, av.error.ExitError):
+                return  # told to stop while a read was blocked: that read ended here
             closed = self._closed_by_server(e)
             if closed and self._snapshot and frames > 0:
                 return  # the picture came whole; the server just did not say how long it was
@@ -766,6 +830,8 @@ class AvSource(Source):
         self._stop.set()
 
     def close(self) -> None:
+        if _CLOCK is not None:
+            _CLOCK.forget(self._stop)
         container, self._container = self._container, None
         if container is not None:
             # Closing a broken container may raise; there is nothing left to do about it.

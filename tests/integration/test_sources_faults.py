@@ -16,7 +16,15 @@ from pipeline.sources import SourceError, parse_source
 from pipeline.stream import StreamWorker
 from pipeline.types import StreamState
 from tests.helpers_video import make_test_video
-from tests.integration.fakes_net import FileHttpServer, GarbageServer, MjpegServer, SilentServer, free_port
+from tests.integration.fakes_net import (
+    FileHttpServer,
+    GarbageServer,
+    HttpCamera,
+    MjpegServer,
+    SilentServer,
+    free_port,
+    jpeg_picture,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -276,3 +284,57 @@ def test_a_frozen_live_hls_playlist_is_not_replayed_after_a_reconnect(tmp_path: 
     assert reconnects >= 2, "the frozen playlist never stalled"
     assert pts, "no picture at all"
     assert all(b > a for a, b in zip(pts, pts[1:], strict=False)), f"pictures came again: {pts}"
+
+
+def _frozen_mjpeg(cam: HttpCamera, conn, request) -> None:
+    """Five pictures, then nothing more on an open connection: a camera that froze."""
+    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace;boundary=f\r\n\r\n")
+    for i in range(5):
+        jpg = jpeg_picture(i)
+        head = b"--f\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
+        conn.sendall(head + jpg + b"\r\n")
+    while cam.wait(0.1):
+        pass
+
+
+def _stop_time(worker: StreamWorker) -> tuple[bool, float]:
+    t0 = time.monotonic()
+    stopped = worker.stop(timeout=3)
+    return stopped, time.monotonic() - t0
+
+
+def test_stopping_a_frozen_camera_does_not_wait_for_its_read_timeout() -> None:
+    """Removing a stream whose camera froze mid-stream (a read blocked in FFmpeg, here with a
+    20 s read timeout) ends its thread at once, not when the read times out."""
+    with HttpCamera(_frozen_mjpeg) as cam:
+        slot = FrameSlot(capacity=16, policy=DropPolicy.BLOCK)
+        spec = parse_source(cam.url("/video?read_timeout_s=20"))
+        worker = StreamWorker("frozen", spec, slot, reconnect=FAST)
+        worker.start()
+        assert worker.wait_frames(4, timeout=10)
+        time.sleep(0.5)  # the read is now blocked, waiting for a sixth picture
+        stopped, took = _stop_time(worker)
+    assert stopped and took < 1.5, f"stopping took {took:.1f} s"
+
+
+def test_stopping_a_frozen_live_hls_playlist_does_not_wait_for_its_read_timeout(tmp_path: Path) -> None:
+    """FFmpeg waits for new segments of a live playlist inside one read; a stop ends that wait."""
+    playlist = _hls_recording(tmp_path)
+    lines = playlist.read_text().splitlines()
+    dropped = ("#EXT-X-ENDLIST", "#EXT-X-PLAYLIST-TYPE:VOD")  # a live playlist that never grows
+    playlist.write_text("\n".join(ln for ln in lines if ln not in dropped) + "\n")
+    with FileHttpServer(tmp_path) as server:
+        spec = parse_source(f"http://127.0.0.1:{server.port}/index.m3u8?realtime=0&read_timeout_s=20")
+        slot = FrameSlot(capacity=64, policy=DropPolicy.BLOCK)
+        worker = StreamWorker("hls", spec, slot, reconnect=FAST)
+        worker.start()
+        taken, last = 0, time.monotonic()
+        while time.monotonic() - last < 1.0:  # until a second without a new picture
+            if slot.take() is not None:
+                taken, last = taken + 1, time.monotonic()
+            else:
+                time.sleep(0.01)
+        assert taken >= 10 and worker.status().state is S.STREAMING
+        # FFmpeg is now waiting, inside one read, for a segment that never comes
+        stopped, took = _stop_time(worker)
+    assert stopped and took < 1.5, f"stopping took {took:.1f} s"
