@@ -409,8 +409,9 @@ class StreamManager:
     def _on_status(self, stream_id: str, slot: FrameSlot, status: StreamStatus) -> None:
         handle = self.find(stream_id)
         if handle is not None and handle.slot is not slot:
-            # A removed stream's source ending (it can take up to its read timeout) after
-            # another stream took its id: that one is not stopping.
+            # A removed stream's source thread ending after another stream took its id (its
+            # removal stopped waiting for it, or it was blocked in a call FFmpeg does not
+            # interrupt): that one is not stopping.
             return
         if handle is not None and status.state is StreamState.STREAMING and self.engine.died is None:
             handle.engine_error = None  # a dead engine's error stays: nothing is segmented
