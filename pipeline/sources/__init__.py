@@ -73,19 +73,25 @@ _USERINFO = re.compile(r"(://[^/@:\s\"'\\]*:)[^/@\s\"'\\]*@")
 # ``@`` that is followed by a host name (and port) and the end of that host part.
 _RAW_USERINFO = re.compile(
     r"(?P<head>://[^/?#@:\s\"'\\]*:)(?P<password>[^\s\"'\\]*)@"
-    r"(?=(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::\d*)?(?:[/?#\s\"'\\]|$))"
+    r"(?=(?P<host>(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::\d*)?)(?:[/?#\s\"'\\]|$))"
 )
+# What follows the @ of a camera's address: an IP address, or any host with a port.
+_CAMERA_HOST = re.compile(r"(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\])(?::\d+)?|[^:]+:\d+")
 _AUTHORITY_END = re.compile(r"[/?#]")
 
 
 def _raw_password(match: re.Match[str]) -> bool:
     """Whether ``_RAW_USERINFO`` matched a password, not ``host:port/path...@...`` (a port
-    followed by a path with an ``@`` in it)."""
+    followed by a path with an ``@`` in it). Digits then ``/`` read either way
+    (``admin:1234/5@10.0.0.7:554/live``, ``cam:8080/snap@2x.jpg``): a password when what
+    follows the ``@`` is an IP address or has a port, as a camera's address does."""
     password = match.group("password")
     end = _AUTHORITY_END.search(password)
     if end is None:
         return "@" in password  # ``user:p@ss@host``: urlsplit reads it right, a plain regex does not
-    return not (password[: end.start()].isdigit() and password[end.start()] == "/")
+    if password[: end.start()].isdigit() and password[end.start()] == "/":
+        return _CAMERA_HOST.fullmatch(match.group("host")) is not None
+    return True
 
 
 def _redact_userinfo(text: str) -> str:

@@ -144,11 +144,13 @@ def test_authentication(method: str, caplog: pytest.LogCaptureFixture) -> None:
 
 
 @needs_gst
-def test_a_password_typed_with_url_delimiters_connects_and_stays_hidden() -> None:
+@pytest.mark.parametrize("password", ["p#ss/w?rd@1", "1234/5"])
+def test_a_password_typed_with_url_delimiters_connects_and_stays_hidden(password: str) -> None:
     """Camera passwords often hold ``#``, ``?``, ``/`` or ``@``. Typed as is, a URL parser takes
     ``#`` for the start of a fragment: the password was shown in the stream's source, and FFmpeg
-    was asked to connect to the user name as a host. They are sent percent-encoded instead."""
-    password = "p#ss/w?rd@1"
+    was asked to connect to the user name as a host. They are sent percent-encoded instead.
+    (``admin:1234/5@`` also reads as host ``admin``, port 1234 and a path: an IP address after
+    the ``@`` says it is a password.)"""
     with RtspServer(auth="digest", user="admin", password=password) as server:
         url = f"rtsp://admin:{password}@127.0.0.1:{server.port}{server.path}"
         spec = parse_source(url)

@@ -78,6 +78,27 @@ def test_credentials_are_redacted_for_display() -> None:
 
 
 @pytest.mark.parametrize(
+    ("uri", "shown", "target"),
+    [
+        # digits, a slash, more: a password when an IP address or a port follows the @
+        ("rtsp://admin:1234/5@10.0.0.7:554/live", "rtsp://admin:***@10.0.0.7:554/live",
+         "rtsp://admin:1234%2F5@10.0.0.7:554/live"),
+        ("rtsp://admin:1234/5@10.0.0.7/live", "rtsp://admin:***@10.0.0.7/live",
+         "rtsp://admin:1234%2F5@10.0.0.7/live"),
+        ("rtsp://admin:1234/5@cam.local:554/live", "rtsp://admin:***@cam.local:554/live",
+         "rtsp://admin:1234%2F5@cam.local:554/live"),
+        # ...and a port, then a path holding an @, otherwise
+        ("http://cam:8080/snap@2x.jpg", "http://cam:8080/snap@2x.jpg", "http://cam:8080/snap@2x.jpg"),
+    ],
+)
+def test_a_password_of_digits_and_a_slash_is_told_from_a_port_and_a_path(
+    uri: str, shown: str, target: str
+) -> None:
+    spec = parse_source(uri)
+    assert (spec.display, spec.target, redact(uri)) == (shown, target, shown)
+
+
+@pytest.mark.parametrize(
     ("uri", "needle"),
     [
         ("gopher://example.com/x", "unsupported source scheme 'gopher'"),
