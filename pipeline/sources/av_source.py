@@ -635,6 +635,14 @@ class AvSource(Source):
             self.close()
             raise SourceError("no video stream in the source", retryable=network)
         stream = video_stream(self._container)
+        if stream.disposition & av.stream.Disposition.attached_pic:
+            # FFmpeg shows an audio file's cover picture as a one-frame video stream: segmenting
+            # that one picture (for ever, looped) is not what anyone pointing at a song wants.
+            self.close()
+            raise SourceError(
+                "no video stream in the source: its only picture is cover art (an audio file)",
+                retryable=False,
+            )
         # Frame threading adds a frame of latency per thread: fine for files, not for cameras.
         stream.thread_type = "SLICE" if (network and o.low_latency) else "AUTO"
         self._stream = stream

@@ -3,6 +3,8 @@ and what cannot be read fails in one line that says why."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from fractions import Fraction
 from pathlib import Path
 
@@ -46,14 +48,29 @@ def test_segment_of_a_variable_frame_rate_video_keeps_its_timing(tmp_path: Path,
     assert _frame_times(out) == pytest.approx(VFR_PTS, abs=2e-3)
 
 
+def _song_with_cover_art(path: Path) -> None:
+    """An AAC song whose cover picture FFmpeg shows as a one-frame video stream."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        pytest.skip("needs the ffmpeg command")
+    subprocess.run(
+        [ffmpeg, "-y", "-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=2",
+         "-f", "lavfi", "-i", "testsrc2=size=160x120:duration=1", "-frames:v", "1", "-map", "0:a",
+         "-map", "1:v", "-c:a", "aac", "-c:v", "mjpeg", "-disposition:v", "attached_pic", "-f", "mp4",
+         str(path)],
+        check=True, timeout=60,
+    )
+
+
 @pytest.mark.parametrize(
     ("make", "needle"),
     [
         (lambda p: p.write_bytes(b""), "the file is empty (0 bytes)"),
         (lambda p: p.write_text("hello, this is not a video\n"), "not a video stream FFmpeg can read"),
         (None, "no video stream in the source"),  # an audio-only file
+        (_song_with_cover_art, "its only picture is cover art"),
     ],
-    ids=["empty", "text", "audio-only"],
+    ids=["empty", "text", "audio-only", "cover-art"],
 )
 def test_segment_of_unreadable_file_says_why_in_one_line(tmp_path: Path, capsys, make, needle: str) -> None:
     bad = tmp_path / "input.mp4"
