@@ -66,15 +66,17 @@ def test_sigint_with_two_streams_exits_0(serve, clip: Path) -> None:
     assert "still running" not in log, log
 
 
-def test_sources_stuck_in_an_open_are_waited_for_together_and_exit_1(serve, tmp_path: Path) -> None:
-    """Three cameras that accept the connection and never answer: the shutdown waits for
-    them together within ``shutdown_timeout_s`` (not once per stream), names them and exits 1."""
+def test_sources_stuck_in_an_open_are_interrupted_at_shutdown_and_exit_0(serve, tmp_path: Path) -> None:
+    """Three cameras that accept the connection and never answer, with a 30 s open timeout:
+    the shutdown interrupts their opens instead of waiting for them, and exits 0 well within
+    ``shutdown_timeout_s``. (Sources blocked in a call that cannot be interrupted are waited
+    for together and named: tests/unit/test_manager_replace.py.)"""
     with socket.socket() as mute:  # listens, never answers (the kernel completes the handshake)
         mute.bind(("127.0.0.1", 0))
         mute.listen(8)
         port = mute.getsockname()[1]
         config = tmp_path / "stuck.toml"
-        lines = ["[server]", "shutdown_timeout_s = 1.5", ""]
+        lines = ["[server]", "shutdown_timeout_s = 5", ""]
         for name in ("a", "b", "c"):
             lines += [
                 "[[streams]]",
@@ -94,10 +96,10 @@ def test_sources_stuck_in_an_open_are_waited_for_together_and_exit_1(serve, tmp_
         rc = srv.proc.wait(EXIT_BOUND_S)
         took = time.monotonic() - t0
     log = srv.log()
-    assert rc == 1, log
-    assert took < 1.5 + 3.0, f"shutdown took {took:.1f} s with three stuck sources\n{log}"
-    assert "did not stop within 1.5 s" in log and "a, b, c" in log, log
-    assert "Traceback" not in log, log
+    assert rc == 0, log
+    assert took < 3.0, f"shutdown took {took:.1f} s with three stuck sources\n{log}"
+    assert all(f"stream {name}: removed" in log for name in "abc"), log
+    assert "did not stop" not in log and "Traceback" not in log, log
 
 
 def test_a_start_up_failure_stops_what_had_started(caplog) -> None:

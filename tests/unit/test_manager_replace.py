@@ -1,9 +1,11 @@
-"""A stream removed and added again under the same id: what is left of the old one (a source
-thread stuck in a call that ignores interrupts) must not speak for the new one."""
+"""Source threads stuck in a call that ignores interrupts (a host name lookup, a driver call):
+when their stream is removed and added again under the same id, what is left of the old one
+must not speak for the new one; at shutdown they are waited for together and named."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 from pipeline.config import AppConfig, EngineConfig, SourceOptions, StreamConfig
@@ -68,3 +70,25 @@ def test_an_old_source_ending_after_its_id_was_reused_does_not_stop_the_new_stre
     finally:
         release.set()
         assert mgr.shutdown()
+
+
+def test_sources_stuck_in_calls_that_ignore_interrupts_are_waited_for_together(caplog) -> None:
+    """Shutdown with three sources blocked in a call nothing can interrupt: waited for together
+    within the timeout (not once per stream), named in the log, and reported (False)."""
+    entered = [threading.Event() for _ in range(3)]
+    release = threading.Event()
+    mgr = StreamManager(AppConfig(default_model="null", engine=EngineConfig(device="cpu", threads=1)))
+    mgr.start()
+    try:
+        for name, ev in zip("abc", entered, strict=True):
+            spec = FakeSpec(uri="stuck://cam", kind="network", options=SourceOptions(), display="stuck://cam",
+                            factory=lambda ev=ev: StuckOpen(ev, release))
+            mgr.add(StreamConfig(id=name, source="stuck://cam"), spec=spec)
+        assert all(ev.wait(10) for ev in entered)
+        t0 = time.monotonic()
+        assert not mgr.shutdown(timeout=1.0)
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+    assert took < 2.5, f"shutdown took {took:.1f} s"
+    assert "did not stop within 1.0 s" in caplog.text and "a, b, c" in caplog.text, caplog.text
