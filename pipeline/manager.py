@@ -431,7 +431,10 @@ class StreamManager:
         if handle is None:
             return
         handle.frames_out += 1
-        handle.engine_error = None  # segmenting again: an earlier model error is over
+        if self.engine.died is None:
+            # Segmenting again: an earlier model error is over. (A dead engine's error stays: its
+            # finisher can still hand on the last batch's results after the engine thread died.)
+            handle.engine_error = None
         handle.results.add()
         handle.latency.add((result.segmented_at - result.frame.captured_at) * 1000.0)
         for listener in list(self.result_listeners):

@@ -92,3 +92,4 @@ def test_sources_stuck_in_calls_that_ignore_interrupts_are_waited_for_together(c
         release.set()
     assert took < 2.5, f"shutdown took {took:.1f} s"
     assert "did not stop within 1.0 s" in caplog.text and "a, b, c" in caplog.text, caplog.text
+
