@@ -23,10 +23,16 @@ class AffinityError(ValueError):
 
 
 def available_cpus() -> set[int] | None:
-    """The CPUs this process may run on, or None where threads cannot be pinned."""
+    """The CPUs this process may run on, or None where threads cannot be pinned (no such call
+    on this platform, or a sandbox that refuses it)."""
     if not hasattr(os, "sched_getaffinity") or not hasattr(os, "sched_setaffinity"):
         return None
-    return set(os.sched_getaffinity(0))
+    try:
+        cpus = set(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, cpus)  # allowed here? (setting what is already set changes nothing)
+    except OSError:
+        return None
+    return cpus
 
 
 def split_cpus(allowed: set[int], engine_threads: int) -> tuple[set[int], set[int]]:

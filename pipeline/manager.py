@@ -136,7 +136,10 @@ class StreamManager:
         if config.engine.pin_threads and self.device == "cpu":
             allowed = available_cpus()
             if allowed is None:
-                raise AffinityError("engine.pin_threads: threads cannot be pinned to CPUs on this platform")
+                raise AffinityError(
+                    "engine.pin_threads: this process may not pin threads to CPUs here "
+                    "(no sched_setaffinity, or the sandbox refuses it)"
+                )
             self._cpus = (allowed, *split_cpus(allowed, threads))
         torch.set_num_threads(threads)
         # Every stage already runs on its own thread (capture per stream, engine, render pool):

@@ -75,3 +75,15 @@ def test_the_service_refuses_to_start_with_a_split_it_cannot_make() -> None:
     with pytest.raises(AffinityError, match=f"this process may use {len(CPUS)}"):
         StreamManager(cfg)
     assert available_cpus() == CPUS  # nothing was pinned
+
+
+def test_a_sandbox_that_refuses_pinning_is_said_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(pid: int, cpus: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refused, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert available_cpus() is None
+    cfg = AppConfig(default_model="null", engine=EngineConfig(device="cpu", threads=1, pin_threads=True))
+    with pytest.raises(AffinityError, match="may not pin threads"):
+        StreamManager(cfg)
