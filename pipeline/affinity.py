@@ -14,12 +14,19 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
 
 class AffinityError(ValueError):
     """The CPUs cannot be split as asked."""
+
+
+class CpuSplit(NamedTuple):
+    allowed: set[int]  # every CPU the process may use (given back at shutdown)
+    engine: set[int]  # the engine thread's
+    rest: set[int]  # every other thread's
 
 
 def available_cpus() -> set[int] | None:
@@ -48,17 +55,14 @@ def split_cpus(allowed: set[int], engine_threads: int) -> tuple[set[int], set[in
     return set(cpus[:engine_threads]), set(cpus[engine_threads:])
 
 
-def pin_process(cpus: set[int]) -> int:
-    """Every thread of the process now, and those they start later, onto ``cpus``.
-    Returns how many threads were moved (a thread that ended meanwhile is skipped)."""
-    moved = 0
+def pin_process(cpus: set[int]) -> None:
+    """Every thread of the process now, and those they start later, onto ``cpus`` (a thread
+    that ended meanwhile is skipped)."""
     for task in Path("/proc/self/task").iterdir():
         try:
             os.sched_setaffinity(int(task.name), cpus)
-            moved += 1
         except (ProcessLookupError, ValueError):
             continue
-    return moved
 
 
 def pin_this_thread(cpus: set[int]) -> None:

@@ -23,7 +23,7 @@ from models.device import resolve_device
 from models.registry import build_model, get_spec
 from models.segmenter import Segmenter, prepare_input
 from models.temporal import TemporalParams
-from pipeline.affinity import AffinityError, available_cpus, pin_process, split_cpus
+from pipeline.affinity import AffinityError, CpuSplit, available_cpus, pin_process, split_cpus
 from pipeline.config import AppConfig, RoiConfig, StreamConfig, TemporalConfig, check_stream_id
 from pipeline.engine import Engine
 from pipeline.memory import keep_frame_buffers
@@ -132,7 +132,7 @@ class StreamManager:
         threads = config.engine.threads or default_torch_threads()
         # engine.pin_threads: the CPUs split between the engine thread and everything else,
         # checked first (a split that cannot be made stops the service before anything changes)
-        self._cpus: tuple[set[int], set[int], set[int]] | None = None
+        self._cpus: CpuSplit | None = None
         if config.engine.pin_threads and self.device == "cpu":
             allowed = available_cpus()
             if allowed is None:
@@ -140,7 +140,7 @@ class StreamManager:
                     "engine.pin_threads: this process may not pin threads to CPUs here "
                     "(no sched_setaffinity, or the sandbox refuses it)"
                 )
-            self._cpus = (allowed, *split_cpus(allowed, threads))
+            self._cpus = CpuSplit(allowed, *split_cpus(allowed, threads))
         torch.set_num_threads(threads)
         # Every stage already runs on its own thread (capture per stream, engine, render pool):
         # OpenCV's own pool on top of that only adds hand-offs and busy waiting (about 1 ms of
@@ -164,7 +164,7 @@ class StreamManager:
             on_result=self._on_result,
             on_error=self._on_engine_error,
             preload=[config.default_model],
-            cpus=self._cpus[1] if self._cpus else None,
+            cpus=self._cpus.engine if self._cpus else None,
         )
         self._started = False
 
@@ -229,8 +229,9 @@ class StreamManager:
         if self._cpus is not None:
             # Every thread there is now, and every thread they start (sources, decoders, encoders,
             # the server's), on the CPUs the engine thread leaves; it moves to its own when it starts.
-            pin_process(self._cpus[2])
-            log.info("engine thread on CPUs %s, the rest on %s", sorted(self._cpus[1]), sorted(self._cpus[2]))
+            split = self._cpus
+            pin_process(split.rest)
+            log.info("engine thread on CPUs %s, the rest on %s", sorted(split.engine), sorted(split.rest))
         self._watchdog = threading.Thread(target=self._watch_stalls, name="stall-watchdog", daemon=True)
         self._watchdog.start()
         self.load_model(self.config.default_model)
@@ -268,7 +269,7 @@ class StreamManager:
         if not engine_stopped:
             log.error("the engine did not stop within %.1f s (a model call still running)", left)
         if self._cpus is not None:
-            pin_process(self._cpus[0])  # the process's threads may use all its CPUs again
+            pin_process(self._cpus.allowed)  # the process's threads may use all its CPUs again
         self._started = False
         return engine_stopped and not stuck
 
