@@ -225,6 +225,15 @@ def _hls_recording(directory: Path, seconds: int = 4, fps: int = 10) -> Path:
     return directory / "index.m3u8"
 
 
+def _frozen_live_playlist(directory: Path) -> Path:
+    """``_hls_recording`` made a live playlist that never grows (the encoder behind it hung)."""
+    playlist = _hls_recording(directory)
+    lines = playlist.read_text().splitlines()
+    dropped = ("#EXT-X-ENDLIST", "#EXT-X-PLAYLIST-TYPE:VOD")
+    playlist.write_text("\n".join(ln for ln in lines if ln not in dropped) + "\n")
+    return playlist
+
+
 @contextmanager
 def _hls_worker(directory: Path, query: str, capacity: int) -> Iterator[tuple[StreamWorker, FrameSlot]]:
     """A stream worker on ``directory``'s ``index.m3u8`` served over HTTP, into a blocking slot;
@@ -264,10 +273,7 @@ def test_a_frozen_live_hls_playlist_is_not_replayed_after_a_reconnect(tmp_path: 
     """A live playlist that stops growing (the encoder behind it hung) stalls; each reconnect
     starts again a few segments from its end. Those pictures were shown already: they must
     not come again as new frames with timestamps going backwards."""
-    playlist = _hls_recording(tmp_path)
-    lines = playlist.read_text().splitlines()
-    dropped = ("#EXT-X-ENDLIST", "#EXT-X-PLAYLIST-TYPE:VOD")  # now a live playlist that never grows
-    playlist.write_text("\n".join(ln for ln in lines if ln not in dropped) + "\n")
+    _frozen_live_playlist(tmp_path)
     pts: list[float] = []
     # FFmpeg waits for new segments inside one read: the read timeout ends that wait.
     with _hls_worker(tmp_path, "?realtime=0&read_timeout_s=1", capacity=64) as (worker, slot):
@@ -319,15 +325,8 @@ def test_stopping_a_frozen_camera_does_not_wait_for_its_read_timeout() -> None:
 
 def test_stopping_a_frozen_live_hls_playlist_does_not_wait_for_its_read_timeout(tmp_path: Path) -> None:
     """FFmpeg waits for new segments of a live playlist inside one read; a stop ends that wait."""
-    playlist = _hls_recording(tmp_path)
-    lines = playlist.read_text().splitlines()
-    dropped = ("#EXT-X-ENDLIST", "#EXT-X-PLAYLIST-TYPE:VOD")  # a live playlist that never grows
-    playlist.write_text("\n".join(ln for ln in lines if ln not in dropped) + "\n")
-    with FileHttpServer(tmp_path) as server:
-        spec = parse_source(f"http://127.0.0.1:{server.port}/index.m3u8?realtime=0&read_timeout_s=20")
-        slot = FrameSlot(capacity=64, policy=DropPolicy.BLOCK)
-        worker = StreamWorker("hls", spec, slot, reconnect=FAST)
-        worker.start()
+    _frozen_live_playlist(tmp_path)
+    with _hls_worker(tmp_path, "?realtime=0&read_timeout_s=20", capacity=64) as (worker, slot):
         taken, last = 0, time.monotonic()
         while time.monotonic() - last < 1.0:  # until a second without a new picture
             if slot.take() is not None:
