@@ -20,11 +20,13 @@ $(VENV)/bin/activate:
 
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/activate
 	$(if $(TORCH_VARIANT),$(PIP) install --index-url https://download.pytorch.org/whl/$(TORCH_VARIANT) "torch==$(TORCH_VERSION)")
-	$(PIP) install -e .
+	$(PIP) install -e '.[jit]'
+	@# compile the temporal refiner's CPU kernels now (cached on disk), not in the first server
+	$(VENV)/bin/python -c "from models import kernels; print('temporal refinement, CPU path:', kernels.status())"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,jit]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -10,8 +10,9 @@ The refiner keeps explicit per-stream state (in the spirit of recurrent video mo
 
 Everything works on the model's input (normalised N x 3 x h x w) and its class
 probabilities (C x h x w), at model resolution or below. Torch ops run on whichever device
-holds the tensors; float32 CPU tensors take a path through OpenCV with the same arithmetic,
-because a dozen small torch calls cost more than the refinement itself there.
+holds the tensors; float32 CPU tensors take a path through compiled kernels
+(``models.kernels``, when numba is installed) or OpenCV with the same arithmetic, because a
+dozen small torch calls cost more than the refinement itself there.
 
 Modes:
 - ``off``: the model's probabilities pass through unchanged.
@@ -49,6 +50,8 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from models import kernels
 
 MODES = ("off", "smooth", "keyframe")
 # Rec. 601 luma weights.
@@ -199,7 +202,11 @@ class TemporalRefiner:
         self.std = tuple(float(v) for v in std)
         self._mean_hwc = np.asarray(self.mean, np.float32).reshape(1, 1, 3)
         self._std_hwc = np.asarray(self.std, np.float32).reshape(1, 1, 3)
+        self._mean_vec = np.asarray(self.mean, np.float32)
+        self._std_vec = np.asarray(self.std, np.float32)
         self._identity = self.mean == (0.0, 0.0, 0.0) and self.std == (1.0, 1.0, 1.0)
+        if params.mode != "off":
+            kernels.current()  # start loading the compiled kernels, if there are any
 
     @staticmethod
     def initial_state() -> TemporalState:
@@ -215,7 +222,7 @@ class TemporalRefiner:
         gap = 0 if state.last_index is None else max(0, index - state.last_index - 1)
         if p.mode == "off":
             return Plan(index, True, "off", None, None, 0.0, gap, False)
-        thumb = self._thumbnail(x)
+        thumb, pre_step, pre_mean = self._thumbnail(x, state.thumb)
         reason = ""
         if state.empty or state.thumb is None or state.thumb.shape != thumb.shape:
             reason = "first"
@@ -229,10 +236,12 @@ class TemporalRefiner:
             return Plan(index, True, reason, thumb, None, 0.0, gap, reason != "first")
 
         flow = None
-        step = None
+        # the residual against the previous thumbnail, when the thumbnail's kernel made it
+        step, step_mean = pre_step, pre_mean
         ref = state.thumb
         assert ref is not None  # checked above: an empty state plans a "first" frame
         if p.mode == "smooth" and p.motion_search > 0:
+            step = None
             # Follow what moved (camera pans, walking people) so the previous mask can be
             # moved along with it and blended there too, instead of only where nothing moved.
             flow = _match(thumb, ref, p.motion_search)
@@ -243,13 +252,14 @@ class TemporalRefiner:
             # opens the motion gate.
             shift = _global_shift(thumb, ref)
             if shift is not None and _cells(shift, thumb) >= _MIN_SHIFT:
-                step = _residual(thumb, ref)
-                step_moved = _residual(thumb, _warp(ref, shift))
-                if _mean(step_moved) < _GAIN * _mean(step):
-                    flow, step = shift, step_moved
+                if step is None:
+                    step, step_mean = _residual_mean(thumb, ref)
+                step_moved, moved_mean = _residual_mean(thumb, _warp(ref, shift))
+                if moved_mean < _GAIN * step_mean:
+                    flow, step, step_mean = shift, step_moved, moved_mean
         if step is None:
-            step = _residual(thumb, ref)
-        if _mean(step) > p.scene_cut_energy:
+            step, step_mean = _residual_mean(thumb, ref)
+        if step_mean > p.scene_cut_energy:
             return Plan(index, True, "scene_cut", thumb, None, 0.0, gap, True)
         if p.mode == "smooth":
             return Plan(index, True, "motion", thumb, step, 0.0, gap, False, flow,
@@ -352,11 +362,15 @@ class TemporalRefiner:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _thumbnail(self, x: torch.Tensor) -> torch.Tensor:
+    def _thumbnail(
+        self, x: torch.Tensor, ref: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """The residual's low-resolution picture of a frame: RGB in [0, 1], blurred 3 x 3.
 
         Blurring each thumbnail once is the same as blurring the signed difference of two
         (the blur is linear), and it leaves the residual a single absolute difference.
+        Returns the thumbnail, and where the compiled kernel made it, the residual against
+        ``ref`` (a previous thumbnail of the same shape) and its mean; else None and 0.
         """
         if x.dim() == 4 and x.shape[0] != 1:
             raise ValueError(f"plan takes one frame's input, got shape {tuple(x.shape)}")
@@ -373,6 +387,18 @@ class TemporalRefiner:
             # colours at once.
             hs, ws = -(-h // k), -(-w // k)
             hwc = x[0].detach().float().permute(1, 2, 0)
+            jit = kernels.current()
+            if jit is not None and hwc.is_contiguous() and k % 2 == 0 and h % k == 0 and w % k == 0:
+                cells = np.empty((hs, ws, 3), np.float32)
+                if ref is not None and ref.shape == (1, 3, hs, ws) and ref.dtype == torch.float32:
+                    res = np.empty((hs, ws), np.float32)
+                    r = _hwc(ref)
+                else:
+                    res, r = _NO_RESIDUAL, _NO_THUMB
+                tmp = np.empty_like(cells)
+                m = jit.thumbnail(hwc.numpy(), k, self._mean_vec, self._std_vec, r, tmp, cells, res)
+                thumb = torch.from_numpy(cells).permute(2, 0, 1)[None]
+                return thumb, (torch.from_numpy(res)[None, None] if res.size else None), float(m)
             if hwc.is_contiguous():
                 # Channels-last input (the CPU segmenter's layout): resize the picture as it is
                 # in memory, with no planar copy of the whole input first.
@@ -396,11 +422,11 @@ class TemporalRefiner:
             cv2.threshold(small, 1.0, 1.0, cv2.THRESH_TRUNC, dst=small)
             cv2.threshold(small, 0.0, 0.0, cv2.THRESH_TOZERO, dst=small)
             small = cv2.blur(small, (3, 3), borderType=cv2.BORDER_REPLICATE)
-            return torch.from_numpy(small).permute(2, 0, 1)[None]
+            return torch.from_numpy(small).permute(2, 0, 1)[None], None, 0.0
         if k > 1:
             x = F.avg_pool2d(x.float(), k, stride=k, ceil_mode=True)
         rgb = rgb_from_input(x, self.mean, self.std)
-        return F.avg_pool2d(F.pad(rgb, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        return F.avg_pool2d(F.pad(rgb, (1, 1, 1, 1), mode="replicate"), 3, stride=1), None, 0.0
 
     def _gates(self, gap: int) -> tuple[float, float, float]:
         """The motion gate's thresholds after ``gap`` missing frames, and the trust left."""
@@ -485,6 +511,9 @@ class TemporalRefiner:
 
 
 _KERNEL3 = np.ones((3, 3), np.uint8)
+# Placeholders for the thumbnail kernel when there is no previous thumbnail to compare with.
+_NO_THUMB = np.zeros((0, 0, 3), np.float32)
+_NO_RESIDUAL = np.zeros((0, 0), np.float32)
 # A probability within this of 0 or 1 is sure: where both maps are sure of a pixel, the new
 # value is taken as it is (they agree on its label, or they are far apart and it counts anyway).
 _SURE = 0.02
@@ -501,7 +530,9 @@ class _CpuGate:
     prev: torch.Tensor  # the previous output it was made from
     still: np.ndarray  # h' x w' float32, residual resolution
     prev_fg: np.ndarray  # h x w float32, contiguous
-    prev_unsure: np.ndarray  # h x w uint8, 255 where the previous output is unsure
+    # h x w uint8, 255 where the previous output is unsure; None when the compiled kernels
+    # made the gate (the fusion kernel tests the previous output pixel by pixel)
+    prev_unsure: np.ndarray | None
     prev_rect: tuple[int, int, int, int]  # (x, y, w, h) bounding ``prev_unsure``; w = 0: none
 
     def fits(self, new: torch.Tensor, prev: torch.Tensor) -> bool:
@@ -528,10 +559,18 @@ def _gate_binary_cpu(
     ``prev_box``, when known, holds every unsure pixel of ``prev``: only it is scanned."""
     b = np.ascontiguousarray(prev.numpy()[1])
     r = np.ascontiguousarray(residual.reshape(residual.shape[-2:]).numpy())
-    moving = cv2.dilate(r, _KERNEL3)
     # still = (1 - clip((moving - lo) / (hi - lo), 0, 1)) * trust, here times blend as well,
-    # and over 255 for the unsure mask's scale
+    # and over 255 for the unsure mask's scale; moving: the residual's 3 x 3 maximum
     scale = trust * p.blend / 255.0
+    jit = kernels.current()
+    if jit is not None:
+        # The same gate in one pass; the fusion kernel tests each pixel of ``prev`` itself,
+        # so only the box around its unsure pixels is needed.
+        still = np.empty_like(r)
+        x0, y0, bw, bh = prev_box if prev_box is not None else (0, 0, b.shape[1], b.shape[0])
+        rect = jit.gate(r, lo, hi, scale, still, b, x0, y0, bw, bh, _SURE)
+        return _CpuGate(prev, still, b, None, rect)
+    moving = cv2.dilate(r, _KERNEL3)
     still = cv2.addWeighted(moving, -scale / (hi - lo), moving, 0.0, scale * (1.0 + lo / (hi - lo)))
     cv2.threshold(still, scale, scale, cv2.THRESH_TRUNC, dst=still)  # clip to [0, scale],
     cv2.threshold(still, 0.0, 0.0, cv2.THRESH_TOZERO, dst=still)  # cheaper than np.clip here
@@ -595,13 +634,24 @@ def _fuse_binary_cpu(
     """
     out = new.numpy() if overwrite else np.array(new.numpy())
     a, b = out[1], gate.prev_fg
+    prev_unsure = gate.prev_unsure
+    if prev_unsure is None:
+        jit = kernels.current()  # loaded: it made the gate
+        if jit is not None and out[0].flags.c_contiguous and out[1].flags.c_contiguous:
+            per_weight = p.hysteresis / p.blend if p.hysteresis > 0 else 0.0
+            box = jit.fuse(
+                out[0], out[1], b, np.asarray(gate.prev_rect, np.int64), gate.still, 255.0, _SURE,
+                1.0 / p.agreement**2, per_weight,
+            )
+            return (new if overwrite else torch.from_numpy(out)), tuple(box)
+        prev_unsure = cv2.inRange(b, _SURE, 1.0 - _SURE)
     new_unsure = cv2.inRange(a, _SURE, 1.0 - _SURE)
     x, y, w, h = cv2.boundingRect(new_unsure)
     x0, y0, bw, bh = _union((x, y, w, h), gate.prev_rect)
     if bw and bh:
         box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
         ab, bb = a[box], b[box]
-        unsure = cv2.bitwise_or(new_unsure[box], gate.prev_unsure[box])
+        unsure = cv2.bitwise_or(new_unsure[box], prev_unsure[box])
         diff = cv2.subtract(bb, ab)
         # weight *= 1 - min(1, (diff / agreement)^2), as weight - weight * min(...)
         sq = cv2.multiply(diff, diff, scale=1.0 / p.agreement**2)
@@ -744,6 +794,22 @@ def _warp(t: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def _cpu_thumbs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device.type == b.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and a.shape[0] == 1
+
+
+def _residual_mean(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``_residual(a, b)`` and its mean."""
+    jit = kernels.current()
+    if jit is not None and _cpu_thumbs(a, b):
+        ha, hb = _hwc(a), _hwc(b)
+        out = np.empty(ha.shape[:2], np.float32)
+        m = jit.residual(ha, hb, out)
+        return torch.from_numpy(out)[None, None], float(m)
+    r = _residual(a, b)
+    return r, _mean(r)
+
+
 def _residual(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Largest per-channel difference of two (blurred) thumbnails, 1 x 1 x h x w.
 
@@ -751,7 +817,10 @@ def _residual(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     averages pixel noise away while a real change, coherent over neighbouring cells, keeps
     its size.
     """
-    if a.device.type == b.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and a.shape[0] == 1:
+    if _cpu_thumbs(a, b):
+        jit = kernels.current()
+        if jit is not None:
+            return _residual_mean(a, b)[0]
         d = cv2.absdiff(_hwc(a), _hwc(b))
         # The largest of the three colours, pairwise: a third of cv2.reduce's time on rows of 3.
         m = np.maximum(d[..., 0], d[..., 1])

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 import torch
 
+from models import kernels
 from models.temporal import MODES, TemporalParams, TemporalRefiner
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -217,6 +218,8 @@ def evaluate(
             raise EvalInputError("ROI mode and temporal refinement cannot be combined; pick one")
         return _evaluate_roi(frames, masks, segmenter, roi)
     spec = segmenter.spec
+    if params.mode != "off":
+        kernels.load()  # offline: wait for the compiled kernels rather than start without them
     refiner = TemporalRefiner(params, mean=spec.mean, std=spec.std)
     fg_class = getattr(spec, "foreground_class", None)
     state = refiner.initial_state()

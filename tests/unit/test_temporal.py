@@ -16,11 +16,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models import kernels
 from models.temporal import Plan, TemporalParams, TemporalRefiner, TemporalState, luma_from_input
 
 H = W = 64
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(autouse=True, params=["opencv", "numba"])
+def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both CPU implementations: OpenCV calls and the compiled kernels."""
+    monkeypatch.setenv("SEGSTREAM_JIT", "1" if request.param == "numba" else "0")
+    if request.param == "numba" and kernels.load() is None:
+        pytest.skip(f"compiled kernels unavailable: {kernels.status()} (pip install 'segstream[jit]')")
+    return str(request.param)
 
 
 @dataclass(frozen=True)
