@@ -23,6 +23,9 @@ motion exactly but is 3 px wider (the person only, lines and kite removed by an 
 flicker that comes from an outline moving with the person, which no filter removes without
 lagging behind it. A second note splits ``off``'s flicker by how soon each label change is
 undone (1, 2, 4 frames): only the quickly undone part is noise a filter can remove at once.
+A third note bounds what any filter of labels can do: an oracle that sees the future erases
+every label blip of at most 1 or 2 frames from ``off``'s masks (a pixel that changes and
+changes back keeps its label), and gives the flicker and IoU left.
 
 A second table, ``temporal-overhead``, measures what the issue's goal names: the refinement's
 own time per frame (``plan`` + ``refine``) as a share of one whole segmenter call
@@ -151,6 +154,35 @@ def undone_shares(preds: list, masks: list, within: tuple[int, ...] = (1, 2, 4))
     return {k: undone[k] / total if total else 0.0 for k in within}
 
 
+def erase_blips(preds: list, k: int) -> list:
+    """``preds`` with every label blip of at most ``k`` frames erased: where a pixel changes
+    at frame t and is back to its old label at t + d (d <= k, the same new label throughout),
+    it keeps the old label. Needs the future, so no live filter can do more without lag."""
+    out = [np.array(p, bool) for p in preds]
+    n = len(out)
+    for t in range(1, n - 1):
+        for d in range(1, k + 1):
+            if t + d >= n:
+                break
+            run = out[t] != out[t - 1]
+            for j in range(1, d):
+                run &= out[t + j] == out[t]
+            run &= out[t + d] == out[t - 1]
+            for j in range(d):
+                out[t + j][run] = out[t - 1][run]
+    return out
+
+
+def _scores(preds: list, masks: list) -> tuple[float, float]:
+    """(mean IoU, flicker) of boolean predictions, as ``segstream eval`` scores them."""
+    from pipeline.evaluate import _Scores
+
+    scores = _Scores()
+    for p, m in zip(preds, masks, strict=True):
+        scores.add(np.asarray(p, bool), np.asarray(m) != 0)
+    return scores.miou, scores.flicker
+
+
 def _predictions(segmenter: Any, frames: list) -> list:
     fg = segmenter.spec.foreground_class
     out = []
@@ -197,12 +229,22 @@ def run(quick: bool = False, *, model: str = "selfie", media: Path = MEDIA, devi
                     f"{name}: a mask following the ground truth exactly, 3 px wider, flickers "
                     f"{1000 * motion_floor(masks):.2f}"
                 )
-                shares = undone_shares(_predictions(segmenter, frames), masks)
+                preds = _predictions(segmenter, frames)
+                shares = undone_shares(preds, masks)
                 table.notes.append(
                     f"{name}: of `off`'s flicker, label changes undone within "
                     + " / ".join(f"{k}" for k in shares) + " frames: "
                     + " / ".join(f"{100 * v:.0f}%" for v in shares.values())
                 )
+                miou0, flicker0 = _scores(preds, masks)
+                bounds = []
+                for k in (1, 2):
+                    miou, flicker = _scores(erase_blips(preds, k), masks)
+                    bounds.append(
+                        f"blips of <= {k} frame{'s' if k > 1 else ''} erased: flicker "
+                        f"{100 * (flicker / flicker0 - 1):+.0f}%, mIoU {100 * (miou - miou0):+.2f} pt"
+                    )
+                table.notes.append(f"{name}: an oracle that sees the future, on `off`: " + "; ".join(bounds))
             for mode, settings in ROWS.items():
                 seg = EmaSegmenter(segmenter) if mode == "ema" else segmenter
                 r = evaluate(frames, masks, seg, TemporalParams(**settings))

@@ -76,3 +76,22 @@ def test_undone_shares_split_flicker_by_how_soon_a_change_is_undone() -> None:
     # within 4: also (1,1)'s "on" (back at frame 6). The "off" changes are never reverted.
     assert shares == {1: 1 / 5, 2: 1 / 5, 4: 2 / 5}
     assert undone_shares(preds, preds) == {1: 0.0, 2: 0.0, 4: 0.0}  # no steady pixel changed
+
+
+def test_erase_blips_removes_short_changes_that_are_undone_and_keeps_the_rest() -> None:
+    from bench.temporal import erase_blips
+
+    preds = [np.zeros((1, 4), bool) for _ in range(8)]
+    preds[1][0, 0] = True  # a 1-frame blip
+    preds[2][0, 1] = preds[3][0, 1] = True  # a 2-frame blip
+    for t in range(4, 8):
+        preds[t][0, 2] = True  # a change that stays: the outline moved
+    preds[6][0, 3] = True  # a 1-frame blip at the end of its run: back at frame 7
+    one = erase_blips(preds, 1)
+    assert not any(p[0, 0] for p in one) and not any(p[0, 3] for p in one)
+    assert [bool(p[0, 1]) for p in one] == [bool(p[0, 1]) for p in preds]  # 2 frames: kept by k=1
+    two = erase_blips(preds, 2)
+    assert not any(p[0, 1] for p in two)
+    for out in (one, two):
+        assert [bool(p[0, 2]) for p in out] == [t >= 4 for t in range(8)]  # a lasting change stays
+    assert preds[1][0, 0]  # the input is left as it was
