@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from models import kernels
 from models.temporal import Plan, TemporalParams, TemporalRefiner, TemporalState
 from pipeline.affinity import pin_this_thread
 from pipeline.batcher import Batch, Batcher, Lane
@@ -307,6 +308,10 @@ class Engine:
         if _on_cpu(self.config.device):
             # On a GPU the engine thread finishes its own batches: device tensors never leave it.
             self._finisher = _Finisher(self._finish)
+            # Load the temporal refiner's compiled kernels in the background now, while the
+            # models load, rather than when the first stream asks for refinement: loading
+            # takes a second of CPU that live streams would feel.
+            kernels.current()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
         self.stats.started = True

@@ -229,3 +229,30 @@ def test_a_failed_compile_falls_back_to_opencv(monkeypatch: pytest.MonkeyPatch) 
         assert (plan.gate is None) == (i == 0)
         assert plan.gate is None or plan.gate.prev_unsure is not None  # OpenCV's gate
     assert out.shape == (2, 256, 256) and state.full_frames == 3
+
+
+def test_a_cpu_engine_starts_loading_the_kernels_before_any_stream_asks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loading takes about a second of CPU: done while the engine starts, live streams never
+    feel it, even when the first stream with refinement is added later."""
+    from tests.unit.test_engine import TorchSegmenter, start_engine
+
+    _fresh_loader(monkeypatch)
+    compiled = threading.Event()
+    made = SimpleNamespace(version="test")
+
+    def fake_compile():  # type: ignore[no-untyped-def]
+        compiled.set()
+        return made
+
+    monkeypatch.setattr(kernels, "_compile", fake_compile)
+    eng, _ = start_engine({"t": TorchSegmenter()})
+    try:
+        assert compiled.wait(5)  # no stream at all yet
+        deadline = time.monotonic() + 5
+        while kernels.current() is not made and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert kernels.current() is made
+    finally:
+        assert eng.stop(2)
