@@ -46,6 +46,17 @@ def rect(m: Any, x0: int, y0: int, w: int, h: int, sure: float) -> Any:  # pragm
         return 0, 0, 0, 0
     return xa, ya, xb - xa + 1, yb - ya + 1
 
+@njit(**opts)
+def source(o: int, ratio: float, n: int) -> Any:  # pragma: no cover
+    # the two source cells output ``o`` reads when n cells are resized by 1 / ratio (half-pixel
+    # bilinear, as OpenCV and torch), and the second one's weight
+    s = (o + 0.5) * ratio - 0.5
+    if s < 0.0:
+        s = 0.0
+    i = min(int(s), n - 1)
+    return i, min(i + 1, n - 1), np.float32(s - i)
+
+
 @njit(numba.float64(f32[:, :, ::1], f32[:, :, ::1], f32[:, ::1]), **opts)
 def residual(a: Any, b: Any, out: Any) -> float:  # pragma: no cover
     # largest per-channel absolute difference, and its mean
@@ -170,22 +181,12 @@ def fuse(
     ry, rx = hs / h, ws / w
     one = np.float32(1.0)
     for y in range(ya, yb + 1):
-        sy = (y + 0.5) * ry - 0.5
-        if sy < 0.0:
-            sy = 0.0
-        iy = min(int(sy), hs - 1)
-        iy1 = min(iy + 1, hs - 1)
-        wy = np.float32(sy - iy)
+        iy, iy1, wy = source(y, ry, hs)
         for x in range(xa, xb + 1):
             a = fg[y, x]
             b = prev[y, x]
             if (a >= sure and a <= hi) or (b >= sure and b <= hi):
-                sx = (x + 0.5) * rx - 0.5
-                if sx < 0.0:
-                    sx = 0.0
-                ix = min(int(sx), ws - 1)
-                ix1 = min(ix + 1, ws - 1)
-                wx = np.float32(sx - ix)
+                ix, ix1, wx = source(x, rx, ws)
                 top = still[iy, ix] + (still[iy, ix1] - still[iy, ix]) * wx
                 bottom = still[iy1, ix] + (still[iy1, ix1] - still[iy1, ix]) * wx
                 s = (top + (bottom - top) * wy) * scale
