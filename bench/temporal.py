@@ -51,7 +51,7 @@ import torch
 from bench.tables import Table, ratio
 from models import kernels
 from models.temporal import TemporalParams, TemporalRefiner
-from pipeline.evaluate import evaluate, load_sequence
+from pipeline.evaluate import _sync, evaluate, load_sequence
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 DAVIS_CLIPS = ("paragliding-launch", "kite-surf")
@@ -268,17 +268,22 @@ def _overhead_round(segmenter: Any, frames: list, params: TemporalParams) -> tup
     refiner = TemporalRefiner(params, mean=segmenter.spec.mean, std=segmenter.spec.std)
     state = refiner.initial_state()
     own = call = 0.0
-    pc = time.perf_counter
+
+    def pc(t: torch.Tensor | None = None) -> float:  # on a GPU, wait for the work queued so far
+        if t is not None:
+            _sync(t)
+        return time.perf_counter()
+
     for i, frame in enumerate(frames):
         t0 = pc()
         x = segmenter.preprocess([frame])
-        t1 = pc()
+        t1 = pc(x)
         plan = refiner.plan(x, state, index=i)
-        t2 = pc()
+        t2 = pc(x)
         probs = segmenter.infer(x)
-        t3 = pc()
+        t3 = pc(probs)
         out, state = refiner.refine(plan, probs, state, overwrite=True)
-        t4 = pc()
+        t4 = pc(out)
         segmenter.postprocess(out, [frame.shape[:2]])
         t5 = pc()
         own += (t2 - t1) + (t4 - t3)

@@ -20,31 +20,33 @@ opts: dict[str, Any] = {"cache": True, "nogil": True, "error_model": "numpy"}
 @njit(**opts)
 def rect(m: Any, x0: int, y0: int, w: int, h: int, sure: float) -> Any:  # pragma: no cover
     # bounding (x, y, w, h) of the pixels of m[y0:y0+h, x0:x0+w] within [sure, 1 - sure].
-    # Each row is first tested as a whole (a branch-free loop the compiler vectorises);
-    # only rows with such a pixel are searched from both ends.
+    # Each row is first tested as a whole (a branch-free loop over a slice, which the compiler
+    # vectorises); only rows with such a pixel are searched from both ends. Columns are
+    # counted from x0 inside the loops.
     hi = np.float32(1.0) - sure
-    ya, yb, xa, xb = y0 + h, -1, x0 + w, -1
+    ya, yb, xa, xb = y0 + h, -1, w, -1
     for y in range(y0, y0 + h):
-        row = m[y]
+        row = m[y, x0 : x0 + w]
         hit = False
-        for x in range(x0, x0 + w):
+        for x in range(w):
             hit |= (row[x] >= sure) & (row[x] <= hi)
         if not hit:
             continue
         if y < ya:
             ya = y
         yb = y
-        for x in range(x0, min(xa, x0 + w)):
+        for x in range(min(xa, w)):
             if row[x] >= sure and row[x] <= hi:
                 xa = x
                 break
-        for x in range(x0 + w - 1, max(xb, x0 - 1), -1):
+        for x in range(w - 1, xb, -1):
             if row[x] >= sure and row[x] <= hi:
                 xb = x
                 break
     if yb < 0:
         return 0, 0, 0, 0
-    return xa, ya, xb - xa + 1, yb - ya + 1
+    return x0 + xa, ya, xb - xa + 1, yb - ya + 1
+
 
 @njit(**opts)
 def source(o: int, ratio: float, n: int) -> Any:  # pragma: no cover
@@ -163,7 +165,8 @@ def fuse(
     # weight = still (bilinear, half-pixel) * scale * (1 - min(1, (prev - fg)^2 / agreement^2)),
     # zero where both are sure; fg' = fg + (prev - fg) * weight, then with hysteresis
     # fg' = (fg' + bias * [prev >= 0.5]) / (1 + bias), bias = weight * bias_per_weight;
-    # bg' = 1 - fg'. Returns the box (x, y, w, h).
+    # bg' = 1 - fg' there (elsewhere bg is left as the model made it, 1 - fg to rounding).
+    # Returns the box (x, y, w, h).
     h, w = fg.shape
     hs, ws = still.shape
     hi = np.float32(1.0) - sure
@@ -180,16 +183,23 @@ def fuse(
     xa, ya, xb, yb = nx, ny, nx + nw - 1, ny + nh - 1
     ry, rx = hs / h, ws / w
     one = np.float32(1.0)
+    # the gate's source columns for each column of the box, and one row of it per output row
+    cols0 = np.empty(xb - xa + 1, np.int64)
+    cols1 = np.empty(xb - xa + 1, np.int64)
+    colw = np.empty(xb - xa + 1, np.float32)
+    for x in range(xa, xb + 1):
+        cols0[x - xa], cols1[x - xa], colw[x - xa] = source(x, rx, ws)
+    row = np.empty(ws, np.float32)
     for y in range(ya, yb + 1):
         iy, iy1, wy = source(y, ry, hs)
+        for j in range(ws):
+            row[j] = still[iy, j] + (still[iy1, j] - still[iy, j]) * wy
         for x in range(xa, xb + 1):
             a = fg[y, x]
             b = prev[y, x]
             if (a >= sure and a <= hi) or (b >= sure and b <= hi):
-                ix, ix1, wx = source(x, rx, ws)
-                top = still[iy, ix] + (still[iy, ix1] - still[iy, ix]) * wx
-                bottom = still[iy1, ix] + (still[iy1, ix1] - still[iy1, ix]) * wx
-                s = (top + (bottom - top) * wy) * scale
+                c0, c1, wx = cols0[x - xa], cols1[x - xa], colw[x - xa]
+                s = (row[c0] + (row[c1] - row[c0]) * wx) * scale
                 d = b - a
                 q = d * d * inv_agreement2
                 if q > one:
@@ -200,5 +210,5 @@ def fuse(
                     bias = weight * bias_per_weight
                     a = (a + bias) / (one + bias) if b >= 0.5 else a / (one + bias)
                 fg[y, x] = a
-            bg[y, x] = one - a
+                bg[y, x] = one - a
     return xa, ya, xb - xa + 1, yb - ya + 1
