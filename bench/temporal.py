@@ -305,9 +305,7 @@ def overhead(segmenter: Any, media: Path, rounds: int = 4) -> Table:
     table.notes.append(f"kernels: {kernels.status()}")
     if kernels.load() is None:
         paths.pop("kernels")
-    clips = [(name, frames) for name, frames, _ in _clips(segmenter, media, 48) if name in DAVIS_CLIPS]
-    if not clips:
-        clips = [(name, frames) for name, frames, _ in _clips(segmenter, media, 48)]
+    clips = [(name, frames) for name, frames, _ in _clips(segmenter, media, 48)]
     params = TemporalParams(mode="smooth")
     try:
         with torch.inference_mode():
