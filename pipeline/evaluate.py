@@ -354,13 +354,13 @@ def _load_segmenter(args: argparse.Namespace) -> SegmenterLike:
 
     # One frame at a time: on a GPU, CUDA graphs (as the server's default) make that a single launch.
     seg = Segmenter.from_name(args.model, weights=args.weights, device=args.device, cuda_graphs=True)
-    if seg.device.type == "cuda":
-        # Kernel choice and graph capture before the first frame, so that its time is the
-        # model's alone; in ROI mode a batch holds a frame's crops (and the frame itself).
-        from pipeline.config import RoiConfig
+    # What a first call does (tracing and fusing on a CPU; kernel choice and graph capture on
+    # a GPU) before the first frame, so that ``model_ms`` is the model's time alone; in ROI
+    # mode a batch holds a frame's crops (and the frame itself).
+    from pipeline.config import RoiConfig
 
-        regions = (args.roi_max_regions or RoiConfig().max_regions) if getattr(args, "roi", False) else 0
-        seg.warmup(range(1, regions + 2))
+    regions = (args.roi_max_regions or RoiConfig().max_regions) if getattr(args, "roi", False) else 0
+    seg.warmup(range(1, regions + 2))
     return seg
 
 

@@ -248,3 +248,27 @@ def test_roi_flags_without_roi_are_refused(tmp_path, capsys):
     fdir, mdir, _, _ = write_davis(tmp_path, n=2)
     assert run_eval(parse(["eval", str(fdir), str(mdir), "--roi-full-every", "3"]), load_segmenter=list) == 2
     assert "--roi-full-every applies to ROI mode only: add --roi" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("roi", [False, True])
+def test_eval_warms_the_model_up_on_any_device(monkeypatch, tmp_path, roi):
+    """The model's first call (tracing on a CPU, graph capture on a GPU) happens before the
+    first frame, so ``model_ms`` is the model's time per frame, not its start-up."""
+    import torch
+
+    from models.segmenter import Segmenter
+    from pipeline.evaluate import _load_segmenter
+
+    warmed = []
+
+    class Loaded:
+        device = torch.device("cpu")
+
+        def warmup(self, batch_sizes):
+            warmed.append(list(batch_sizes))
+
+    monkeypatch.setattr(Segmenter, "from_name", classmethod(lambda cls, *a, **k: Loaded()))
+    fdir, mdir, _, _ = write_davis(tmp_path, n=2)
+    argv = ["eval", str(fdir), str(mdir)] + (["--roi", "--roi-max-regions", "3"] if roi else [])
+    _load_segmenter(parse(argv))
+    assert warmed == [[1, 2, 3, 4] if roi else [1]]  # up to 3 crops and the frame per batch
