@@ -278,8 +278,16 @@ class Engine:
             self._streams[stream_id] = _StreamCtx(
                 stream_id, model, temporal or TemporalConfig(), roi or RoiConfig(), slot
             )
+        self._prepare_refinement(temporal)
         self._batcher.add(Lane(stream_id=stream_id, slot=slot, group=model))
         self.notify()
+
+    def _prepare_refinement(self, temporal: TemporalConfig | None) -> None:
+        """A stream will be refined on the CPU: start loading the compiled kernels now, in the
+        background (about a second of CPU, and 100 MB that a server without refinement does
+        not spend), while its source connects rather than once its frames flow."""
+        if temporal is not None and temporal.mode != "off" and _on_cpu(self.config.device):
+            kernels.current()
 
     def update_stream(
         self, stream_id: str, *, temporal: TemporalConfig | None = None, roi: RoiConfig | None = None
@@ -295,6 +303,7 @@ class Engine:
             if roi is not None:
                 ctx.roi = roi
                 ctx.roi_state = None
+        self._prepare_refinement(temporal)
 
     def remove_stream(self, stream_id: str) -> None:
         self._batcher.remove(stream_id)
@@ -308,10 +317,6 @@ class Engine:
         if _on_cpu(self.config.device):
             # On a GPU the engine thread finishes its own batches: device tensors never leave it.
             self._finisher = _Finisher(self._finish)
-            # Load the temporal refiner's compiled kernels in the background now, while the
-            # models load, rather than when the first stream asks for refinement: loading
-            # takes a second of CPU that live streams would feel.
-            kernels.current()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
         self.stats.started = True

@@ -231,11 +231,15 @@ def test_a_failed_compile_falls_back_to_opencv(monkeypatch: pytest.MonkeyPatch) 
     assert out.shape == (2, 256, 256) and state.full_frames == 3
 
 
-def test_a_cpu_engine_starts_loading_the_kernels_before_any_stream_asks(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("how", ["added", "patched"])
+def test_the_engine_loads_the_kernels_for_the_first_refined_stream_before_its_frames(
+    monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """Loading takes about a second of CPU: done while the engine starts, live streams never
-    feel it, even when the first stream with refinement is added later."""
+    """Loading takes about a second of CPU and 100 MB: a CPU engine starts it when a stream
+    with refinement is added (or switched to it), while its source connects, and not at all
+    for streams without refinement."""
+    from pipeline.config import TemporalConfig
+    from pipeline.slot import FrameSlot
     from tests.unit.test_engine import TorchSegmenter, start_engine
 
     _fresh_loader(monkeypatch)
@@ -249,7 +253,14 @@ def test_a_cpu_engine_starts_loading_the_kernels_before_any_stream_asks(
     monkeypatch.setattr(kernels, "_compile", fake_compile)
     eng, _ = start_engine({"t": TorchSegmenter()})
     try:
-        assert compiled.wait(5)  # no stream at all yet
+        eng.add_stream("plain", FrameSlot(on_put=eng.notify), model="t")
+        assert kernels._loader is None  # nothing started for a stream without refinement
+        smooth = TemporalConfig(mode="smooth")
+        if how == "added":
+            eng.add_stream("s", FrameSlot(on_put=eng.notify), model="t", temporal=smooth)
+        else:
+            eng.update_stream("plain", temporal=smooth)
+        assert compiled.wait(5)  # no frame was sent at all
         deadline = time.monotonic() + 5
         while kernels.current() is not made and time.monotonic() < deadline:
             time.sleep(0.01)
