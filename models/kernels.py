@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from types import SimpleNamespace
 
 log = logging.getLogger("segstream.kernels")
 _lock = threading.Lock()
 _start_lock = threading.Lock()
+# While numba imports (half a second holding the GIL, in a background thread), the interpreter
+# hands the GIL over this often instead of every 5 ms: the engine thread takes it back after
+# each torch call without waiting, so live streams keep their frame rate.
+_LOADING_SWITCH_S = 0.0005
 _kernels: SimpleNamespace | None = None
 _error: str | None = None
 _tried = False
@@ -49,6 +54,8 @@ def load() -> SimpleNamespace | None:
         return _kernels
     with _lock:
         if not _tried:
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(_LOADING_SWITCH_S)
             try:
                 _kernels = _compile()
                 log.info("temporal refinement: compiled CPU kernels ready (numba %s)", _kernels.version)
@@ -58,6 +65,8 @@ def load() -> SimpleNamespace | None:
             except Exception as e:  # any failure means the OpenCV path, which gives the same results
                 _error = f"{type(e).__name__}: {e}"
                 log.warning("temporal refinement: the CPU kernels failed to compile (%s): OpenCV", _error)
+            finally:
+                sys.setswitchinterval(interval)
             _tried = True
     return _kernels
 

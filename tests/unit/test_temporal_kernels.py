@@ -267,3 +267,28 @@ def test_the_engine_loads_the_kernels_for_the_first_refined_stream_before_its_fr
         assert kernels.current() is made
     finally:
         assert eng.stop(2)
+
+
+def test_loading_hands_the_gil_over_often_and_restores_the_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While numba imports in the background, the GIL changes hands every 0.5 ms instead of
+    5 ms, so the engine thread is not held up after each torch call; the interpreter's own
+    interval is back afterwards, also when compiling fails."""
+    import sys
+
+    before = sys.getswitchinterval()
+    for outcome in ("ok", "fails"):
+        _fresh_loader(monkeypatch)
+        seen = []
+
+        def compile_(outcome=outcome, seen=seen):  # type: ignore[no-untyped-def]
+            seen.append(sys.getswitchinterval())
+            if outcome == "fails":
+                raise RuntimeError("no locator")
+            return SimpleNamespace(version="test")
+
+        monkeypatch.setattr(kernels, "_compile", compile_)
+        kernels.load()
+        assert seen == [pytest.approx(0.0005)]
+        assert sys.getswitchinterval() == before
