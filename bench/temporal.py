@@ -27,10 +27,10 @@ A third note bounds what any filter of labels can do: an oracle that sees the fu
 every label blip of at most 1 or 2 frames from ``off``'s masks (a pixel that changes and
 changes back keeps its label), and gives the flicker and IoU left.
 
-A second table, ``temporal-overhead``, measures what the issue's goal names: the refinement's
-own time per frame (``plan`` + ``refine``) as a share of one whole segmenter call
+A second table, ``temporal-overhead``, measures the refinement's cost (goal: at most
+10%): its own time per frame (``plan`` + ``refine``) as a share of one segmenter call
 (preprocess + network + mask at frame size), in the engine's order (preprocess, plan,
-network, refine, postprocess), with the compiled kernels (``models/kernels.py``) and with the
+network, refine, postprocess), with the compiled kernels (``models/kernels_numba.py``) and with the
 OpenCV calls, in alternating rounds of the same run. On a CPU the refinement runs right
 after the network has pushed its code out of the caches, so it costs several times what it
 does in a tight loop; the table measures it there, where the engine runs it.
