@@ -10,10 +10,11 @@ the OpenCV path's to float rounding. The kernels themselves are in ``models.kern
 
 They are used when numba is installed (``pip install 'segstream[jit]'``; the Docker images
 and ``make`` install it) and ``SEGSTREAM_JIT`` is not ``0``. Compiled code is cached on disk
-(next to ``kernels_numba.py``, or in ``NUMBA_CACHE_DIR`` / numba's user cache where that is
-read-only), so only the first process after an install compiles them (about five seconds;
-loading them later takes under one). The engine never waits for that: :func:`current` starts
-loading in the background and the OpenCV path runs until it is done.
+(next to ``kernels_numba.py``, or in ``NUMBA_CACHE_DIR`` when set, or numba's user cache when
+the package is read-only), so only the first process after an install compiles them (about
+five seconds; loading them later takes under one). The engine never waits for that: when a
+stream with refinement is added it calls :func:`current`, which starts loading in the
+background, and the OpenCV path runs until it is done.
 """
 
 from __future__ import annotations
