@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.tables import Table, ratio
+from bench.tables import Table, ratio, verdict
 from models import kernels
 from models.temporal import TemporalParams, TemporalRefiner
 from pipeline.evaluate import _sync, evaluate, load_sequence
@@ -222,7 +222,8 @@ def run(quick: bool = False, *, model: str = "selfie", media: Path = MEDIA, devi
     if missing:
         table.notes.append(f"skipped (not found under {media}): {', '.join(missing)}")
     with torch.inference_mode():
-        for name, frames, masks in _clips(segmenter, media, 24 if quick else 48):
+        clips = list(_clips(segmenter, media, 24 if quick else 48))
+        for name, frames, masks in clips:
             base: dict[str, Any] | None = None
             if name in DAVIS_CLIPS:
                 table.notes.append(
@@ -258,7 +259,7 @@ def run(quick: bool = False, *, model: str = "selfie", media: Path = MEDIA, devi
                 table.data.setdefault(name, {})[mode] = r
     table.notes.append("flicker is per mille of steady pixels whose predicted label changed")
     print(table.markdown(), flush=True)
-    over = overhead(segmenter, media, rounds=2 if quick else 4)
+    over = overhead(segmenter, [(name, frames) for name, frames, _ in clips], rounds=2 if quick else 4)
     print(over.markdown(), flush=True)
     return {"temporal": table.to_json(), "overhead": over.to_json()}
 
@@ -291,8 +292,9 @@ def _overhead_round(segmenter: Any, frames: list, params: TemporalParams) -> tup
     return own, call
 
 
-def overhead(segmenter: Any, media: Path, rounds: int = 4) -> Table:
-    """The ``smooth`` refinement's share of a segmenter call, compiled kernels vs OpenCV."""
+def overhead(segmenter: Any, clips: list[tuple[str, list]], rounds: int = 4) -> Table:
+    """The ``smooth`` refinement's share of a segmenter call, compiled kernels vs OpenCV,
+    on ``clips`` (name, frames)."""
     table = Table(
         name="temporal-overhead",
         title=f"Temporal refinement overhead per segmenter call (smooth, {segmenter.device})",
@@ -302,10 +304,9 @@ def overhead(segmenter: Any, media: Path, rounds: int = 4) -> Table:
         table.notes.append("the compiled kernels are a CPU path: on this device both rows are the torch path")
     paths = {"kernels": "1", "OpenCV": "0"}
     saved = os.environ.get("SEGSTREAM_JIT")
-    table.notes.append(f"kernels: {kernels.status()}")
     if kernels.load() is None:
         paths.pop("kernels")
-    clips = [(name, frames) for name, frames, _ in _clips(segmenter, media, 48)]
+    table.notes.append(f"kernels: {kernels.status()}")
     params = TemporalParams(mode="smooth")
     try:
         with torch.inference_mode():
@@ -320,9 +321,9 @@ def overhead(segmenter: Any, media: Path, rounds: int = 4) -> Table:
                 n = rounds * len(frames)
                 for path, (own, call) in sums.items():
                     share = ratio(own, call)
-                    verdict = "-" if share is None else ("ok" if share <= 0.10 else "MISSED")
                     shown = None if share is None else f"{100 * share:.1f}%"
-                    table.add(name, path, 1000 * own / n, 1000 * call / n, shown, verdict)
+                    met = verdict(share, 0.10, at_most=True)
+                    table.add(name, path, 1000 * own / n, 1000 * call / n, shown, met)
                     table.data.setdefault(name, {})[path] = {"refine_s": own, "call_s": call, "frames": n}
     finally:
         if saved is None:
