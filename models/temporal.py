@@ -200,10 +200,10 @@ class TemporalRefiner:
         self.params = params
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        self._mean_hwc = np.asarray(self.mean, np.float32).reshape(1, 1, 3)
-        self._std_hwc = np.asarray(self.std, np.float32).reshape(1, 1, 3)
         self._mean_vec = np.asarray(self.mean, np.float32)
         self._std_vec = np.asarray(self.std, np.float32)
+        self._mean_hwc = self._mean_vec.reshape(1, 1, 3)
+        self._std_hwc = self._std_vec.reshape(1, 1, 3)
         self._identity = self.mean == (0.0, 0.0, 0.0) and self.std == (1.0, 1.0, 1.0)
         if params.mode != "off":
             kernels.current()  # start loading the compiled kernels, if there are any
