@@ -76,6 +76,7 @@ def residual(a: Any, b: Any, out: Any) -> float:  # pragma: no cover
             total += m
     return total / (out.shape[0] * out.shape[1])
 
+
 @njit(
     numba.float64(
         f32[:, :, ::1], i64, f32[::1], f32[::1], f32[:, :, ::1], f32[:, :, ::1], f32[:, :, ::1],
@@ -119,6 +120,7 @@ def thumbnail(
         return 0.0
     return residual(out, ref, res)
 
+
 @njit(
     numba.types.UniTuple(i64, 4)(
         f32[:, ::1], f32, f32, f32, f32[:, ::1], f32[:, ::1], i64, i64, i64, i64, f32
@@ -150,6 +152,7 @@ def gate(
                 t = np.float32(1.0)
             out[i, j] = scale - scale * t
     return rect(prev, x0, y0, w, h, sure)
+
 
 @njit(
     numba.types.UniTuple(i64, 4)(
